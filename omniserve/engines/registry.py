@@ -1,0 +1,43 @@
+"""Engine lookup by name: built-ins imported lazily, third-party engines through an entry point.
+
+A package adds an engine by declaring, in its pyproject::
+
+    [project.entry-points."omniserve.engines"]
+    myengine = "my_package.engine:MyEngine"
+
+where ``MyEngine(config: EngineConfig)`` implements ``omniserve.engines.base.Engine``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from omniserve.config import EngineConfig
+from omniserve.engines.base import Engine
+from omniserve.errors import ModelLoadError
+
+ENTRY_POINT_GROUP = "omniserve.engines"
+_BUILTIN = {
+    "transformers": "omniserve.engines.transformers_engine:TransformersEngine",
+}
+
+
+def available_engines() -> list[str]:
+    return sorted({*_BUILTIN, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+
+
+def _load(target: str) -> type[Engine]:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def create_engine(name: str, config: EngineConfig) -> Engine:
+    if name in _BUILTIN:
+        cls = _load(_BUILTIN[name])
+    else:
+        matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not matches:
+            raise ModelLoadError(f"unknown engine {name!r}; available: {', '.join(available_engines())}")
+        cls = matches[0].load()
+    return cls(config)

@@ -1,0 +1,234 @@
+"""``render(messages, media) -> token ids + media payload``: the one place a prompt is made.
+
+Every engine and (later) training call this, so a served prompt is token-for-token the prompt a
+model was trained on. The checkpoint's own chat template (``apply_chat_template``) writes the
+text and its own processor expands media placeholders and prepares pixel/audio features; no
+per-model prompt format is written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omniserve.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError
+from omniserve.media.audio import DecodedAudio
+from omniserve.media.loader import MediaItem
+from omniserve.media.video import DecodedVideo
+from omniserve.templates.conversation import HFMessage
+
+_TOKEN_KEYS = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Per-request processor settings (already validated against the server's caps)."""
+
+    max_pixels: int | None = None
+    min_pixels: int | None = None
+
+
+@dataclass
+class RenderedPrompt:
+    """What an engine needs to run one prompt, identical for every engine.
+
+    ``mm_inputs`` holds the processor's tensors (pixel values, grids, audio features) for engines
+    that take processed media (transformers); ``media`` keeps the decoded items in prompt order for
+    engines whose own loaders want them.
+    """
+
+    token_ids: list[int]
+    mm_inputs: dict[str, Any] = field(default_factory=dict)
+    media: list[MediaItem] = field(default_factory=list)
+    text: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def _modalities(processor: Any) -> frozenset[str]:
+    found = {"text"}
+    if getattr(processor, "image_processor", None) is not None:
+        found.add("image")
+    if getattr(processor, "video_processor", None) is not None:
+        found.add("video")
+    if getattr(processor, "feature_extractor", None) is not None:
+        found.add("audio")
+    return frozenset(found)
+
+
+def _pixel_bounds(size: Any) -> dict[str, int] | None:
+    """``{"shortest_edge", "longest_edge"}`` pixel bounds from a processor's saved size, if it has them."""
+    if size is None:
+        return None
+    get = size.get if isinstance(size, dict) else (lambda key, default=None: getattr(size, key, default))
+    longest = get("longest_edge", None)
+    if longest is None:
+        return None
+    return {"shortest_edge": int(get("shortest_edge", 0) or 0), "longest_edge": int(longest)}
+
+
+def _flatten_text(messages: list[HFMessage]) -> list[HFMessage]:
+    """Text-only models' templates often expect string content; give them strings."""
+    flat = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content)
+        flat.append({"role": m["role"], "content": content})
+    return flat
+
+
+class PromptRenderer:
+    """Owns a checkpoint's processor and chat template; turns conversations into model inputs."""
+
+    def __init__(self, processor: Any, *, max_model_len: int | None = None) -> None:
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.modalities = _modalities(processor)
+        self.max_model_len = max_model_len
+        self._template_owner = processor if getattr(processor, "chat_template", None) else self.tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, max_model_len: int | None = None) -> PromptRenderer:
+        from transformers import AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot load the processor/tokenizer of {path}: {exc}") from exc
+        return cls(processor, max_model_len=max_model_len)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._template_owner, "chat_template", None))
+
+    # ------------------------------------------------------------------ chat
+
+    def render_chat(
+        self,
+        messages: list[HFMessage],
+        media: list[MediaItem],
+        *,
+        add_generation_prompt: bool = True,
+        options: RenderOptions | None = None,
+    ) -> RenderedPrompt:
+        self._check_modalities(media)
+        if not self.has_chat_template:
+            raise InvalidRequest(
+                "this model has no chat template; use /v1/completions with a raw prompt", param="messages"
+            )
+        conversation = messages if self.modalities != {"text"} else _flatten_text(messages)
+        text = self._template_owner.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        if not media:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return RenderedPrompt(token_ids=list(ids), text=text)
+        inputs = self.processor(
+            text=[text], return_tensors="pt", **self._media_kwargs(media, options or RenderOptions())
+        )
+        token_ids = inputs["input_ids"][0].tolist()
+        mm_inputs = {k: v for k, v in inputs.items() if k not in _TOKEN_KEYS}
+        self._fix_video_timing(mm_inputs, media)
+        return RenderedPrompt(token_ids=token_ids, mm_inputs=mm_inputs, media=list(media), text=text)
+
+    def _check_modalities(self, media: list[MediaItem]) -> None:
+        for item in media:
+            if item.kind not in self.modalities:
+                raise InvalidRequest(f"this model does not accept {item.kind} input", param="messages")
+
+    def _media_kwargs(self, media: list[MediaItem], options: RenderOptions) -> dict[str, Any]:
+        images = [m.data for m in media if m.kind == "image"]
+        videos = [m.data for m in media if m.kind == "video"]
+        audios = [m.data for m in media if m.kind == "audio"]
+        kwargs: dict[str, Any] = {}
+        if images:
+            kwargs["images"] = images
+            size = self._size_override(self.processor.image_processor, options)
+            if size:
+                kwargs["images_kwargs"] = {"size": size}
+        if videos:
+            kwargs["videos"] = [v.frames for v in videos if isinstance(v, DecodedVideo)]
+            kwargs["videos_kwargs"] = self._video_kwargs(videos, options)
+        if audios:
+            rate = getattr(self.processor.feature_extractor, "sampling_rate", 16000)
+            kwargs["audio"] = [a.samples for a in audios if isinstance(a, DecodedAudio)]
+            kwargs["audio_kwargs"] = {"sampling_rate": rate}
+        return kwargs
+
+    @staticmethod
+    def _size_override(sub_processor: Any, options: RenderOptions) -> dict[str, int] | None:
+        """The saved pixel budget, optionally lowered per request (never raised above the saved one)."""
+        saved = _pixel_bounds(getattr(sub_processor, "size", None))
+        if saved is None:
+            return None
+        size = dict(saved)
+        if options.max_pixels is not None:
+            if options.max_pixels > saved["longest_edge"]:
+                raise InvalidRequest(
+                    f"max_pixels {options.max_pixels} exceeds this model's budget of {saved['longest_edge']} pixels",
+                    param="mm_processor_kwargs.max_pixels",
+                )
+            size["longest_edge"] = options.max_pixels
+        if options.min_pixels is not None:
+            size["shortest_edge"] = options.min_pixels
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise InvalidRequest("min_pixels must not exceed max_pixels", param="mm_processor_kwargs.min_pixels")
+        return size
+
+    def _video_kwargs(self, videos: list[Any], options: RenderOptions) -> dict[str, Any]:
+        # Frames are already sampled by the media layer; the processor must not resample them, and
+        # some processors carry class-level size defaults that override the saved ones unless given.
+        kwargs: dict[str, Any] = {"do_sample_frames": False, "fps": videos[0].fps}
+        size = self._size_override(self.processor.video_processor, options)
+        if size:
+            kwargs["size"] = size
+        return kwargs
+
+    def _fix_video_timing(self, mm_inputs: dict[str, Any], media: list[MediaItem]) -> None:
+        """Processors take one fps per call; give each video its own seconds-per-grid for positions."""
+        if "video_second_per_grid" not in mm_inputs:
+            return
+        import torch
+
+        temporal = getattr(self.processor.video_processor, "temporal_patch_size", 2)
+        fps = [m.data.fps for m in media if m.kind == "video" and isinstance(m.data, DecodedVideo)]
+        mm_inputs["video_second_per_grid"] = torch.tensor([temporal / f for f in fps], dtype=torch.float32)
+
+    # ------------------------------------------------------------------ raw prompts
+
+    def render_text(self, prompt: str | list[int]) -> RenderedPrompt:
+        """Legacy completions: the prompt as given, no chat template."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+            return RenderedPrompt(token_ids=list(ids), text=prompt)
+        vocab = len(self.tokenizer)
+        bad = [t for t in prompt if t < 0 or t >= vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
+        return RenderedPrompt(token_ids=list(prompt))
+
+    # ------------------------------------------------------------------ limits
+
+    def check_length(self, prompt: RenderedPrompt, max_tokens: int | None, *, param: str = "messages") -> int:
+        """Return the completion budget; refuse prompts that leave no room in the context window."""
+        if self.max_model_len is None:
+            return max_tokens or 256
+        room = self.max_model_len - prompt.num_tokens
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{prompt.num_tokens} tokens",
+                param=param,
+            )
+        if max_tokens is not None and max_tokens > room:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{prompt.num_tokens + max_tokens} tokens ({prompt.num_tokens} in the prompt, {max_tokens} for "
+                "the completion)",
+                param="max_tokens",
+            )
+        return max_tokens if max_tokens is not None else room
