@@ -1,0 +1,224 @@
+"""The ``omniserve`` command. Heavy libraries are imported inside commands so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from omniserve.config import EngineConfig, MediaLimits, ServerConfig
+
+app = typer.Typer(
+    help="Serve, quantize, evaluate and ship multimodal checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _default(model: type, name: str) -> object:
+    return model.model_fields[name].default
+
+
+def _help(model: type, name: str) -> str:
+    return f"{model.model_fields[name].description}"
+
+
+def _parse_engine_args(items: list[str]) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--engine-arg")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+@app.command()
+def deploy(
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint folder. Default: the built-in tiny omni model.")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="Inference engine.")] = "transformers",
+    host: Annotated[str, typer.Option(help=_help(ServerConfig, "host"))] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help=_help(ServerConfig, "port"))] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(help="Name clients use; default: the folder name.")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(help="Accepted API key (repeatable). None: no auth.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
+    max_concurrency: Annotated[int, typer.Option(help=_help(EngineConfig, "max_concurrency"))] = 8,
+    max_queue: Annotated[int, typer.Option(help=_help(EngineConfig, "max_queue"))] = 64,
+    max_model_len: Annotated[int | None, typer.Option(help=_help(EngineConfig, "max_model_len"))] = None,
+    max_n: Annotated[int, typer.Option(help=_help(EngineConfig, "max_n"))] = 8,
+    dtype: Annotated[str, typer.Option(help=_help(EngineConfig, "dtype"))] = "float32",
+    device: Annotated[str, typer.Option(help=_help(EngineConfig, "device"))] = "cpu",
+    engine_arg: Annotated[list[str] | None, typer.Option(help="Engine-specific KEY=VALUE (repeatable).")] = None,
+    allowed_media_domains: Annotated[
+        list[str] | None, typer.Option(help=_help(MediaLimits, "allowed_media_domains"))
+    ] = None,
+    allow_private_media_addresses: Annotated[
+        bool, typer.Option(help=_help(MediaLimits, "allow_private_media_addresses"))
+    ] = False,
+    allowed_local_media_path: Annotated[
+        Path | None, typer.Option(help=_help(MediaLimits, "allowed_local_media_path"))
+    ] = None,
+    max_media_bytes: Annotated[int, typer.Option(help=_help(MediaLimits, "max_media_bytes"))] = _default(
+        MediaLimits, "max_media_bytes"
+    ),  # type: ignore[assignment]
+    max_image_pixels: Annotated[int, typer.Option(help=_help(MediaLimits, "max_image_pixels"))] = _default(
+        MediaLimits, "max_image_pixels"
+    ),  # type: ignore[assignment]
+    video_fps: Annotated[float, typer.Option(help=_help(MediaLimits, "video_fps"))] = _default(
+        MediaLimits, "video_fps"
+    ),  # type: ignore[assignment]
+    max_video_frames: Annotated[int, typer.Option(help=_help(MediaLimits, "max_video_frames"))] = _default(
+        MediaLimits, "max_video_frames"
+    ),  # type: ignore[assignment]
+    max_video_seconds: Annotated[float, typer.Option(help=_help(MediaLimits, "max_video_seconds"))] = _default(
+        MediaLimits, "max_video_seconds"
+    ),  # type: ignore[assignment]
+    max_audio_seconds: Annotated[float, typer.Option(help=_help(MediaLimits, "max_audio_seconds"))] = _default(
+        MediaLimits, "max_audio_seconds"
+    ),  # type: ignore[assignment]
+    media_fetch_timeout: Annotated[float, typer.Option(help=_help(MediaLimits, "fetch_timeout_seconds"))] = _default(
+        MediaLimits, "fetch_timeout_seconds"
+    ),  # type: ignore[assignment]
+    max_request_bytes: Annotated[int, typer.Option(help=_help(ServerConfig, "max_request_bytes"))] = _default(
+        ServerConfig, "max_request_bytes"
+    ),  # type: ignore[assignment]
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Allowed CORS origin (repeatable).")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Serve a checkpoint behind an OpenAI-compatible API."""
+    from pydantic import ValidationError
+
+    from omniserve.errors import ModelLoadError
+    from omniserve.server.auth import read_key_file
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = list(api_key or [])
+    if api_key_file is not None:
+        keys.extend(read_key_file(api_key_file))
+    try:
+        model_path = model if model is not None else _builtin_model()
+        media = MediaLimits(
+            max_media_bytes=max_media_bytes,
+            max_image_pixels=max_image_pixels,
+            video_fps=video_fps,
+            max_video_frames=max_video_frames,
+            max_video_seconds=max_video_seconds,
+            max_audio_seconds=max_audio_seconds,
+            allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
+            allow_private_media_addresses=allow_private_media_addresses,
+            allowed_local_media_path=allowed_local_media_path.resolve() if allowed_local_media_path else None,
+            fetch_timeout_seconds=media_fetch_timeout,
+        )
+        server_config = ServerConfig(
+            host=host,
+            port=port,
+            api_keys=tuple(keys),
+            max_request_bytes=max_request_bytes,
+            cors_origins=tuple(cors_origin or ()),
+            media=media,
+        )
+        engine_config = EngineConfig(
+            model=model_path.resolve(),
+            served_model_name=served_model_name or model_path.resolve().name,
+            max_concurrency=max_concurrency,
+            max_queue=max_queue,
+            max_model_len=max_model_len,
+            max_n=max_n,
+            dtype=dtype,
+            device=device,
+            engine_args=_parse_engine_args(engine_arg or []),
+        )
+    except ValidationError as exc:
+        typer.echo(f"error: invalid option: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except ModelLoadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    code = serve(engine, engine_config, server_config, log_level)
+    raise typer.Exit(code)
+
+
+def _builtin_model() -> Path:
+    from omniserve.models import ensure_tiny_omni
+
+    typer.echo("no --model given: serving the built-in tiny omni model", err=True)
+    return ensure_tiny_omni()
+
+
+def serve(engine_name: str, engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
+    """Run the server until interrupted; return the process exit code."""
+    import uvicorn
+
+    from omniserve.engines.registry import create_engine
+    from omniserve.errors import ModelLoadError
+    from omniserve.server.app import build_app
+
+    if not (engine_config.model / "config.json").is_file():
+        typer.echo(f"error: {engine_config.model} is not a checkpoint folder (no config.json)", err=True)
+        return 1
+    busy = _port_problem(server_config.host, server_config.port)
+    if busy:  # say so before spending minutes loading a model; never move to another port
+        typer.echo(f"error: cannot listen on {server_config.host}:{server_config.port}: {busy}", err=True)
+        return 1
+    try:
+        engine = create_engine(engine_name, engine_config)
+    except ModelLoadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    app_ = build_app(engine, engine_config, server_config)
+    config = uvicorn.Config(
+        app_,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror.lower() if exc.strerror else str(exc)
+    return None
+
+
+@app.command("build-tiny")
+def build_tiny(
+    output: Annotated[Path, typer.Option(help="Folder to create (must not exist).")],
+    kind: Annotated[str, typer.Option(help="omni | qwen2-vl | qwen2")] = "omni",
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """Build a tiny random-weight checkpoint offline (for tests, demos and benchmarks)."""
+    from omniserve.models import build_tiny_omni, build_tiny_qwen2, build_tiny_qwen2_vl
+
+    builders = {"omni": build_tiny_omni, "qwen2-vl": build_tiny_qwen2_vl, "qwen2": build_tiny_qwen2}
+    if kind not in builders:
+        raise typer.BadParameter(f"choose one of {', '.join(builders)}", param_hint="--kind")
+    path = builders[kind](output, seed=seed)
+    typer.echo(str(path))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

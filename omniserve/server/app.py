@@ -1,0 +1,83 @@
+"""The composition root: wires engine, template layer, auth, limits, metrics and routes into one app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from omniserve import __version__
+from omniserve.config import EngineConfig, ServerConfig
+from omniserve.engines.base import Engine
+from omniserve.server.auth import ApiKeyAuth
+from omniserve.server.body_limit import BodyLimitMiddleware
+from omniserve.server.errors import install_error_handlers
+from omniserve.server.metrics import Metrics
+from omniserve.server.routes import build_router
+from omniserve.server.serving_base import ServingContext
+from omniserve.templates.render import PromptRenderer
+
+log = logging.getLogger(__name__)
+
+_COUNTED_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
+
+
+class RequestCounter:
+    """Counts finished requests by path and status code (streams count with their 200)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.requests.labels(path if path in _COUNTED_PATHS else "other", str(status)).inc()
+
+
+def build_app(engine: Engine, engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
+    metrics = Metrics(engine, engine_config.served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        renderer_task = asyncio.create_task(asyncio.to_thread(PromptRenderer.from_pretrained, engine_config.model))
+        await engine.start()
+        renderer = await renderer_task
+        renderer.max_model_len = engine.model_info.max_model_len
+        app.state.ctx = ServingContext(
+            engine=engine, renderer=renderer, server=server_config, engine_config=engine_config, metrics=metrics
+        )
+        log.info("serving %s on the %s engine", engine_config.served_model_name, type(engine).__name__)
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="omniserve", version=__version__, lifespan=lifespan)
+    install_error_handlers(app, retry_after=server_config.retry_after_seconds)
+    app.include_router(build_router(ApiKeyAuth(server_config.api_keys), metrics))
+    if server_config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(server_config.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_bytes)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    return app

@@ -1,0 +1,37 @@
+"""Bearer-token auth: a wrong or missing key is a 401 in OpenAI's shape (never a 400)."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from fastapi import Request
+
+from omniserve.errors import AuthenticationFailed
+
+
+def read_key_file(path: Path) -> list[str]:
+    """One key per line; blank lines and '#' comments ignored."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+class ApiKeyAuth:
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self._keys = [k.encode() for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    async def __call__(self, request: Request) -> None:
+        if not self._keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
+        given = token.strip().encode()
+        # compare against every key so timing does not reveal which one nearly matched
+        if not any([hmac.compare_digest(given, key) for key in self._keys]):
+            raise AuthenticationFailed("invalid API key")

@@ -1,0 +1,57 @@
+"""Prometheus metrics, one registry per app so several servers (and tests) never share counters."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from omniserve.engines.base import Engine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self._engine = engine
+        labels = {"model_name": model_name}
+        self.requests = Counter(
+            "omniserve_requests",
+            "Finished HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter("omniserve_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
+        self.completion_tokens = Counter(
+            "omniserve_completion_tokens", "Completion tokens generated.", registry=self.registry
+        )
+        self.ttft = Histogram(
+            "omniserve_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "omniserve_request_latency_seconds",
+            "Time from request arrival to the last byte of the answer.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.gateway_overhead = Histogram(
+            "omniserve_gateway_overhead_seconds",
+            "Time a generation request spent in the gateway outside the engine (parsing, media, template, "
+            "serialisation).",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge("omniserve_queue_depth", "Requests waiting for a batch slot.", registry=self.registry)
+        self.running = Gauge("omniserve_running_requests", "Requests being generated.", registry=self.registry)
+        self.info = Gauge("omniserve_model_info", "The served model.", list(labels), registry=self.registry)
+        self.info.labels(**labels).set(1)
+
+    def render(self) -> bytes:
+        stats = self._engine.stats()
+        self.queue_depth.set(stats.waiting)
+        self.running.set(stats.running)
+        return generate_latest(self.registry)

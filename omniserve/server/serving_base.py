@@ -1,0 +1,238 @@
+"""The shape every generation endpoint follows: validate -> render -> submit -> stream or collect.
+
+An endpoint fills in three hooks (``prepare``, ``chunks``, ``collect``), so none can forget
+validation, model checks, admission, cancellation or metrics, which live here once.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from omniserve.config import EngineConfig, ServerConfig
+from omniserve.engines.base import ChoiceDelta, Engine, GenerationRequest
+from omniserve.errors import InvalidRequest, ModelNotFound, OmniServeError
+from omniserve.server.errors import parse_body
+from omniserve.server.metrics import Metrics
+from omniserve.server.sse import DONE, sse_error, sse_event
+from omniserve.templates.render import PromptRenderer
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+@dataclass
+class ServingContext:
+    engine: Engine
+    renderer: PromptRenderer
+    server: ServerConfig
+    engine_config: EngineConfig
+    metrics: Metrics
+
+    @property
+    def model_name(self) -> str:
+        return self.engine_config.served_model_name
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise ModelNotFound(
+                f"The model '{name}' does not exist; this server serves '{self.model_name}'", param="model"
+            )
+
+
+@dataclass
+class Timing:
+    """Where a request's time went, for TTFT, latency and the gateway's own overhead."""
+
+    arrived: float = field(default_factory=time.perf_counter)
+    engine_started: float | None = None
+    first_token: float | None = None
+    engine_finished: float | None = None
+
+    def mark_token(self) -> None:
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+        self.engine_finished = now
+
+
+@dataclass
+class Submitted:
+    """A request admitted by the engine: its generation requests and their delta streams."""
+
+    jobs: list[GenerationRequest]
+    streams: list[AsyncIterator[ChoiceDelta]]
+    timing: Timing
+    completion_tokens: int = 0
+
+    def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        """Every delta of every job as it arrives, with the job's index; keeps timing and counts."""
+        return self._counted(merge_streams(self.streams))
+
+    async def _counted(self, source: AsyncIterator[tuple[int, ChoiceDelta]]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        async for job_index, delta in source:
+            if delta.token_ids:
+                self.timing.mark_token()
+                self.completion_tokens += len(delta.token_ids)
+            yield job_index, delta
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(job.prompt.num_tokens for job in self.jobs)
+
+
+class OpenAIServing(abc.ABC, Generic[RequestT]):
+    request_model: type[RequestT]
+    endpoint: str
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    # ---------------------------------------------------------------- hooks
+
+    @abc.abstractmethod
+    async def prepare(self, request: RequestT) -> list[GenerationRequest]:
+        """Turn a validated request into engine requests (media loaded, prompt rendered)."""
+
+    @abc.abstractmethod
+    def chunks(self, request: RequestT, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
+        """Stream: yield OpenAI chunk objects."""
+
+    @abc.abstractmethod
+    async def collect(self, request: RequestT, submitted: Submitted) -> dict[str, Any]:
+        """Non-stream: return the whole response object."""
+
+    # ---------------------------------------------------------------- template method
+
+    async def handle(self, http_request: Request) -> Response:
+        timing = Timing()
+        raw = await http_request.body()
+        request = parse_body(self.request_model, raw)
+        self.ctx.check_model(request.model)  # type: ignore[attr-defined]
+        n = request.n  # type: ignore[attr-defined]
+        if n > self.ctx.engine_config.max_n:
+            raise InvalidRequest(f"n must be at most {self.ctx.engine_config.max_n}", param="n")
+        jobs = await self.prepare(request)
+        submitted = self._submit(jobs, timing)
+        if request.stream:  # type: ignore[attr-defined]
+            return StreamingResponse(
+                self._sse(request, submitted),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        body = await self._until_disconnect(http_request, self.collect(request, submitted), submitted)
+        overhead, engine = self._observe(submitted)
+        # Server-Timing lets clients and benchmarks see where the time went without scraping metrics
+        return JSONResponse(
+            body, headers={"Server-Timing": f"gateway;dur={overhead * 1000:.3f}, engine;dur={engine * 1000:.3f}"}
+        )
+
+    def _submit(self, jobs: list[GenerationRequest], timing: Timing) -> Submitted:
+        timing.engine_started = time.perf_counter()
+        streams: list[AsyncIterator[ChoiceDelta]] = []
+        try:
+            for job in jobs:
+                streams.append(self.ctx.engine.generate(job))
+        except OmniServeError:
+            for stream in streams:  # release what was already admitted
+                asyncio.get_running_loop().create_task(_close(stream))
+            raise
+        return Submitted(jobs=jobs, streams=streams, timing=timing)
+
+    async def _sse(self, request: RequestT, submitted: Submitted) -> AsyncIterator[str]:
+        try:
+            async for chunk in self.chunks(request, submitted):
+                yield sse_event(chunk)
+        except OmniServeError as exc:
+            yield sse_error(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a stream that already started must end with an error event
+            yield sse_error(OmniServeError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
+        finally:
+            for stream in submitted.streams:
+                await _close(stream)
+        yield DONE
+        self._observe(submitted)
+
+    async def _until_disconnect(
+        self, http_request: Request, work: Awaitable[dict[str, Any]], submitted: Submitted
+    ) -> dict[str, Any]:
+        """Run ``work`` but abandon it (freeing its engine slots) if the client disconnects."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                for stream in submitted.streams:
+                    await _close(stream)
+        return task.result()
+
+    def _observe(self, submitted: Submitted) -> tuple[float, float]:
+        """Record the request's metrics; return (gateway overhead, engine time) in seconds."""
+        m, t = self.ctx.metrics, submitted.timing
+        end = time.perf_counter()
+        m.prompt_tokens.inc(submitted.prompt_tokens)
+        m.completion_tokens.inc(submitted.completion_tokens)
+        m.latency.labels(self.endpoint).observe(end - t.arrived)
+        if t.first_token is not None:
+            m.ttft.observe(t.first_token - t.arrived)
+        engine = (t.engine_finished - t.engine_started) if t.engine_started and t.engine_finished else 0.0
+        overhead = max(0.0, (end - t.arrived) - engine)
+        m.gateway_overhead.observe(overhead)
+        return overhead, engine
+
+
+async def _wait_disconnect(http_request: Request) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _close(stream: AsyncIterator[ChoiceDelta]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def merge_streams(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+    """Interleave several engine streams as their deltas arrive, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, ChoiceDelta | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[ChoiceDelta]) -> None:
+        try:
+            async for delta in stream:
+                await queue.put((i, delta))
+            await queue.put((i, None))
+        except BaseException as exc:
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    open_streams = len(streams)
+    try:
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()

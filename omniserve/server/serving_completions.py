@@ -1,0 +1,99 @@
+"""POST /v1/completions: legacy completions on a raw prompt (no chat template)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from omniserve.engines.base import GenerationRequest, TokenLogprobs
+from omniserve.protocol import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Usage,
+    dump,
+    new_id,
+    now,
+)
+from omniserve.server.serving_base import OpenAIServing, Submitted
+
+
+def completion_logprobs(items: list[TokenLogprobs] | None, offset: int) -> CompletionLogprobs | None:
+    if items is None:
+        return None
+    result = CompletionLogprobs()
+    for t in items:
+        result.tokens.append(t.token)
+        result.token_logprobs.append(t.logprob)
+        result.top_logprobs.append({s: lp for _, s, lp in t.top})
+        result.text_offset.append(offset)
+        offset += len(t.token)
+    return result
+
+
+class CompletionServing(OpenAIServing[CompletionRequest]):
+    request_model = CompletionRequest
+    endpoint = "completions"
+
+    async def prepare(self, request: CompletionRequest) -> list[GenerationRequest]:
+        renderer = self.ctx.renderer
+        request_id = new_id("cmpl")
+        jobs = []
+        prompts = request.prompts()
+        for i, raw in enumerate(prompts):
+            prompt = await asyncio.to_thread(renderer.render_text, raw)
+            param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            max_tokens = renderer.check_length(prompt, request.max_tokens, param=param)
+            sampling = request.to_sampling_params(max_tokens=max_tokens)
+            jobs.append(GenerationRequest(request_id=f"{request_id}-{i}", prompt=prompt, sampling=sampling))
+        return jobs
+
+    def _usage(self, submitted: Submitted) -> Usage:
+        prompt = submitted.prompt_tokens
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=submitted.completion_tokens,
+            total_tokens=prompt + submitted.completion_tokens,
+        )
+
+    async def chunks(self, request: CompletionRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
+        request_id, created, model = submitted.jobs[0].request_id.rsplit("-", 1)[0], now(), self.ctx.model_name
+        offsets: dict[int, int] = {}
+        async for job_index, delta in submitted.deltas():
+            if not delta.text and delta.finish_reason is None and not delta.logprobs:
+                continue
+            index = job_index * request.n + delta.index
+            logprobs = completion_logprobs(delta.logprobs, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(delta.text)
+            choice = CompletionChoice(
+                index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
+            )
+            yield dump(Completion(id=request_id, created=created, model=model, choices=[choice]))
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield dump(
+                Completion(id=request_id, created=created, model=model, choices=[], usage=self._usage(submitted))
+            )
+
+    async def collect(self, request: CompletionRequest, submitted: Submitted) -> dict[str, Any]:
+        total = len(submitted.jobs) * request.n
+        texts = [""] * total
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in range(total)]
+        finish: list[str | None] = [None] * total
+        async for job_index, delta in submitted.deltas():
+            index = job_index * request.n + delta.index
+            texts[index] += delta.text
+            logprobs[index].extend(delta.logprobs or [])
+            finish[index] = delta.finish_reason or finish[index]
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=texts[i],
+                logprobs=completion_logprobs(logprobs[i], 0) if request.logprobs is not None else None,
+                finish_reason=finish[i],
+            )
+            for i in range(total)
+        ]
+        request_id = submitted.jobs[0].request_id.rsplit("-", 1)[0]
+        return dump(Completion(id=request_id, model=self.ctx.model_name, choices=choices, usage=self._usage(submitted)))
