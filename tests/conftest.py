@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny checkpoints built locally and real uvicorn servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Tests must never reach a model hub; every checkpoint here is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    server: Any
+    thread: threading.Thread
+    engine: Any
+    app: Any
+    model_name: str
+
+    def client(self, api_key: str = "none", **kwargs: Any) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=120, **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(
+    model: Path, *, name: str = "tiny", engine: dict[str, Any] | None = None, server: dict[str, Any] | None = None
+) -> RunningServer:
+    import uvicorn
+
+    from omniserve.config import EngineConfig, ServerConfig
+    from omniserve.engines.registry import create_engine
+    from omniserve.server.app import build_app
+
+    engine_config = EngineConfig(model=model, served_model_name=name, **(engine or {}))
+    port = free_port()
+    server_config = ServerConfig(host="127.0.0.1", port=port, **(server or {}))
+    eng = create_engine("transformers", engine_config)
+    app = build_app(eng, engine_config, server_config)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    return RunningServer(f"http://127.0.0.1:{port}", uv, thread, eng, app, name)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_omni(models_dir: Path) -> Path:
+    from omniserve.models import build_tiny_omni
+
+    return build_tiny_omni(models_dir / "tiny-omni")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(models_dir: Path) -> Path:
+    from omniserve.models import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(models_dir / "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(models_dir: Path) -> Path:
+    from omniserve.models import build_tiny_qwen2
+
+    return build_tiny_qwen2(models_dir / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def omni_server(tiny_omni: Path) -> Iterator[RunningServer]:
+    """The default server most tests talk to: tiny omni, no auth, loopback media allowed."""
+    from omniserve.config import MediaLimits
+
+    srv = start_server(
+        tiny_omni,
+        name="tiny-omni",
+        engine={"max_concurrency": 8, "max_queue": 32, "max_model_len": 2048},
+        server={"media": MediaLimits(allow_private_media_addresses=True, max_video_seconds=20, max_audio_seconds=20)},
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(omni_server: RunningServer) -> Any:
+    return omni_server.client()

@@ -1,0 +1,92 @@
+"""`omniserve deploy` as users run it: a real process serving the built-in tiny omni model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from tests.conftest import free_port
+
+CLI = [sys.executable, "-m", "omniserve.cli"]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "XDG_CACHE_HOME": str(cache)}
+
+
+def test_help_is_fast_and_lists_limits() -> None:
+    start = time.perf_counter()
+    out = subprocess.run(
+        [*CLI, "deploy", "--help"], capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"}
+    )
+    assert time.perf_counter() - start < 5  # no torch import for --help
+    for flag in ("--max-queue", "--max-video-frames", "--allowed-local-media-path", "--api-key-file"):
+        assert flag in out.stdout
+
+
+def test_deploy_builtin_model_end_to_end(tmp_path: Path) -> None:
+    port = free_port()
+    keyfile = tmp_path / "keys.txt"
+    keyfile.write_text("# team keys\nkey-one\n")
+    proc = subprocess.Popen(
+        [*CLI, "deploy", "--port", str(port), "--api-key-file", str(keyfile)],
+        env=_env(tmp_path / "cache"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="key-one", max_retries=0)
+        [model] = client.models.list().data
+        out = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert out.usage.completion_tokens >= 1
+        assert (tmp_path / "cache" / "omniserve" / "models").is_dir()  # built into the user's cache
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode in (0, 130)  # a graceful stop on Ctrl-C (uvicorn re-raises the signal)
+    assert "Finished server process" in (proc.stdout.read() if proc.stdout else "")
+
+
+def test_deploy_refuses_a_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*CLI, "deploy", "--model", str(tmp_path), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert "not a checkpoint folder" in out.stderr
+
+
+def test_deploy_does_not_move_to_another_port_when_busy(tmp_path: Path, tiny_qwen2: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [*CLI, "deploy", "--model", str(tiny_qwen2), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert out.returncode != 0
+    assert "address already in use" in (out.stdout + out.stderr).lower()
