@@ -85,7 +85,7 @@ class SystemMessage(_Strict):
 
 class UserMessage(_Strict):
     role: Literal["user"]
-    content: str | list[ContentPart]
+    content: str | Annotated[list[ContentPart], Field(min_length=1)]
     name: str | None = None
 
 

@@ -97,6 +97,17 @@ CASES: list[tuple[str, Any, int, str | None, str]] = [
     ("file url refused", chat([image_part("file:///etc/passwd")]), 400, None, ""),
     ("bare path refused", chat([image_part("/etc/passwd")]), 400, None, ""),
     ("ftp refused", chat([image_part("ftp://example.com/a.png")]), 400, None, ""),
+    ("empty content list", chat([]), 400, "messages[0].content", ""),
+    (
+        "assistant turn with image",
+        {
+            "model": "tiny-omni",
+            "messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}],
+        },
+        400,
+        "messages[0].content[0].type",
+        "",
+    ),
     ("stream_options without stream", chat("hi", stream_options={"include_usage": True}), 400, None, "stream"),
 ]
 
@@ -106,6 +117,60 @@ def test_bad_request(
     omni_server: RunningServer, name: str, body: Any, status: int, param: str | None, contains: str
 ) -> None:
     assert_error(post(omni_server, body), status, param=param, contains=contains)
+
+
+def test_image_the_processor_cannot_tile(omni_server: RunningServer) -> None:
+    """A 1x400 image decodes fine but its aspect ratio is beyond what the vision processor tiles."""
+    from tests.media_factory import image_bytes
+
+    sliver = image_bytes("PNG", width=400, height=1)
+    assert_error(post(omni_server, chat([image_part("data:image/png;base64," + b64(sliver))])), 400)
+
+
+def test_per_request_max_pixels_may_lower_but_not_raise(omni_server: RunningServer) -> None:
+    big = image_part("data:image/png;base64," + b64(png_bytes(256, 256)))
+    full = post(omni_server, chat([big]))
+    low = post(omni_server, chat([big], mm_processor_kwargs={"max_pixels": 56 * 56}))
+    assert full.status_code == low.status_code == 200
+    assert low.json()["usage"]["prompt_tokens"] < full.json()["usage"]["prompt_tokens"]
+    too_high = post(omni_server, chat([big], mm_processor_kwargs={"max_pixels": 10**9}))
+    assert_error(too_high, 400, param="mm_processor_kwargs.max_pixels")
+    assert_error(
+        post(omni_server, chat([big], mm_processor_kwargs={"fps": 1000})), 400, param="mm_processor_kwargs.fps"
+    )
+
+
+def test_stream_that_fails_midway_ends_with_an_error_event(
+    omni_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault inside the engine (simulated: it cannot be caused for real) after tokens were sent."""
+    import json
+
+    batch = omni_server.engine._batch
+    real_step, calls = batch.step, {"n": 0}
+
+    def failing_step(tokens: list[int]) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("simulated device fault")
+        return real_step(tokens)
+
+    monkeypatch.setattr(batch, "step", failing_step)
+    events = []
+    with httpx.stream(
+        "POST",
+        omni_server.base_url + "/v1/chat/completions",
+        timeout=60,
+        json=chat("hi", stream=True, max_tokens=50, ignore_eos=True),
+    ) as resp:
+        assert resp.status_code == 200
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    monkeypatch.setattr(batch, "step", real_step)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "simulated device fault" in error["message"] and error["type"] == "server_error"
+    assert any(json.loads(e)["choices"][0]["delta"].get("content") for e in events[1:-2])
+    assert post(omni_server, chat("still there?")).status_code == 200
 
 
 def test_unknown_model_is_404(omni_server: RunningServer) -> None:

@@ -29,7 +29,7 @@ def small_server(tiny_qwen2: Path) -> Iterator[RunningServer]:
         tiny_qwen2,
         name="tiny-qwen2",
         engine={"max_concurrency": 1, "max_queue": 1, "max_n": 1},
-        server={"api_keys": (KEY, "other-key"), "retry_after_seconds": 3},
+        server={"api_keys": (KEY, "other-key"), "retry_after_seconds": 3, "max_request_bytes": 64 * 1024},
     )
     yield srv
     srv.stop()
@@ -70,6 +70,27 @@ def test_auth(small_server: RunningServer) -> None:
         model="tiny-qwen2", messages=body()["messages"], max_tokens=3
     )
     assert out.choices[0].message.content is not None
+
+
+def test_request_body_over_the_cap_is_413(small_server: RunningServer) -> None:
+    big = body(messages=[{"role": "user", "content": "x" * 100_000}])
+    resp = httpx.post(small_server.base_url + "/v1/chat/completions", json=big, headers=auth())
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the streamed size is counted
+        yield b'{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "'
+        for _ in range(100):
+            yield b"y" * 1024
+        yield b'"}]}'
+
+    resp = httpx.post(
+        small_server.base_url + "/v1/chat/completions",
+        content=chunks(),
+        headers={**auth(), "content-type": "application/json"},
+    )
+    assert resp.status_code == 413
+    assert httpx.get(small_server.base_url + "/health").status_code == 200
 
 
 def test_text_only_model_refuses_media(small_server: RunningServer) -> None:

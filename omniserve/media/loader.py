@@ -42,10 +42,24 @@ class MediaItem:
 
 @dataclass(frozen=True)
 class MediaOptions:
-    """Per-request processing choices, already checked against the server's caps."""
+    """Per-request processing choices; they may lower the server's caps, never raise them."""
 
     fps: float | None = None
     max_frames: int | None = None
+
+    def check(self, limits: MediaLimits) -> MediaOptions:
+        """Refuse up front (even when the request carries no video) rather than ignore a bad value."""
+        if self.fps is not None and self.fps > limits.video_fps:
+            raise MediaError(
+                f"fps {self.fps} exceeds this server's video sampling cap of {limits.video_fps} fps",
+                param="mm_processor_kwargs.fps",
+            )
+        if self.max_frames is not None and self.max_frames > limits.max_video_frames:
+            raise MediaError(
+                f"max_frames {self.max_frames} exceeds this server's cap of {limits.max_video_frames} frames",
+                param="mm_processor_kwargs.max_frames",
+            )
+        return self
 
 
 def check_audio_format(source: MediaSource) -> None:

@@ -58,7 +58,9 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
             if source.kind not in renderer.modalities:
                 raise InvalidRequest(f"this model does not accept {source.kind} input", param=source.param)
         opts = request.mm_processor_kwargs or MultiModalOptions()
-        media = await load_media(sources, self.ctx.server.media, MediaOptions(fps=opts.fps, max_frames=opts.max_frames))
+        limits = self.ctx.server.media
+        media_options = MediaOptions(fps=opts.fps, max_frames=opts.max_frames).check(limits)
+        media = await load_media(sources, limits, media_options)
         render_options = RenderOptions(max_pixels=opts.max_pixels, min_pixels=opts.min_pixels)
         prompt = await asyncio.to_thread(renderer.render_chat, messages, media, options=render_options)
         max_tokens = renderer.check_length(prompt, request.requested_max_tokens)

@@ -8,11 +8,12 @@ per-model prompt format is written here.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omniserve.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError
+from omniserve.errors import ContextLengthExceeded, InvalidRequest, MediaError, ModelLoadError
 from omniserve.media.audio import DecodedAudio
 from omniserve.media.loader import MediaItem
 from omniserve.media.video import DecodedVideo
@@ -89,6 +90,8 @@ class PromptRenderer:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.modalities = _modalities(processor)
         self.max_model_len = max_model_len
+        # HF fast tokenizers are not safe to call from several threads at once ("Already borrowed")
+        self._lock = threading.Lock()
         self._template_owner = processor if getattr(processor, "chat_template", None) else self.tokenizer
 
     @classmethod
@@ -121,19 +124,34 @@ class PromptRenderer:
                 "this model has no chat template; use /v1/completions with a raw prompt", param="messages"
             )
         conversation = messages if self.modalities != {"text"} else _flatten_text(messages)
-        text = self._template_owner.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        if not media:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            return RenderedPrompt(token_ids=list(ids), text=text)
-        inputs = self.processor(
-            text=[text], return_tensors="pt", **self._media_kwargs(media, options or RenderOptions())
-        )
+        with self._lock:
+            text = self._apply_template(conversation, add_generation_prompt)
+            if not media:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                return RenderedPrompt(token_ids=list(ids), text=text)
+            kwargs = self._media_kwargs(media, options or RenderOptions())
+            try:
+                inputs = self.processor(text=[text], return_tensors="pt", **kwargs)
+            except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+                # e.g. an image whose aspect ratio the vision processor cannot tile
+                raise MediaError(f"the model's processor cannot use this media: {exc}", param="messages") from exc
         token_ids = inputs["input_ids"][0].tolist()
         mm_inputs = {k: v for k, v in inputs.items() if k not in _TOKEN_KEYS}
         self._fix_video_timing(mm_inputs, media)
         return RenderedPrompt(token_ids=token_ids, mm_inputs=mm_inputs, media=list(media), text=text)
+
+    def _apply_template(self, conversation: list[HFMessage], add_generation_prompt: bool) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self._template_owner.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as exc:
+            # the checkpoint's own template refuses this conversation (e.g. roles out of order)
+            raise InvalidRequest(
+                f"the model's chat template rejected the conversation: {exc}", param="messages"
+            ) from exc
 
     def _check_modalities(self, media: list[MediaItem]) -> None:
         for item in media:
@@ -203,7 +221,8 @@ class PromptRenderer:
     def render_text(self, prompt: str | list[int]) -> RenderedPrompt:
         """Legacy completions: the prompt as given, no chat template."""
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt)["input_ids"]
+            with self._lock:
+                ids = self.tokenizer(prompt)["input_ids"]
             return RenderedPrompt(token_ids=list(ids), text=prompt)
         vocab = len(self.tokenizer)
         bad = [t for t in prompt if t < 0 or t >= vocab]
