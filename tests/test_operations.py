@@ -269,3 +269,21 @@ def test_qwen2_vl_serves_image_and_video(tiny_qwen2_vl: Path) -> None:
         assert resp.status_code == 400 and "audio" in resp.json()["error"]["message"]
     finally:
         srv.stop()
+
+
+def test_incomplete_checkpoint_is_refused_at_start(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """A checkpoint missing a weight must not be served with that weight silently random."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from omniserve.engines.hf_model import load_model
+    from omniserve.errors import ModelLoadError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen2, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.mlp\.up_proj\.weight"):
+        load_model(broken)

@@ -8,6 +8,10 @@ left-padded KV cache holding every running sequence. Models with multimodal rota
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +53,17 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> Lo
         config = AutoConfig.from_pretrained(str(path))
         arch = (getattr(config, "architectures", None) or [""])[0]
         model_cls = getattr(transformers, arch, None) or AutoModelForCausalLM
-        # (output_loading_info is not used: Qwen2.5-Omni's from_pretrained override breaks with it)
-        model = model_cls.from_pretrained(str(path), dtype=torch_dtype)
+        with _load_report() as report:
+            model = model_cls.from_pretrained(str(path), dtype=torch_dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+    missing = _missing_keys(report)
+    if missing:
+        # transformers would serve these as freshly random weights: refuse instead of answering nonsense
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{path} lacks weights the model needs ({shown}); the checkpoint is incomplete")
     model.to(device).eval()
     lm = model.thinker if hasattr(model, "thinker") else model
-    import inspect
-
     text_config = config.get_text_config()
     return LoadedModel(
         model=model,
@@ -67,6 +74,40 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> Lo
         eos_token_ids=_eos_ids(model),
         accepts_logits_to_keep="logits_to_keep" in inspect.signature(lm.forward).parameters,
     )
+
+
+@contextlib.contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """Collect transformers' LOAD REPORT warnings.
+
+    ``output_loading_info=True`` would be the direct route, but Qwen2.5-Omni's ``from_pretrained``
+    override breaks with it, so the report transformers logs is read instead.
+    """
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = _Collect(level=logging.WARNING)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _missing_keys(report: list[str]) -> list[str]:
+    keys = []
+    for message in report:
+        if "LOAD REPORT" not in message:
+            continue
+        for line in message.splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) >= 2 and cells[1] == "MISSING":
+                keys.append(cells[0])
+    return keys
 
 
 def _eos_ids(model: Any) -> tuple[int, ...]:
