@@ -151,6 +151,24 @@ def test_queue_full_gives_429_and_disconnect_frees_slot(small_server: RunningSer
     wait_until(lambda: idle(small_server))
 
 
+def test_client_leaving_the_queue_frees_its_place(small_server: RunningServer) -> None:
+    wait_until(lambda: idle(small_server))
+    started, stop = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_slot, args=(small_server, started, stop))
+    holder.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the holder, then gives up
+            httpx.post(
+                small_server.base_url + "/v1/chat/completions", headers=auth(), timeout=1.0, json=body(max_tokens=2)
+            )
+        wait_until(lambda: small_server.engine.stats().waiting == 0, timeout=10)
+        assert small_server.engine.stats().running == 1  # the holder is still generating
+    finally:
+        stop.set()
+        holder.join(30)
+
+
 def test_non_streaming_disconnect_frees_slot(small_server: RunningServer) -> None:
     wait_until(lambda: idle(small_server))
     with pytest.raises(httpx.ReadTimeout):

@@ -206,9 +206,11 @@ class TransformersEngine(Engine):
 
     def _next_admissible(self) -> _Pending | None:
         with self._lock:
-            while self._waiting and self._waiting[0].cancelled.is_set():
-                dropped = self._waiting.popleft()
-                dropped.emit(_DONE)
+            if any(p.cancelled.is_set() for p in self._waiting):
+                # a client that left while queued must not hold a queue place (spurious 429s)
+                for dropped in [p for p in self._waiting if p.cancelled.is_set()]:
+                    dropped.emit(_DONE)
+                self._waiting = collections.deque(p for p in self._waiting if not p.cancelled.is_set())
             if not self._waiting:
                 return None
             if self._reserved + self._waiting[0].request.sampling.n > self._config.max_concurrency:
