@@ -89,6 +89,9 @@ def deploy(
     ),  # type: ignore[assignment]
     cors_origin: Annotated[list[str] | None, typer.Option(help="Allowed CORS origin (repeatable).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    print_k8s: Annotated[
+        bool, typer.Option(help="Print Helm values for helm/omniserve equivalent to this command, then exit.")
+    ] = False,
 ) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API."""
     from pydantic import ValidationError
@@ -101,7 +104,8 @@ def deploy(
     if api_key_file is not None:
         keys.extend(read_key_file(api_key_file))
     try:
-        model_path = model if model is not None else _builtin_model()
+        # --print-k8s only describes the command: the built-in model is built by the pod, not here
+        model_path = model if model is not None else (Path("builtin") if print_k8s else _builtin_model())
         media = MediaLimits(
             max_media_bytes=max_media_bytes,
             max_image_pixels=max_image_pixels,
@@ -139,6 +143,18 @@ def deploy(
     except ModelLoadError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    if print_k8s:
+        from omniserve.k8s_values import dump_values_yaml, values_from_deploy
+
+        try:
+            values = values_from_deploy(
+                engine_config, server_config, engine=engine, log_level=log_level, builtin_model=model is None
+            )
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(dump_values_yaml(values), nl=False)
+        raise typer.Exit(0)
     code = serve(engine, engine_config, server_config, log_level)
     raise typer.Exit(code)
 

@@ -90,3 +90,20 @@ def test_deploy_does_not_move_to_another_port_when_busy(tmp_path: Path, tiny_qwe
         )
     assert out.returncode != 0
     assert "address already in use" in (out.stdout + out.stderr).lower()
+
+
+def test_print_k8s_renders_values_without_secrets_or_a_model_build(tmp_path: Path) -> None:
+    import yaml
+
+    out = subprocess.run(
+        [*CLI, "deploy", "--print-k8s", "--max-queue", "5", "--api-key", "very-secret"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path / "cache"),
+    )
+    assert out.returncode == 0, out.stderr
+    values = yaml.safe_load(out.stdout)
+    assert values["engine"]["maxQueue"] == 5
+    assert "very-secret" not in out.stdout
+    assert not (tmp_path / "cache").exists()  # describing the command built nothing

@@ -1,0 +1,198 @@
+{{/*
+Names and labels, the usual way: release-scoped, 63 characters at most.
+*/}}
+{{- define "omniserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "omniserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "omniserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "omniserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "omniserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "omniserve.labels" -}}
+helm.sh/chart: {{ include "omniserve.chart" . }}
+{{ include "omniserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: inference
+{{- end }}
+
+{{- define "omniserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "omniserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image: an explicit tag wins; otherwise the CPU or CUDA flavour of this chart's appVersion.
+*/}}
+{{- define "omniserve.image" -}}
+{{- $flavour := ternary "cuda" "cpu" (gt (int .Values.accelerator.count) 0) }}
+{{- $tag := default (printf "%s-%s" .Chart.AppVersion $flavour) .Values.image.tag }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* Fixed paths inside the pod; the Dockerfiles use the same ones. */}}
+{{- define "omniserve.cacheDir" -}}/var/cache/omniserve{{- end }}
+{{- define "omniserve.modelsDir" -}}/models{{- end }}
+{{- define "omniserve.apiKeysDir" -}}/etc/omniserve/api-keys{{- end }}
+
+{{- define "omniserve.modelPath" -}}
+{{- $path := trimAll "/" .Values.model.path }}
+{{- if $path }}{{ include "omniserve.modelsDir" . }}/{{ $path }}{{ else }}{{ include "omniserve.modelsDir" . }}{{ end }}
+{{- end }}
+
+{{- define "omniserve.quantCacheDir" -}}{{ include "omniserve.cacheDir" . }}/quantized{{- end }}
+
+{{/*
+A scalar as a CLI word. Numbers read from YAML files arrive as float64, and printing those naively
+turns 52428800 into "5.24288e+07", which the CLI would refuse: whole numbers print as integers.
+*/}}
+{{- define "omniserve.word" -}}
+{{- if kindIs "float64" . }}
+{{- if eq . (float64 (int64 .)) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- else }}
+{{- . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The arguments of `omniserve deploy` (the image's entrypoint), one flag per option value; null values are
+left out so the CLI's defaults apply. Returned as a YAML list.
+*/}}
+{{- define "omniserve.args" -}}
+{{- $v := .Values }}
+{{- $args := list "--host" "0.0.0.0" "--port" (include "omniserve.word" $v.server.port) "--engine" $v.engine.name }}
+{{- if ne $v.model.source "builtin" }}
+{{- $args = concat $args (list "--model" (include "omniserve.modelPath" .)) }}
+{{- end }}
+{{- if $v.model.servedModelName }}
+{{- $args = concat $args (list "--served-model-name" $v.model.servedModelName) }}
+{{- end }}
+{{- if $v.auth.existingSecret }}
+{{- $args = concat $args (list "--api-key-file" (printf "%s/%s" (include "omniserve.apiKeysDir" .) $v.auth.secretKey)) }}
+{{- end }}
+{{- if $v.quantization.method }}
+{{- $args = concat $args (list "--quant" $v.quantization.method "--quant-cache-dir" (include "omniserve.quantCacheDir" .)) }}
+{{- end }}
+{{- $options := list
+  (list "--dtype" $v.engine.dtype)
+  (list "--device" $v.engine.device)
+  (list "--max-model-len" $v.engine.maxModelLen)
+  (list "--max-concurrency" $v.engine.maxConcurrency)
+  (list "--max-queue" $v.engine.maxQueue)
+  (list "--max-n" $v.engine.maxN)
+  (list "--max-request-bytes" $v.server.maxRequestBytes)
+  (list "--max-media-bytes" $v.media.maxBytes)
+  (list "--max-image-pixels" $v.media.maxImagePixels)
+  (list "--video-fps" $v.media.videoFps)
+  (list "--max-video-frames" $v.media.maxVideoFrames)
+  (list "--max-video-seconds" $v.media.maxVideoSeconds)
+  (list "--max-audio-seconds" $v.media.maxAudioSeconds)
+  (list "--media-fetch-timeout" $v.media.fetchTimeoutSeconds)
+}}
+{{- range $options }}
+{{- if not (kindIs "invalid" (index . 1)) }}
+{{- $args = concat $args (list (index . 0) (include "omniserve.word" (index . 1))) }}
+{{- end }}
+{{- end }}
+{{- range $key, $value := $v.engine.args }}
+{{- $args = concat $args (list "--engine-arg" (printf "%s=%s" $key (include "omniserve.word" $value))) }}
+{{- end }}
+{{- range $v.media.allowedDomains }}
+{{- $args = concat $args (list "--allowed-media-domains" .) }}
+{{- end }}
+{{- if $v.media.allowPrivateAddresses }}
+{{- $args = append $args "--allow-private-media-addresses" }}
+{{- end }}
+{{- if $v.media.allowedLocalPath }}
+{{- $args = concat $args (list "--allowed-local-media-path" $v.media.allowedLocalPath) }}
+{{- end }}
+{{- range $v.server.corsOrigins }}
+{{- $args = concat $args (list "--cors-origin" .) }}
+{{- end }}
+{{- $args = concat $args (list "--log-level" $v.server.logLevel) $v.server.extraArgs }}
+{{- toYaml $args }}
+{{- end }}
+
+{{/*
+The GPUs the engine args ask for (tensor x pipeline parallel) must be the GPUs the pod gets: fewer and
+the engine cannot start, more and they sit idle while another pod waits for them.
+*/}}
+{{- define "omniserve.checkParallelism" -}}
+{{- $tp := int (default 1 (index .Values.engine.args "tensor_parallel_size")) }}
+{{- $pp := int (default 1 (index .Values.engine.args "pipeline_parallel_size")) }}
+{{- $want := mul $tp $pp }}
+{{- if and (gt $want 1) (ne $want (int .Values.accelerator.count)) }}
+{{- fail (printf "engine.args tensor_parallel_size x pipeline_parallel_size = %d GPUs, but accelerator.count = %d: set accelerator.count to %d" $want (int .Values.accelerator.count) $want) }}
+{{- end }}
+{{- end }}
+
+{{/* The accelerator resource merged into requests and limits (extended resources need both equal). */}}
+{{- define "omniserve.resources" -}}
+{{- $res := deepCopy (default dict .resources) }}
+{{- if gt (int .accelerator.count) 0 }}
+{{- $gpu := dict .accelerator.resourceName (int .accelerator.count) }}
+{{- $_ := set $res "limits" (mergeOverwrite (default dict (get $res "limits")) $gpu) }}
+{{- $_ := set $res "requests" (mergeOverwrite (default dict (get $res "requests")) $gpu) }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{- define "omniserve.cacheClaimName" -}}
+{{- default (printf "%s-cache" (include "omniserve.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{/*
+Environment of omniserve's containers: only where the writable volumes are (the root filesystem is
+read-only), plus extraEnv for the libraries below omniserve. No omniserve option travels here.
+*/}}
+{{- define "omniserve.env" -}}
+- name: HOME
+  value: /home/omniserve
+- name: XDG_CACHE_HOME
+  value: {{ include "omniserve.cacheDir" . }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The writable volumes and the checkpoint (read-only: the server never writes it). */}}
+{{- define "omniserve.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/omniserve
+- name: cache
+  mountPath: {{ include "omniserve.cacheDir" . }}
+{{- if and (eq .Values.model.source "download") (eq .Values.model.download.storage "cache") }}
+- name: cache
+  mountPath: {{ include "omniserve.modelsDir" . }}
+  subPath: models
+  readOnly: true
+{{- else if ne .Values.model.source "builtin" }}
+- name: models
+  mountPath: {{ include "omniserve.modelsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}

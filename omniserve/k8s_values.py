@@ -1,0 +1,187 @@
+"""Helm values for ``helm/omniserve`` equivalent to a local ``omniserve deploy``.
+
+A user who has a command that works on one machine should get the same server on a cluster without
+re-deriving every limit by hand: :func:`values_from_deploy` turns the option objects the CLI builds
+into chart values, and :func:`dump_values_yaml` writes them with the few steps the cluster still
+needs from a person (a Secret for the API keys, the checkpoint on a volume).
+
+Three things deliberately do not travel:
+
+- API keys. Values files end up in git, CI logs and ``helm get values``; the values name a Secret and
+  the header says how to create it. The chart mounts it and passes ``--api-key-file``.
+- The host address. In a pod the server binds ``0.0.0.0`` and the Service is the way in.
+- Local paths. The checkpoint folder becomes ``/models/<folder name>`` on a PersistentVolumeClaim
+  (the header says so); a local quantization cache is replaced by the chart's cache volume.
+
+Importing this module stays cheap (pydantic and PyYAML only), like the rest of the CLI's imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from omniserve.config import EngineConfig, ServerConfig
+
+DEFAULT_API_KEY_SECRET = "omniserve-api-keys"
+"""Secret the values refer to when the local command had API keys."""
+
+API_KEY_SECRET_KEY = "api-keys"
+"""Key inside that Secret holding the keys, one per line (the format of ``--api-key-file``)."""
+
+DEFAULT_MODELS_CLAIM = "omniserve-models"
+"""PersistentVolumeClaim the values expect the checkpoint on when the local command named a folder."""
+
+GPU_ENGINES = frozenset({"vllm", "sglang", "lmdeploy"})
+"""Engines that only run on a GPU, so a pod for them needs at least one."""
+
+QUANT_METHODS = frozenset({"awq", "gptq", "fp8"})
+
+
+def values_from_deploy(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    *,
+    engine: str = "transformers",
+    quant: str | None = None,
+    log_level: str = "info",
+    builtin_model: bool = False,
+    api_key_secret: str = DEFAULT_API_KEY_SECRET,
+    models_claim: str = DEFAULT_MODELS_CLAIM,
+) -> dict[str, Any]:
+    """Chart values that make the pod run the same ``omniserve deploy`` as the given options.
+
+    Takes the objects the CLI builds from its flags (so the values are as validated as the local
+    server's options), plus the flags that are not part of them: the engine name, ``--quant``, the log
+    level, and whether ``--model`` was left out (``builtin_model``: the path in ``engine_config`` is
+    then ignored and the pod builds the tiny model itself). Every limit is written out, even at its
+    default, so the cluster keeps behaving like the local command if a default changes later.
+    """
+    if quant is not None and quant not in QUANT_METHODS:
+        raise ValueError(f"unknown quantization method {quant!r}; expected one of {', '.join(sorted(QUANT_METHODS))}")
+    media = server_config.media
+    gpus = _gpus_needed(engine, engine_config)
+    values: dict[str, Any] = {
+        "model": _model_values(engine_config, builtin_model, models_claim),
+        "engine": {
+            "name": engine,
+            "args": dict(engine_config.engine_args),
+            "dtype": engine_config.dtype,
+            "device": engine_config.device,
+            "maxModelLen": engine_config.max_model_len,
+            "maxConcurrency": engine_config.max_concurrency,
+            "maxQueue": engine_config.max_queue,
+            "maxN": engine_config.max_n,
+        },
+        "quantization": {"method": quant or "", "mode": "onStart"},
+        "server": {
+            "port": server_config.port if server_config.port else 8000,  # 0 ("any free port") has no pod meaning
+            "maxRequestBytes": server_config.max_request_bytes,
+            "corsOrigins": list(server_config.cors_origins),
+            "logLevel": log_level.lower(),
+        },
+        "media": {
+            "allowedDomains": list(media.allowed_media_domains or ()),
+            "allowPrivateAddresses": media.allow_private_media_addresses,
+            "allowedLocalPath": str(media.allowed_local_media_path) if media.allowed_local_media_path else "",
+            "maxBytes": media.max_media_bytes,
+            "maxImagePixels": media.max_image_pixels,
+            "videoFps": media.video_fps,
+            "maxVideoFrames": media.max_video_frames,
+            "maxVideoSeconds": media.max_video_seconds,
+            "maxAudioSeconds": media.max_audio_seconds,
+            "fetchTimeoutSeconds": media.fetch_timeout_seconds,
+        },
+        "auth": {
+            # never the keys themselves: only where the cluster keeps them
+            "existingSecret": api_key_secret if server_config.api_keys else "",
+            "secretKey": API_KEY_SECRET_KEY,
+        },
+        "accelerator": {"count": gpus, "resourceName": "nvidia.com/gpu"},
+    }
+    if gpus > 1:  # tensor-parallel workers exchange tensors through /dev/shm
+        values["shm"] = {"enabled": True, "sizeLimit": "8Gi"}
+    if quant:  # quantizing is slow: keep the result across restarts
+        values["persistence"] = {"enabled": True}
+    return values
+
+
+def dump_values_yaml(values: Mapping[str, Any]) -> str:
+    """The values as a YAML file whose header says what a person still has to do on the cluster.
+
+    The header is derived from the values themselves (a Secret to create when ``auth`` names one, a
+    volume to fill when the model comes from a claim), so it stays true for hand-edited values too.
+    """
+    lines = [
+        "# omniserve chart values, equivalent to a local `omniserve deploy` command.",
+        "# Install:  helm install omniserve helm/omniserve -f values.yaml",
+        "# The server binds 0.0.0.0 inside the pod; reach it through the Service (see the install notes).",
+        "# Size resources (and accelerator.count) for the model before installing.",
+    ]
+    auth = values.get("auth") or {}
+    if auth.get("existingSecret"):
+        lines += [
+            "#",
+            "# API keys are not copied into values. Create the Secret they are read from, one key per line:",
+            f"#   kubectl create secret generic {auth['existingSecret']} "
+            f"--from-file={auth.get('secretKey', API_KEY_SECRET_KEY)}=./api-keys.txt",
+        ]
+    model = values.get("model") or {}
+    if model.get("source") == "pvc":
+        claim = (model.get("pvc") or {}).get("claimName", DEFAULT_MODELS_CLAIM)
+        lines += [
+            "#",
+            f"# The checkpoint must be on the PersistentVolumeClaim {claim!r}, in the folder {model.get('path', '')!r}",
+            "# (mounted read-only at /models). Or set model.source to download (an init container copies it",
+            "# from object storage) or hostPath.",
+        ]
+    media = values.get("media") or {}
+    if media.get("allowedLocalPath"):
+        lines += [
+            "#",
+            f"# media.allowedLocalPath {media['allowedLocalPath']!r} is a path inside the pod: mount it with",
+            "# extraVolumes and extraVolumeMounts.",
+        ]
+    body = yaml.safe_dump(dict(values), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return "\n".join(lines) + "\n" + body
+
+
+def _model_values(engine_config: EngineConfig, builtin_model: bool, models_claim: str) -> dict[str, Any]:
+    """Where the pod finds the checkpoint; the served name is kept explicit because the folder the
+    pod sees (``/models/...``) need not have the local folder's name, which is the CLI's default."""
+    if builtin_model:
+        return {"source": "builtin", "servedModelName": engine_config.served_model_name}
+    return {
+        "source": "pvc",
+        "path": engine_config.model.name,
+        "servedModelName": engine_config.served_model_name,
+        "pvc": {"claimName": models_claim, "readOnly": True},
+    }
+
+
+def _gpus_needed(engine: str, engine_config: EngineConfig) -> int:
+    """GPUs the pod must request: tensor x pipeline parallel when the engine args say so, one for a
+    GPU-only engine or a CUDA device, none otherwise (the chart refuses a count that disagrees)."""
+    args = engine_config.engine_args
+    parallel = _positive_int(args, "tensor_parallel_size") * _positive_int(args, "pipeline_parallel_size")
+    if parallel > 1:
+        return parallel
+    if engine in GPU_ENGINES or engine_config.device.startswith("cuda"):
+        return 1
+    return 0
+
+
+def _positive_int(engine_args: Mapping[str, str], name: str) -> int:
+    """A parallelism engine arg as a GPU count; refused here rather than as a chart error later."""
+    text = engine_args.get(name)
+    if text is None:
+        return 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--engine-arg {name} must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"--engine-arg {name} must be at least 1, got {value}")
+    return value

@@ -1,0 +1,299 @@
+"""A working local `omniserve deploy` command moves to the cluster unchanged.
+
+The local command is parsed by the real CLI parser, turned into the option objects the CLI builds, then
+into chart values (omniserve.k8s_values); helm renders those values (validating them against
+values.schema.json), every manifest is validated against the Kubernetes schemas, and the pod's arguments
+are parsed by the same CLI parser again. Apart from what must differ in a pod (address, paths, how the
+API keys arrive), the server in the pod gets exactly the options the local one had.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from omniserve.config import EngineConfig, MediaLimits, ServerConfig
+from omniserve.k8s_values import (
+    API_KEY_SECRET_KEY,
+    DEFAULT_API_KEY_SECRET,
+    DEFAULT_MODELS_CLAIM,
+    dump_values_yaml,
+    values_from_deploy,
+)
+from tests.test_helm import (
+    KUBE_VERSIONS,
+    Helm,
+    flag_values,
+    kinds,
+    mounts,
+    parse_with_cli,
+    server,
+    start_helm,
+    validate_manifest,
+    volume,
+)
+
+SECRET_KEY_TEXT = "sk-live-abcdef123456"
+
+# Every `omniserve deploy` parameter either travels to the pod as a chart value, or is replaced there on
+# purpose. A new flag fails test_every_deploy_flag_is_accounted_for until it is placed in one of these.
+TRAVELS = {
+    "engine",
+    "port",
+    "served_model_name",
+    "max_concurrency",
+    "max_queue",
+    "max_model_len",
+    "max_n",
+    "dtype",
+    "device",
+    "engine_arg",
+    "allowed_media_domains",
+    "allow_private_media_addresses",
+    "allowed_local_media_path",
+    "max_media_bytes",
+    "max_image_pixels",
+    "video_fps",
+    "max_video_frames",
+    "max_video_seconds",
+    "max_audio_seconds",
+    "media_fetch_timeout",
+    "max_request_bytes",
+    "cors_origin",
+    "log_level",
+    "quant",  # sibling work: passed to values_from_deploy(quant=...)
+}
+REPLACED_IN_THE_POD = {
+    "host": "the pod binds 0.0.0.0",
+    "model": "/models/<folder> on a volume, or the built-in model",
+    "api_key": "a Secret mounted as --api-key-file",
+    "api_key_file": "a Secret mounted as --api-key-file",
+    "quant_cache_dir": "the chart's cache volume",
+    "print_k8s": "prints these values",
+}
+
+LOCAL_COMMAND = [
+    "--engine", "transformers",
+    "--host", "127.0.0.1",
+    "--port", "9001",
+    "--served-model-name", "mine",
+    "--api-key", SECRET_KEY_TEXT,
+    "--max-concurrency", "3",
+    "--max-queue", "0",
+    "--max-model-len", "4096",
+    "--max-n", "2",
+    "--dtype", "bfloat16",
+    "--device", "cuda",
+    "--engine-arg", "tensor_parallel_size=2",
+    "--engine-arg", "attn_implementation=sdpa",
+    "--allowed-media-domains", "images.example.org",
+    "--allowed-media-domains", "cdn.example.net",
+    "--allow-private-media-addresses",
+    "--allowed-local-media-path", "/srv/media",
+    "--max-media-bytes", "1048576",
+    "--max-image-pixels", "1000000",
+    "--video-fps", "0.5",
+    "--max-video-frames", "8",
+    "--max-video-seconds", "30.5",
+    "--max-audio-seconds", "12.25",
+    "--media-fetch-timeout", "2.5",
+    "--max-request-bytes", "2097152",
+    "--cors-origin", "https://app.example.com",
+    "--log-level", "debug",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return start_helm(tmp_path_factory)
+
+
+def configs_from_params(params: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
+    """The option objects, built from parsed flags the way `omniserve deploy` builds them."""
+    from omniserve.cli import _parse_engine_args
+
+    local_media = params["allowed_local_media_path"]
+    media = MediaLimits(
+        max_media_bytes=params["max_media_bytes"],
+        max_image_pixels=params["max_image_pixels"],
+        video_fps=params["video_fps"],
+        max_video_frames=params["max_video_frames"],
+        max_video_seconds=params["max_video_seconds"],
+        max_audio_seconds=params["max_audio_seconds"],
+        allowed_media_domains=tuple(params["allowed_media_domains"]) if params["allowed_media_domains"] else None,
+        allow_private_media_addresses=params["allow_private_media_addresses"],
+        allowed_local_media_path=local_media.resolve() if local_media else None,
+        fetch_timeout_seconds=params["media_fetch_timeout"],
+    )
+    server_config = ServerConfig(
+        host=params["host"],
+        port=params["port"],
+        api_keys=tuple(params["api_key"] or ()),
+        max_request_bytes=params["max_request_bytes"],
+        cors_origins=tuple(params["cors_origin"] or ()),
+        media=media,
+    )
+    engine_config = EngineConfig(
+        model=params["model"],
+        served_model_name=params["served_model_name"] or params["model"].name,
+        max_concurrency=params["max_concurrency"],
+        max_queue=params["max_queue"],
+        max_model_len=params["max_model_len"],
+        max_n=params["max_n"],
+        dtype=params["dtype"],
+        device=params["device"],
+        engine_args=_parse_engine_args(params["engine_arg"] or []),
+    )
+    return engine_config, server_config
+
+
+def values_for(argv: list[str], **kwargs: Any) -> dict[str, Any]:
+    params = parse_with_cli(argv)
+    engine_config, server_config = configs_from_params(params)
+    return values_from_deploy(
+        engine_config, server_config, engine=params["engine"], log_level=params["log_level"], **kwargs
+    )
+
+
+def render_dumped(helm: Helm, values: dict[str, Any], tmp_path: Path) -> list[dict[str, Any]]:
+    """Render the YAML a user would get from `--print-k8s`, validating every manifest on the way."""
+    path = tmp_path / "values.yaml"
+    path.write_text(dump_values_yaml(values), encoding="utf-8")
+    docs = helm.template(path)
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            validate_manifest(doc, version)
+    return docs
+
+
+def test_every_deploy_flag_is_accounted_for() -> None:
+    import typer.main
+
+    from omniserve.cli import app
+
+    command = typer.main.get_command(app).commands["deploy"]  # type: ignore[attr-defined]
+    names = {param.name for param in command.params}
+    unplaced = names - TRAVELS - set(REPLACED_IN_THE_POD)
+    assert not unplaced, f"map these deploy flags in omniserve/k8s_values.py and the chart: {sorted(unplaced)}"
+
+
+def test_local_command_runs_unchanged_in_the_pod(helm: Helm, tmp_path: Path) -> None:
+    local = parse_with_cli([*LOCAL_COMMAND, "--model", str(tmp_path / "my-ckpt")])
+    docs = render_dumped(helm, values_for([*LOCAL_COMMAND, "--model", str(tmp_path / "my-ckpt")]), tmp_path)
+    pod = parse_with_cli(server(docs)["args"])
+
+    assert pod["host"] == "0.0.0.0"
+    assert pod["model"] == Path("/models/my-ckpt")
+    assert not pod["api_key"]
+    assert pod["api_key_file"] == Path(f"/etc/omniserve/api-keys/{API_KEY_SECRET_KEY}")
+    same = TRAVELS - {"engine_arg", "quant"}
+    assert {name: pod[name] for name in same if name in pod} == {name: local[name] for name in same if name in local}
+    assert sorted(pod["engine_arg"]) == sorted(local["engine_arg"])  # the chart orders them by key
+
+
+def test_gpus_follow_the_engine_args(helm: Helm, tmp_path: Path) -> None:
+    docs = render_dumped(helm, values_for([*LOCAL_COMMAND, "--model", str(tmp_path / "m")]), tmp_path)
+    container = server(docs)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2  # tensor_parallel_size=2
+    assert "/dev/shm" in mounts(container)
+
+
+def test_api_keys_are_not_copied_into_values(helm: Helm, tmp_path: Path) -> None:
+    values = values_for([*LOCAL_COMMAND, "--model", str(tmp_path / "m")])
+    text = dump_values_yaml(values)
+    assert SECRET_KEY_TEXT not in text
+    assert values["auth"] == {"existingSecret": DEFAULT_API_KEY_SECRET, "secretKey": API_KEY_SECRET_KEY}
+    assert (
+        f"kubectl create secret generic {DEFAULT_API_KEY_SECRET} --from-file={API_KEY_SECRET_KEY}=./api-keys.txt"
+        in text
+    )
+    docs = render_dumped(helm, values, tmp_path)
+    assert "Secret" not in kinds(docs)
+    assert SECRET_KEY_TEXT not in yaml.safe_dump_all(docs)
+    assert volume(docs, "api-keys")["secret"]["secretName"] == DEFAULT_API_KEY_SECRET
+
+
+def test_without_keys_there_is_no_secret(tmp_path: Path) -> None:
+    values = values_for(["--model", str(tmp_path / "m")])
+    assert values["auth"]["existingSecret"] == ""
+    assert "kubectl create secret" not in dump_values_yaml(values)
+
+
+def test_the_defaults_render_and_pass_the_cli(helm: Helm, tmp_path: Path) -> None:
+    """The plainest local command (`omniserve deploy --model DIR`): CPU, no GPU, the CLI's defaults."""
+    local = parse_with_cli(["--model", str(tmp_path / "ckpt")])
+    docs = render_dumped(helm, values_for(["--model", str(tmp_path / "ckpt")]), tmp_path)
+    container = server(docs)
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert container["image"].endswith("-cpu")
+    pod = parse_with_cli(container["args"])
+    assert pod["served_model_name"] == "ckpt", "the folder name the local server would have used"
+    for name in TRAVELS - {"served_model_name", "quant"}:
+        if name in local:
+            assert pod[name] == local[name], name
+
+
+def test_builtin_model_is_built_in_the_pod(helm: Helm, tmp_path: Path) -> None:
+    values = values_for(["--model", str(tmp_path / "tiny-omni-v1")], builtin_model=True)
+    assert values["model"] == {"source": "builtin", "servedModelName": "tiny-omni-v1"}
+    docs = render_dumped(helm, values, tmp_path)
+    assert "--model" not in server(docs)["args"]
+
+
+def test_a_local_folder_becomes_a_claim_the_header_explains(tmp_path: Path) -> None:
+    text = dump_values_yaml(values_for(["--model", str(tmp_path / "qwen-7b")]))
+    assert f"PersistentVolumeClaim '{DEFAULT_MODELS_CLAIM}', in the folder 'qwen-7b'" in text
+    values = yaml.safe_load(text)
+    assert values["model"]["pvc"]["claimName"] == DEFAULT_MODELS_CLAIM and values["model"]["path"] == "qwen-7b"
+
+
+def test_quantization_travels_and_keeps_its_cache(helm: Helm, tmp_path: Path) -> None:
+    values = values_for(["--model", str(tmp_path / "m"), "--engine", "vllm"], quant="awq")
+    assert values["quantization"] == {"method": "awq", "mode": "onStart"}
+    assert values["persistence"] == {"enabled": True}
+    assert values["accelerator"]["count"] == 1, "vLLM runs on a GPU"
+    docs = render_dumped(helm, values, tmp_path)
+    args = server(docs)["args"]
+    assert flag_values(args, "--quant") == ["awq"]
+    assert flag_values(args, "--engine") == ["vllm"]
+    assert "PersistentVolumeClaim" in kinds(docs)
+
+
+@pytest.mark.parametrize(
+    ("engine", "argv", "gpus"),
+    [
+        ("transformers", [], 0),
+        ("transformers", ["--device", "cuda:1"], 1),
+        ("vllm", [], 1),
+        ("sglang", ["--engine-arg", "tensor_parallel_size=2", "--engine-arg", "pipeline_parallel_size=2"], 4),
+    ],
+)
+def test_gpu_count(engine: str, argv: list[str], gpus: int, tmp_path: Path) -> None:
+    values = values_for(["--model", str(tmp_path / "m"), "--engine", engine, *argv])
+    assert values["accelerator"]["count"] == gpus
+    assert values.get("shm", {}).get("enabled", False) == (gpus > 1)
+
+
+def test_port_zero_becomes_the_chart_port(tmp_path: Path) -> None:
+    assert values_for(["--model", str(tmp_path / "m"), "--port", "0"])["server"]["port"] == 8000
+
+
+@pytest.mark.parametrize(
+    ("argv", "quant", "message"),
+    [
+        (["--engine-arg", "tensor_parallel_size=two"], None, "tensor_parallel_size must be a whole number"),
+        (["--engine-arg", "pipeline_parallel_size=0"], None, "pipeline_parallel_size must be at least 1"),
+        ([], "int3", "unknown quantization method 'int3'"),
+    ],
+)
+def test_options_no_pod_could_run_are_refused(argv: list[str], quant: str | None, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        values_for(["--model", str(tmp_path / "m"), *argv], quant=quant)
+
+
+def test_local_media_path_needs_a_mount_and_the_header_says_so(tmp_path: Path) -> None:
+    text = dump_values_yaml(values_for(["--model", str(tmp_path / "m"), "--allowed-local-media-path", "/srv/media"]))
+    assert "media.allowedLocalPath '/srv/media' is a path inside the pod" in text
