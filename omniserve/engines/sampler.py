@@ -20,12 +20,13 @@ class SamplerState:
     """What sampling remembers about one sequence: its generator and the tokens it produced."""
 
     params: SamplingParams
+    eos_ids: tuple[int, ...] = ()
     generator: torch.Generator | None = None
     output_counts: dict[int, int] = field(default_factory=dict)
     generated: int = 0
 
     @classmethod
-    def create(cls, params: SamplingParams, choice_index: int) -> SamplerState:
+    def create(cls, params: SamplingParams, choice_index: int, eos_ids: tuple[int, ...] = ()) -> SamplerState:
         import torch
 
         generator = None
@@ -35,7 +36,7 @@ class SamplerState:
                 generator.manual_seed(params.seed + choice_index)
             else:
                 generator.seed()
-        return cls(params=params, generator=generator)
+        return cls(params=params, eos_ids=eos_ids, generator=generator)
 
     def record(self, token_id: int) -> None:
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
@@ -50,6 +51,7 @@ class Sampled:
 
 
 def _apply_penalties(row: torch.Tensor, state: SamplerState, eos_ids: tuple[int, ...]) -> torch.Tensor:
+    """Adjust one row in place (vLLM's semantics: only generated tokens are penalised)."""
     import torch
 
     p = state.params
@@ -82,30 +84,64 @@ def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     return row
 
 
-def sample_rows(logits: torch.Tensor, states: list[SamplerState], eos_ids: tuple[int, ...]) -> list[Sampled]:
-    """Pick one token per row of ``logits`` ([B, V], float32) following each row's parameters."""
+def sample_rows(logits: torch.Tensor, states: list[SamplerState]) -> list[Sampled]:
+    """Pick one token per row of ``logits`` ([B, V], float32) following each row's parameters.
+
+    Work is batched across rows; only what differs per row (penalties, top-k, the seeded random
+    draw) loops. Sampling is inverse-CDF on one uniform draw from the row's own generator, which
+    keeps a seeded request reproducible whatever else shares its batch.
+    """
     import torch
 
-    want_logprobs = any(s.params.logprobs for s in states)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    rows = logits.float()
+    if any(_needs_penalties(s) for s in states):
+        rows = rows.clone()
+        for i, state in enumerate(states):
+            if _needs_penalties(state):
+                _apply_penalties(rows[i], state, () if state.params.ignore_eos else state.eos_ids)
+    tokens = torch.argmax(rows, dim=-1)
+    sampled = [i for i, s in enumerate(states) if not s.params.greedy]
+    if sampled:
+        tokens[sampled] = _draw(rows[sampled], [states[i] for i in sampled])
+    picks = tokens.tolist()
+    raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if any(s.params.logprobs for s in states) else None
     results: list[Sampled] = []
-    for i, state in enumerate(states):
-        p = state.params
-        row = _apply_penalties(logits[i].clone(), state, () if p.ignore_eos else eos_ids)
-        if p.greedy:
-            token = int(torch.argmax(row))
-        else:
-            row = _filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
-            probs = torch.softmax(row, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=state.generator))
+    for i, (state, token) in enumerate(zip(states, picks, strict=True)):
         state.record(token)
-        if raw_logprobs is not None and p.logprobs:
-            lp = raw_logprobs[i]
-            top: tuple[tuple[int, float], ...] = ()
-            if p.top_logprobs:
-                values, indices = torch.topk(lp, p.top_logprobs)
-                top = tuple((int(t), float(v)) for t, v in zip(indices, values, strict=True))
-            results.append(Sampled(token, float(lp[token]), top))
-        else:
+        if raw_logprobs is None or not state.params.logprobs:
             results.append(Sampled(token))
+            continue
+        lp = raw_logprobs[i]
+        top: tuple[tuple[int, float], ...] = ()
+        if state.params.top_logprobs:
+            values, indices = torch.topk(lp, state.params.top_logprobs)
+            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+        results.append(Sampled(token, float(lp[token]), top))
     return results
+
+
+def _needs_penalties(state: SamplerState) -> bool:
+    p = state.params
+    penalised = bool(state.output_counts) and (
+        p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1.0
+    )
+    return penalised or (state.generated < p.min_tokens and not p.ignore_eos)
+
+
+def _draw(rows: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    import torch
+
+    temperatures = torch.tensor([s.params.temperature for s in states], dtype=rows.dtype)[:, None]
+    scaled = rows / temperatures
+    filtered = torch.stack(
+        [
+            _filter_top_k_top_p(scaled[i], s.params.top_k, s.params.top_p)
+            if s.params.top_k > 0 or s.params.top_p < 1.0
+            else scaled[i]
+            for i, s in enumerate(states)
+        ]
+    )
+    cdf = torch.cumsum(torch.softmax(filtered, dim=-1), dim=-1)
+    draws = torch.cat([torch.rand(1, generator=s.generator) for s in states])[:, None] * cdf[:, -1:]
+    picks = torch.searchsorted(cdf, draws).squeeze(-1)
+    return picks.clamp_(max=rows.shape[-1] - 1)

@@ -27,21 +27,50 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
+class _Outbox:
+    """Deltas produced by one worker iteration, handed to the event loop in one wake-up.
+
+    Waking the loop costs a socket write; doing it once per token per sequence took a sixth of
+    the worker's time at 16 concurrent requests.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[_Pending, Any]] = []
+
+    def put(self, pending: _Pending, item: Any) -> None:
+        self._items.append((pending, item))
+
+    def flush(self) -> None:
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, Any]]] = {}
+        for pending, item in items:
+            by_loop.setdefault(pending.loop, []).append((pending, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for pending, _ in batch:
+                    pending.cancelled.set()
+
+
+def _deliver(batch: list[tuple[_Pending, Any]]) -> None:
+    for pending, item in batch:
+        pending.events.put_nowait(item)
+
+
 @dataclass
 class _Pending:
-    """A request as the worker sees it; ``events`` is fed from the worker thread."""
+    """A request as the worker sees it; ``events`` is fed (through the outbox) from the worker thread."""
 
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Any]
+    outbox: _Outbox
     cancelled: threading.Event = field(default_factory=threading.Event)
     open_choices: int = 0
 
     def emit(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled.set()
+        self.outbox.put(self, item)
 
 
 @dataclass
@@ -70,6 +99,7 @@ class TransformersEngine(Engine):
         self._running_requests = 0
         self._reserved = 0  # sequences running or being admitted
         self._decode_steps = 0
+        self._outbox = _Outbox()
         self._decoded_tokens = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -158,7 +188,9 @@ class TransformersEngine(Engine):
         n = request.sampling.n
         if n > self._config.max_concurrency:
             raise EngineError(f"n={n} exceeds the batch capacity {self._config.max_concurrency}")
-        pending = _Pending(request=request, loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        pending = _Pending(
+            request=request, loop=asyncio.get_running_loop(), events=asyncio.Queue(), outbox=self._outbox
+        )
         with self._lock:
             demand = self._reserved + sum(p.request.sampling.n for p in self._waiting) + n
             if len(self._waiting) >= self._config.max_queue and demand > self._config.max_concurrency:
@@ -195,6 +227,7 @@ class TransformersEngine(Engine):
                 self._admit()
                 self._drop_cancelled()
                 if not self._running:
+                    self._outbox.flush()  # before sleeping: a request may have finished at its first token
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
@@ -202,7 +235,10 @@ class TransformersEngine(Engine):
             except Exception as exc:  # a failure must fail the requests, never the worker
                 log.exception("decode step failed")
                 self._fail_running(EngineError(f"generation failed: {exc}"))
+            finally:
+                self._outbox.flush()
         self._fail_all(EngineUnavailable("the engine is shutting down"))
+        self._outbox.flush()
 
     def _next_admissible(self) -> _Pending | None:
         with self._lock:
@@ -238,14 +274,14 @@ class TransformersEngine(Engine):
             _Sequence(
                 owner=pending,
                 index=i,
-                sampler=SamplerState.create(req.sampling, i),
+                sampler=SamplerState.create(req.sampling, i, self._eos_for(req)),
                 detok=IncrementalDetokenizer(self._tokenizer, req.sampling.stop),
             )
             for i in range(req.sampling.n)
         ]
         pending.open_choices = len(seqs)
         logits = pre.logits.unsqueeze(0).expand(len(seqs), -1)
-        sampled = sample_rows(logits, [s.sampler for s in seqs], self._eos_for(req))
+        sampled = sample_rows(logits, [s.sampler for s in seqs])
         self._batch.add(pre, len(seqs))
         self._running.extend(seqs)
         self._advance(seqs, sampled)
@@ -257,13 +293,7 @@ class TransformersEngine(Engine):
         logits = self._batch.step([s.next_token for s in self._running])
         self._decode_steps += 1
         self._decoded_tokens += len(self._running)
-        eos_by_req: dict[int, tuple[int, ...]] = {}
-        sampled = []
-        for seq, row in zip(self._running, range(logits.shape[0]), strict=True):
-            key = id(seq.owner)
-            if key not in eos_by_req:
-                eos_by_req[key] = self._eos_for(seq.owner.request)
-            sampled.append(sample_rows(logits[row : row + 1], [seq.sampler], eos_by_req[key])[0])
+        sampled = sample_rows(logits, [s.sampler for s in self._running])
         self._advance(self._running, sampled)
 
     def _advance(self, seqs: list[_Sequence], sampled: list[Sampled]) -> None:
@@ -278,7 +308,7 @@ class TransformersEngine(Engine):
         seq.generated += 1
         seq.next_token = pick.token_id
         logprobs = self._logprobs(pick) if params.logprobs else None
-        is_eos = not params.ignore_eos and pick.token_id in self._eos_for(seq.owner.request)
+        is_eos = not params.ignore_eos and pick.token_id in seq.sampler.eos_ids
         if is_eos:
             self._finish(seq, seq.detok.flush(), "stop", [pick.token_id], logprobs)
             return

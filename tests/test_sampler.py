@@ -1,0 +1,51 @@
+"""Sampling semantics of the transformers engine, on fixed logits."""
+
+from __future__ import annotations
+
+import torch
+
+from omniserve.engines.sampler import SamplerState, sample_rows
+from omniserve.sampling import SamplingParams
+
+
+def state(**kw: object) -> SamplerState:
+    params = SamplingParams(max_tokens=10, **kw)  # type: ignore[arg-type]
+    return SamplerState.create(params, 0, eos_ids=(0,))
+
+
+LOGITS = torch.log_softmax(torch.tensor([[0.1, 2.0, 1.5, 0.3, -1.0]] * 3), dim=-1)
+
+
+def test_greedy_top_k_1_and_tiny_top_p_pick_the_argmax() -> None:
+    picks = sample_rows(LOGITS, [state(temperature=0.0), state(top_k=1, seed=3), state(top_p=0.01, seed=4)])
+    assert [p.token_id for p in picks] == [1, 1, 1]
+
+
+def test_seeded_draw_does_not_depend_on_batch_neighbours() -> None:
+    alone = sample_rows(LOGITS[:1], [state(temperature=1.5, seed=11)])[0].token_id
+    crowd = sample_rows(LOGITS, [state(temperature=0.0), state(temperature=1.5, seed=11), state(seed=5)])
+    assert crowd[1].token_id == alone
+
+
+def test_sampling_follows_the_distribution() -> None:
+    s = state(temperature=1.0, seed=0)
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        counts[sample_rows(LOGITS[:1], [s])[0].token_id] += 1
+    expected = LOGITS[0].exp()
+    assert torch.allclose(counts / counts.sum(), expected, atol=0.03)
+
+
+def test_min_tokens_blocks_eos_and_penalties_lower_repeats() -> None:
+    eos_favoured = torch.tensor([[5.0, 1.0, 0.0, 0.0, 0.0]])
+    assert sample_rows(eos_favoured, [state(temperature=0.0, min_tokens=2)])[0].token_id == 1
+    repeated = state(temperature=0.0, frequency_penalty=2.0)
+    first = sample_rows(LOGITS[:1], [repeated])[0].token_id
+    second = sample_rows(LOGITS[:1], [repeated])[0].token_id
+    assert (first, second) == (1, 2)
+
+
+def test_logprobs_are_the_model_distribution() -> None:
+    pick = sample_rows(LOGITS[:1], [state(temperature=0.0, logprobs=True, top_logprobs=2)])[0]
+    assert abs(pick.logprob - float(LOGITS[0, 1])) < 1e-6
+    assert [t for t, _ in pick.top] == [1, 2]
