@@ -44,7 +44,12 @@ class RunningServer:
 
 
 def start_server(
-    model: Path, *, name: str = "tiny", engine: dict[str, Any] | None = None, server: dict[str, Any] | None = None
+    model: Path,
+    *,
+    name: str = "tiny",
+    engine: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    engine_name: str = "transformers",
 ) -> RunningServer:
     import uvicorn
 
@@ -55,7 +60,7 @@ def start_server(
     engine_config = EngineConfig(model=model, served_model_name=name, **(engine or {}))
     port = free_port()
     server_config = ServerConfig(host="127.0.0.1", port=port, **(server or {}))
-    eng = create_engine("transformers", engine_config)
+    eng = create_engine(engine_name, engine_config)
     app = build_app(eng, engine_config, server_config)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=uv.run, daemon=True)

@@ -20,6 +20,9 @@ from omniserve.errors import ModelLoadError
 ENTRY_POINT_GROUP = "omniserve.engines"
 _BUILTIN = {
     "transformers": "omniserve.engines.transformers_engine:TransformersEngine",
+    "vllm": "omniserve.engines.vllm_engine:VllmEngine",
+    "sglang": "omniserve.engines.sglang_engine:SGLangEngine",
+    "lmdeploy": "omniserve.engines.lmdeploy_engine:LMDeployEngine",
 }
 
 

@@ -35,14 +35,16 @@ class RenderedPrompt:
     """What an engine needs to run one prompt, identical for every engine.
 
     ``mm_inputs`` holds the processor's tensors (pixel values, grids, audio features) for engines
-    that take processed media (transformers); ``media`` keeps the decoded items in prompt order for
-    engines whose own loaders want them.
+    that take processed media (transformers); ``media`` keeps the decoded items in prompt order and
+    ``processor_kwargs`` the per-modality options they were processed with, for engines that re-run
+    the processor themselves (vLLM) and must reproduce ``token_ids`` exactly.
     """
 
     token_ids: list[int]
     mm_inputs: dict[str, Any] = field(default_factory=dict)
     media: list[MediaItem] = field(default_factory=list)
     text: str | None = None
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +110,11 @@ class PromptRenderer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._template_owner, "chat_template", None))
 
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template prompts are rendered with (the processor's, else the tokenizer's)."""
+        return getattr(self._template_owner, "chat_template", None)
+
     # ------------------------------------------------------------------ chat
 
     def render_chat(
@@ -123,7 +130,7 @@ class PromptRenderer:
             raise InvalidRequest(
                 "this model has no chat template; use /v1/completions with a raw prompt", param="messages"
             )
-        conversation = messages if self.modalities != {"text"} else _flatten_text(messages)
+        conversation = self.template_conversation(messages)
         with self._lock:
             text = self._apply_template(conversation, add_generation_prompt)
             if not media:
@@ -138,7 +145,34 @@ class PromptRenderer:
         token_ids = inputs["input_ids"][0].tolist()
         mm_inputs = {k: v for k, v in inputs.items() if k not in _TOKEN_KEYS}
         self._fix_video_timing(mm_inputs, media)
-        return RenderedPrompt(token_ids=token_ids, mm_inputs=mm_inputs, media=list(media), text=text)
+        processor_kwargs = {k: v for k, v in kwargs.items() if k.endswith("_kwargs")}
+        return RenderedPrompt(
+            token_ids=token_ids, mm_inputs=mm_inputs, media=list(media), text=text, processor_kwargs=processor_kwargs
+        )
+
+    def template_conversation(self, messages: list[HFMessage]) -> list[HFMessage]:
+        """The conversation exactly as the chat template receives it (string content for text-only models)."""
+        return messages if self.modalities != {"text"} else _flatten_text(messages)
+
+    def assistant_text_mask(self, messages: list[HFMessage]) -> tuple[list[int], list[int]]:
+        """Token ids of the whole conversation *before* media expansion, and a mask of the assistant tokens.
+
+        For training labels (``templates/training.py``): the mask marks what the template wraps in
+        ``{% generation %}``, i.e. what the model must learn to produce. The ids are the tokenizer's
+        reading of the same text ``render_chat(add_generation_prompt=False)`` makes; the caller checks
+        that and maps the mask onto the processor's media-expanded ids.
+        """
+        conversation = self.template_conversation(messages)
+        with self._lock:
+            out = self.tokenizer.apply_chat_template(
+                conversation,
+                chat_template=self.chat_template,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+                add_generation_prompt=False,
+            )
+        return list(out["input_ids"]), list(out["assistant_masks"])
 
     def _apply_template(self, conversation: list[HFMessage], add_generation_prompt: bool) -> str:
         from jinja2 import TemplateError
