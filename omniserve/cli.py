@@ -89,6 +89,19 @@ def deploy(
     ),  # type: ignore[assignment]
     cors_origin: Annotated[list[str] | None, typer.Option(help="Allowed CORS origin (repeatable).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            help="Quantize first (gptq | awq | fp8 | fp8-static) into --quant-cache-dir and serve the "
+            "cached result; a checkpoint that is already quantized is served as is."
+        ),
+    ] = None,
+    quant_cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache for --quant. Default: ~/.cache/omniserve/quantized.")
+    ] = None,
+    quantize_only: Annotated[
+        bool, typer.Option(help="With --quant: fill the cache, print the quantized folder and exit (an init step).")
+    ] = False,
     print_k8s: Annotated[
         bool, typer.Option(help="Print Helm values for helm/omniserve equivalent to this command, then exit.")
     ] = False,
@@ -106,6 +119,15 @@ def deploy(
     try:
         # --print-k8s only describes the command: the built-in model is built by the pod, not here
         model_path = model if model is not None else (Path("builtin") if print_k8s else _builtin_model())
+        source_name = model_path.resolve().name
+        if quant is not None and not print_k8s:
+            model_path = _quantized(model_path, quant, quant_cache_dir)
+            if quantize_only:
+                typer.echo(str(model_path))
+                raise typer.Exit(0)
+        elif quantize_only:
+            typer.echo("error: --quantize-only needs --quant", err=True)
+            raise typer.Exit(2)
         media = MediaLimits(
             max_media_bytes=max_media_bytes,
             max_image_pixels=max_image_pixels,
@@ -128,7 +150,8 @@ def deploy(
         )
         engine_config = EngineConfig(
             model=model_path.resolve(),
-            served_model_name=served_model_name or model_path.resolve().name,
+            # clients see the model's own name, not the quantization cache entry's
+            served_model_name=served_model_name or source_name,
             max_concurrency=max_concurrency,
             max_queue=max_queue,
             max_model_len=max_model_len,
@@ -148,7 +171,12 @@ def deploy(
 
         try:
             values = values_from_deploy(
-                engine_config, server_config, engine=engine, log_level=log_level, builtin_model=model is None
+                engine_config,
+                server_config,
+                engine=engine,
+                quant=quant,
+                log_level=log_level,
+                builtin_model=model is None,
             )
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
@@ -157,6 +185,17 @@ def deploy(
         raise typer.Exit(0)
     code = serve(engine, engine_config, server_config, log_level)
     raise typer.Exit(code)
+
+
+def _quantized(model: Path, quant: str, cache_dir: Path | None) -> Path:
+    from omniserve.quantize.cli import model_for_deploy
+    from omniserve.quantize.errors import QuantizeError
+
+    try:
+        return model_for_deploy(model, quant, cache_dir)
+    except QuantizeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
 
 
 def _builtin_model() -> Path:
@@ -227,6 +266,16 @@ def build_tiny(
         raise typer.BadParameter(f"choose one of {', '.join(builders)}", param_hint="--kind")
     path = builders[kind](output, seed=seed)
     typer.echo(str(path))
+
+
+def _register_siblings() -> None:
+    """Commands of the sibling packages; their modules import nothing heavy at module level."""
+    from omniserve.quantize.cli import quantize
+
+    app.command("quantize")(quantize)
+
+
+_register_siblings()
 
 
 def main() -> None:

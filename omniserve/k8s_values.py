@@ -37,7 +37,7 @@ DEFAULT_MODELS_CLAIM = "omniserve-models"
 GPU_ENGINES = frozenset({"vllm", "sglang", "lmdeploy"})
 """Engines that only run on a GPU, so a pod for them needs at least one."""
 
-QUANT_METHODS = frozenset({"awq", "gptq", "fp8"})
+QUANT_METHODS = frozenset({"awq", "gptq", "fp8", "fp8-static"})
 
 
 def values_from_deploy(

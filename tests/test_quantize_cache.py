@@ -1,0 +1,78 @@
+"""``ensure_quantized`` (behind ``deploy --quant``): quantize on a miss, reuse on a hit, never twice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from omniserve.quantize.cache import ensure_quantized, entry_name, is_complete
+from omniserve.quantize.cli import model_for_deploy
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quant-cache")
+
+
+@pytest.fixture(scope="module")
+def first(tiny_qwen2: Path, cache_dir: Path) -> Path:
+    return ensure_quantized(tiny_qwen2, "fp8", cache_dir=cache_dir, progress=False)
+
+
+def test_miss_quantizes_into_the_cache(first: Path, cache_dir: Path, tiny_qwen2: Path) -> None:
+    assert first.parent == cache_dir
+    assert first.name.startswith("tiny-qwen2-fp8-")
+    assert is_complete(first)
+    assert (
+        json.loads((first / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    )
+
+
+def test_second_call_is_a_hit_and_quantizes_nothing(first: Path, cache_dir: Path, tiny_qwen2: Path) -> None:
+    report = first / "quantization_report.json"
+    before = (first.stat().st_ino, report.stat().st_ino, report.stat().st_mtime_ns, report.read_bytes())
+    entries = sorted(p.name for p in cache_dir.iterdir())
+    again = ensure_quantized(tiny_qwen2, "fp8", cache_dir=cache_dir, progress=False)
+    assert again == first
+    assert (first.stat().st_ino, report.stat().st_ino, report.stat().st_mtime_ns, report.read_bytes()) == before
+    assert sorted(p.name for p in cache_dir.iterdir()) == entries  # no new entry, no staging folder
+
+
+def test_key_follows_content_not_path(first: Path, cache_dir: Path, tiny_qwen2: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_qwen2, tmp_path / "tiny-qwen2")  # same folder name, other place, same bytes
+    assert entry_name(copy, "fp8", cache_dir=cache_dir) == first.name
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert entry_name(copy, "fp8", cache_dir=cache_dir) != first.name
+
+
+def test_key_follows_method_scheme_recipe_and_calibration(tiny_qwen2: Path, cache_dir: Path, tmp_path: Path) -> None:
+    from omniserve.quantize.recipes import recipes_dir
+
+    base = entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir)
+    assert entry_name(tiny_qwen2, "awq", cache_dir=cache_dir) != base
+    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, scheme="W8A16") != base
+    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, num_samples=7) != base
+    tweaked = tmp_path / "gptq.yaml"
+    tweaked.write_text(
+        (recipes_dir() / "gptq.yaml").read_text().replace("dampening_frac: 0.01", "dampening_frac: 0.02")
+    )
+    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, recipe=tweaked) != base
+    calibration = tmp_path / "calib.jsonl"
+    calibration.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
+    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, calibration=calibration) != base
+
+
+def test_already_quantized_folder_is_served_as_is(first: Path, cache_dir: Path) -> None:
+    assert ensure_quantized(first, "awq", cache_dir=cache_dir / "elsewhere") == first
+    assert not (cache_dir / "elsewhere").exists()
+
+
+def test_deploy_hook(first: Path, tiny_qwen2: Path, cache_dir: Path) -> None:
+    assert model_for_deploy(tiny_qwen2, None, cache_dir) == tiny_qwen2
+    assert model_for_deploy(tiny_qwen2, "fp8", cache_dir) == first
