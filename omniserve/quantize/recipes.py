@@ -13,6 +13,7 @@ not a calibration run), by building the real modifier objects once.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,15 @@ _MANAGED_ARGS = {"scheme", "ignore", "config_groups"}
 
 
 def recipes_dir() -> Path:
-    """The repository's top-level ``quantize/`` folder (recipes and the default calibration set)."""
-    return Path(__file__).resolve().parents[2] / "quantize"
+    """The top-level ``quantize/`` folder (recipes and the default calibration set).
+
+    From a source checkout (editable install) it is the repository's folder; a wheel installs the
+    same files as ``<prefix>/share/omniserve/quantize`` (pyproject's data-files).
+    """
+    checkout = Path(__file__).resolve().parents[2] / "quantize"
+    if (checkout / "gptq.yaml").is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "omniserve" / "quantize"
 
 
 class CalibrationDefaults(BaseModel):
