@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from omniserve.config import EngineConfig, ServerConfig
 from omniserve.engines.base import ChoiceDelta, Engine, GenerationRequest
 from omniserve.errors import InvalidRequest, ModelNotFound, OmniServeError
+from omniserve.protocol import Usage
 from omniserve.server.errors import parse_body
 from omniserve.server.metrics import Metrics
 from omniserve.server.sse import DONE, sse_error, sse_event
@@ -86,6 +87,12 @@ class Submitted:
     @property
     def prompt_tokens(self) -> int:
         return sum(job.prompt.num_tokens for job in self.jobs)
+
+    def usage(self) -> Usage:
+        prompt = self.prompt_tokens
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=self.completion_tokens, total_tokens=prompt + self.completion_tokens
+        )
 
 
 class OpenAIServing(abc.ABC, Generic[RequestT]):

@@ -67,14 +67,6 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         sampling = request.to_sampling_params(max_tokens=max_tokens)
         return [GenerationRequest(request_id=new_id("chatcmpl"), prompt=prompt, sampling=sampling)]
 
-    def _usage(self, submitted: Submitted) -> Usage:
-        prompt = submitted.prompt_tokens
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=submitted.completion_tokens,
-            total_tokens=prompt + submitted.completion_tokens,
-        )
-
     async def chunks(self, request: ChatCompletionRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
         request_id, created, model = submitted.jobs[0].request_id, now(), self.ctx.model_name
 
@@ -97,7 +89,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
                 ]
             )
         if request.stream_options is not None and request.stream_options.include_usage:
-            yield chunk([], usage=self._usage(submitted))
+            yield chunk([], usage=submitted.usage())
 
     async def collect(self, request: ChatCompletionRequest, submitted: Submitted) -> dict[str, Any]:
         texts = [""] * request.n
@@ -123,6 +115,6 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
                 id=submitted.jobs[0].request_id,
                 model=self.ctx.model_name,
                 choices=choices,
-                usage=self._usage(submitted),
+                usage=submitted.usage(),
             )
         )

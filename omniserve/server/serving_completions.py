@@ -12,7 +12,6 @@ from omniserve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
-    Usage,
     dump,
     new_id,
     now,
@@ -50,14 +49,6 @@ class CompletionServing(OpenAIServing[CompletionRequest]):
             jobs.append(GenerationRequest(request_id=f"{request_id}-{i}", prompt=prompt, sampling=sampling))
         return jobs
 
-    def _usage(self, submitted: Submitted) -> Usage:
-        prompt = submitted.prompt_tokens
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=submitted.completion_tokens,
-            total_tokens=prompt + submitted.completion_tokens,
-        )
-
     async def chunks(self, request: CompletionRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
         request_id, created, model = submitted.jobs[0].request_id.rsplit("-", 1)[0], now(), self.ctx.model_name
         offsets: dict[int, int] = {}
@@ -72,9 +63,7 @@ class CompletionServing(OpenAIServing[CompletionRequest]):
             )
             yield dump(Completion(id=request_id, created=created, model=model, choices=[choice]))
         if request.stream_options is not None and request.stream_options.include_usage:
-            yield dump(
-                Completion(id=request_id, created=created, model=model, choices=[], usage=self._usage(submitted))
-            )
+            yield dump(Completion(id=request_id, created=created, model=model, choices=[], usage=submitted.usage()))
 
     async def collect(self, request: CompletionRequest, submitted: Submitted) -> dict[str, Any]:
         total = len(submitted.jobs) * request.n
@@ -96,4 +85,4 @@ class CompletionServing(OpenAIServing[CompletionRequest]):
             for i in range(total)
         ]
         request_id = submitted.jobs[0].request_id.rsplit("-", 1)[0]
-        return dump(Completion(id=request_id, model=self.ctx.model_name, choices=choices, usage=self._usage(submitted)))
+        return dump(Completion(id=request_id, model=self.ctx.model_name, choices=choices, usage=submitted.usage()))
