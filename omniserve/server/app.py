@@ -58,9 +58,10 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        renderer_task = asyncio.create_task(asyncio.to_thread(PromptRenderer.from_pretrained, engine_config.model))
+        # One after the other: transformers' lazy imports are not safe from two threads at once
+        # (a concurrent first import fails with "cannot import name 'AutoProcessor'").
         await engine.start()
-        renderer = await renderer_task
+        renderer = await asyncio.to_thread(PromptRenderer.from_pretrained, engine_config.model)
         renderer.max_model_len = engine.model_info.max_model_len
         app.state.ctx = ServingContext(
             engine=engine, renderer=renderer, server=server_config, engine_config=engine_config, metrics=metrics
