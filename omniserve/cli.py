@@ -39,7 +39,7 @@ def _parse_engine_args(items: list[str]) -> dict[str, str]:
 @app.command()
 def deploy(
     model: Annotated[
-        Path | None, typer.Option(help="Checkpoint folder. Default: the built-in tiny omni model.")
+        Path | None, typer.Option(help="Checkpoint folder. Default: the built-in demo omni model.")
     ] = None,
     engine: Annotated[str, typer.Option(help="Inference engine.")] = "transformers",
     host: Annotated[str, typer.Option(help=_help(ServerConfig, "host"))] = "127.0.0.1",
@@ -199,10 +199,12 @@ def _quantized(model: Path, quant: str, cache_dir: Path | None) -> Path:
 
 
 def _builtin_model() -> Path:
-    from omniserve.models import ensure_tiny_omni
+    from omniserve.models.demo import demo_model_path
 
-    typer.echo("no --model given: serving the built-in tiny omni model", err=True)
-    return ensure_tiny_omni()
+    typer.echo(
+        "no --model given: serving the built-in demo model (tiny Qwen2.5-Omni trained on omniserve synth)", err=True
+    )
+    return demo_model_path()
 
 
 def serve(engine_name: str, engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
@@ -271,8 +273,13 @@ def build_tiny(
 def _register_siblings() -> None:
     """Commands of the sibling packages; their modules import nothing heavy at module level."""
     from omniserve.quantize.cli import quantize
+    from omniserve.train.cli import check_parity, synth, synth_eval, train
 
     app.command("quantize")(quantize)
+    app.command("train")(train)
+    app.command("check-parity")(check_parity)
+    app.command("synth")(synth)
+    app.command("synth-eval")(synth_eval)
 
 
 _register_siblings()

@@ -1,0 +1,145 @@
+"""Small tasks with known answers, one per modality plus a mixed one, generated from a seed.
+
+Each task draws one example from a random generator: media (encoded files), a question and the
+exact answer. They are what a tiny model can learn on a laptop CPU in minutes and what proves a
+served model really reads its image, clip or sound: the answer cannot be guessed from the text.
+
+- ``colour``: an image -> its dominant colour name (8 colours).
+- ``motion``: a clip of a bar -> the direction it moves (left/right/up/down).
+- ``pitch``: a tone -> ``high`` or ``low``.
+- ``larger``: two digits in the text -> the larger one. The pairs are split between train and test
+  by a fixed rule, so no test pair was seen in training: the model must have learned to compare.
+- ``mixed``: an image and a tone -> ``"<colour> <pitch>"`` (needs both modalities).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from omniserve.synth.media import (
+    COLOURS,
+    DIRECTIONS,
+    PITCHES,
+    VIDEO_FPS,
+    colour_image,
+    image_bytes,
+    moving_bar,
+    mp4_bytes,
+    tone,
+    wav_bytes,
+)
+
+Split = Literal["train", "test"]
+MediaKind = Literal["image", "video", "audio"]
+_EXTENSIONS: dict[str, str] = {"PNG": "png", "JPEG": "jpg"}
+
+
+@dataclass(frozen=True)
+class MediaFile:
+    kind: MediaKind
+    data: bytes
+    extension: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question: media first (in order), then the question text; ``answer`` is the exact reply."""
+
+    task: str
+    question: str
+    answer: str
+    media: tuple[MediaFile, ...] = field(default_factory=tuple)
+
+
+def _image(rng: np.random.Generator, colour: str) -> MediaFile:
+    """PNG or JPEG, half and half: users send both, and JPEG shifts colours slightly."""
+    fmt = _pick(rng, ("PNG", "JPEG"))
+    return MediaFile("image", image_bytes(colour_image(rng, colour), fmt), _EXTENSIONS[fmt])
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+_COLOUR_QUESTIONS = (
+    "What is the dominant colour of this image? Answer with one word.",
+    "Which colour covers most of the picture?",
+    "Name the main colour of the image.",
+)
+_MOTION_QUESTIONS = (
+    "Which way does the bar move: left, right, up or down?",
+    "In which direction is the bar moving?",
+    "Does the bar move left, right, up or down?",
+)
+_PITCH_QUESTIONS = (
+    "Is this tone high or low?",
+    "Is the pitch of the sound high or low?",
+    "Listen: high or low tone?",
+)
+_LARGER_QUESTIONS = (
+    "Which number is larger: {a} or {b}?",
+    "Which is bigger, {a} or {b}? Reply with the number.",
+    "Give the larger of {a} and {b}.",
+)
+_MIXED_QUESTIONS = (
+    "What colour is the picture, and is the tone high or low? Answer as: colour pitch.",
+    "Name the image's main colour and whether the sound is high or low (colour pitch).",
+)
+
+
+def colour_task(rng: np.random.Generator, split: Split) -> Example:
+    colour = _pick(rng, list(COLOURS))
+    image = _image(rng, colour)
+    return Example("colour", _pick(rng, _COLOUR_QUESTIONS), colour, (image,))
+
+
+def motion_task(rng: np.random.Generator, split: Split) -> Example:
+    direction = _pick(rng, DIRECTIONS)
+    video = MediaFile("video", mp4_bytes(moving_bar(rng, direction), VIDEO_FPS), "mp4")
+    return Example("motion", _pick(rng, _MOTION_QUESTIONS), direction, (video,))
+
+
+def pitch_task(rng: np.random.Generator, split: Split) -> Example:
+    pitch = _pick(rng, PITCHES)
+    audio = MediaFile("audio", wav_bytes(tone(rng, pitch)), "wav")
+    return Example("pitch", _pick(rng, _PITCH_QUESTIONS), pitch, (audio,))
+
+
+#: Digit pairs (smaller first) asked only in the test split. None is adjacent: the order of a held-out
+#: pair must follow from training pairs (4 < 5 < 6 answers 4 vs 6), while nothing in the training data
+#: says whether 3 < 4 if that pair is never shown.
+TEST_PAIRS: frozenset[tuple[int, int]] = frozenset({(1, 3), (4, 6), (7, 9), (0, 5), (2, 7), (3, 8), (0, 6), (1, 9)})
+
+
+def in_test_split(a: int, b: int) -> bool:
+    """Whether the pair (in either order) is reserved for testing."""
+    return (min(a, b), max(a, b)) in TEST_PAIRS
+
+
+def larger_task(rng: np.random.Generator, split: Split) -> Example:
+    while True:
+        a, b = (int(v) for v in rng.choice(10, size=2, replace=False))
+        if in_test_split(a, b) == (split == "test"):
+            break
+    question = _pick(rng, _LARGER_QUESTIONS).format(a=a, b=b)
+    return Example("larger", question, str(max(a, b)))
+
+
+def mixed_task(rng: np.random.Generator, split: Split) -> Example:
+    colour, pitch = _pick(rng, list(COLOURS)), _pick(rng, PITCHES)
+    image = _image(rng, colour)
+    audio = MediaFile("audio", wav_bytes(tone(rng, pitch)), "wav")
+    return Example("mixed", _pick(rng, _MIXED_QUESTIONS), f"{colour} {pitch}", (image, audio))
+
+
+TASKS: dict[str, Callable[[np.random.Generator, Split], Example]] = {
+    "colour": colour_task,
+    "motion": motion_task,
+    "pitch": pitch_task,
+    "larger": larger_task,
+    "mixed": mixed_task,
+}

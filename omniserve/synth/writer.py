@@ -1,0 +1,93 @@
+"""Write synthetic tasks as training data: ``train.jsonl``, ``test.jsonl`` and the media files.
+
+Each line is an OpenAI-style conversation (the format ``omniserve train`` reads) plus ``id``,
+``task`` and ``answer`` fields for scoring. Media parts name their files relative to the JSONL
+file. Every example draws from its own generator, seeded by (seed, split, task, index): the
+output does not depend on the other sizes asked for, and the two splits never share a stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omniserve.synth.tasks import TASKS, Example, Split, larger_task
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+#: Share of examples that start with a system prompt / (train only) with an earlier question and answer.
+SYSTEM_SHARE = 0.25
+MULTI_TURN_SHARE = 0.15
+_SPLIT_IDS: dict[Split, int] = {"train": 0, "test": 1}
+_PART_TYPES = {"image": "image_url", "video": "video_url", "audio": "audio_url"}
+
+
+@dataclass(frozen=True)
+class SynthSummary:
+    output: Path
+    counts: dict[str, dict[str, int]]  # split -> task -> examples
+
+
+def write_synthetic(
+    output: Path,
+    *,
+    seed: int = 0,
+    train_size: int = 400,
+    test_size: int = 100,
+    tasks: tuple[str, ...] = tuple(TASKS),
+) -> SynthSummary:
+    """Write ``train_size`` and ``test_size`` examples of each task under ``output`` (which must be empty)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty")
+    counts: dict[str, dict[str, int]] = {}
+    for split, size in (("train", train_size), ("test", test_size)):
+        counts[split] = _write_split(output, split, size, seed, tasks)  # type: ignore[arg-type]
+    return SynthSummary(output=output, counts=counts)
+
+
+def _write_split(output: Path, split: Split, size: int, seed: int, tasks: tuple[str, ...]) -> dict[str, int]:
+    media_dir = output / "media" / split
+    media_dir.mkdir(parents=True, exist_ok=True)
+    counts: Counter[str] = Counter()
+    with open(output / f"{split}.jsonl", "w", encoding="utf-8") as file:
+        for index in range(size):
+            for task in tasks:  # interleaved, so a prefix of the file covers every task
+                rng = np.random.default_rng([seed, _SPLIT_IDS[split], list(TASKS).index(task), index])
+                record = _record(rng, task, split, f"{task}-{split}-{index:05d}", media_dir, output)
+                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                counts[task] += 1
+    return dict(counts)
+
+
+def _record(rng: np.random.Generator, task: str, split: Split, ident: str, media_dir: Path, root: Path) -> dict:
+    example = TASKS[task](rng, split)
+    messages: list[dict[str, Any]] = []
+    if rng.random() < SYSTEM_SHARE:
+        messages.append({"role": "system", "content": SYSTEM_PROMPT})
+    if split == "train" and rng.random() < MULTI_TURN_SHARE:
+        earlier = larger_task(rng, split)  # every assistant turn is trained on, not only the last
+        messages += [{"role": "user", "content": earlier.question}, {"role": "assistant", "content": earlier.answer}]
+    messages.append({"role": "user", "content": _user_content(example, ident, media_dir, root)})
+    messages.append({"role": "assistant", "content": example.answer})
+    return {"id": ident, "task": task, "answer": example.answer, "messages": messages}
+
+
+def _user_content(example: Example, ident: str, media_dir: Path, root: Path) -> str | list[dict[str, Any]]:
+    if not example.media:
+        return example.question
+    parts: list[dict[str, Any]] = []
+    for i, media in enumerate(example.media):
+        path = media_dir / f"{ident}-{i}.{media.extension}"
+        path.write_bytes(media.data)
+        part_type = _PART_TYPES[media.kind]
+        parts.append({"type": part_type, part_type: {"url": path.relative_to(root).as_posix()}})
+    parts.append({"type": "text", "text": example.question})
+    return parts

@@ -1,0 +1,189 @@
+"""Batches for the trainer: padded rows of single samples, or packed rows of several samples.
+
+Media tensors from processors are already flat in prompt order (image patches of every image one
+after another, one row per audio clip), and the model scatters them into the placeholder tokens
+in reading order, so a batch simply concatenates them sample after sample.
+
+Packing puts several samples in one row with no attention mask: the model builds a block-diagonal
+causal mask from position ids that restart at 0 for each sample (transformers' packed-sequence
+detection), so a token never attends across samples. Multimodal-rotary models (Qwen2-VL family,
+Qwen2.5-Omni) need their 3-D (time, height, width) positions too: each sample's are computed by
+the model's own ``get_rope_index`` as if it stood alone, and the text positions are prepended as
+a 4th row, the layout these models read for packed input. The first label of every sample is
+ignored so no sample is trained to predict the next one's first token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from omniserve.templates.training import IGNORE_INDEX
+from omniserve.train.features import Sample
+
+#: Media tensors whose last dimension differs per sample (audio frames) and is right-padded with zeros.
+_PADDED_LAST_DIM = ("input_features", "feature_attention_mask")
+
+
+def merge_media(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Concatenate the samples' media tensors along dim 0 (padding audio frames to a common length)."""
+    import torch
+    import torch.nn.functional as F
+
+    keys = list(dict.fromkeys(key for s in samples for key in s.mm_inputs))
+    merged: dict[str, Any] = {}
+    for key in keys:
+        parts = [s.mm_inputs[key] for s in samples if key in s.mm_inputs]
+        if key in _PADDED_LAST_DIM:
+            width = max(p.shape[-1] for p in parts)
+            parts = [F.pad(p, (0, width - p.shape[-1])) for p in parts]
+        merged[key] = torch.cat(parts, dim=0)
+    return merged
+
+
+class PaddingCollator:
+    """One sample per row, right-padded; the model derives positions from the attention mask."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(s) for s in samples)
+        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample)
+            input_ids[row, :n] = torch.tensor(sample.input_ids)
+            labels[row, :n] = torch.tensor(sample.labels)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **merge_media(samples)}
+
+
+class PositionPlanner:
+    """Per-sample position ids, computed by the model's own code, for packed rows.
+
+    ``rope_index`` is the model's ``get_rope_index`` for multimodal-rotary models, else None
+    (plain 1-D positions).
+    """
+
+    def __init__(self, rope_index: Callable[..., Any] | None) -> None:
+        self.rope_index = rope_index
+        self._params = set(inspect.signature(rope_index).parameters) if rope_index is not None else set()
+
+    @classmethod
+    def for_model(cls, model: Any) -> PositionPlanner:
+        base = getattr(model, "get_base_model", lambda: model)()  # see through a peft wrapper
+        for owner in (base, getattr(base, "model", None)):
+            rope_index = getattr(owner, "get_rope_index", None) if owner is not None else None
+            if callable(rope_index):
+                return cls(rope_index)
+        if hasattr(base, "rope_deltas") or hasattr(getattr(base, "model", None), "rope_deltas"):
+            raise ValueError("this model uses multimodal positions but exposes no get_rope_index; cannot pack it")
+        return cls(None)
+
+    @property
+    def multimodal(self) -> bool:
+        return self.rope_index is not None
+
+    def positions(self, sample: Sample) -> Any:
+        """(3, n) multimodal positions of ``sample`` alone, or (n,) text positions."""
+        import torch
+
+        n = len(sample)
+        if self.rope_index is None:
+            return torch.arange(n)
+        mm = sample.mm_inputs
+        ids = torch.tensor([sample.input_ids])
+        candidates: dict[str, Any] = {
+            "input_ids": ids,
+            "image_grid_thw": mm.get("image_grid_thw"),
+            "video_grid_thw": mm.get("video_grid_thw"),
+            "attention_mask": torch.ones_like(ids),
+            "use_audio_in_video": False,
+            "audio_seqlens": _audio_lengths(mm),
+            "second_per_grids": mm.get("video_second_per_grid"),
+            "second_per_grid_ts": mm.get("video_second_per_grid"),
+        }
+        with torch.no_grad():
+            position_ids, _ = self.rope_index(**{k: v for k, v in candidates.items() if k in self._params})
+        return position_ids[:, 0, :]
+
+
+class PackingCollator:
+    """Rows of several samples each (a ``pack``); padding at a row's end is its own ignored sequence."""
+
+    def __init__(self, pad_token_id: int, planner: PositionPlanner) -> None:
+        self.pad_token_id = pad_token_id
+        self.planner = planner
+
+    def __call__(self, packs: list[list[Sample]]) -> dict[str, Any]:
+        import torch
+
+        rows = [self._row(pack) for pack in packs]
+        width = max(r[0].shape[0] for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        depth = 4 if self.planner.multimodal else 1
+        positions = torch.zeros((depth, len(rows), width), dtype=torch.long)
+        for row, (ids, lab, pos) in enumerate(rows):
+            n = ids.shape[0]
+            input_ids[row, :n], labels[row, :n], positions[:, row, :n] = ids, lab, pos
+            positions[:, row, n:] = torch.arange(width - n)  # the padding restarts at 0: a separate sequence
+        position_ids = positions if self.planner.multimodal else positions[0]
+        samples = [s for pack in packs for s in pack]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            # transformers builds the per-sample mask from positions only when no KV cache is being filled
+            "use_cache": False,
+            **merge_media(samples),
+        }
+
+    def _row(self, pack: list[Sample]) -> tuple[Any, Any, Any]:
+        import torch
+
+        ids, labels, positions = [], [], []
+        for sample in pack:
+            sample_labels = torch.tensor(sample.labels)
+            sample_labels[0] = IGNORE_INDEX  # never learn to predict across a sample boundary
+            ids.append(torch.tensor(sample.input_ids))
+            labels.append(sample_labels)
+            text = torch.arange(len(sample))
+            if self.planner.multimodal:
+                positions.append(torch.cat([text[None], self.planner.positions(sample)], dim=0))
+            else:
+                positions.append(text[None])
+        return torch.cat(ids), torch.cat(labels), torch.cat(positions, dim=1)
+
+
+def plan_packs(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Group sample indices into packs of at most ``max_length`` tokens (first-fit decreasing).
+
+    Deterministic: ties keep the input order, and every pack lists its samples in input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        length = lengths[index]
+        if length > max_length:
+            raise ValueError(f"sample {index} has {length} tokens, more than the pack size {max_length}")
+        for p, free in enumerate(room):
+            if length <= free:
+                packs[p].append(index)
+                room[p] -= length
+                break
+        else:
+            packs.append([index])
+            room.append(max_length - length)
+    return [sorted(pack) for pack in packs]
+
+
+def _audio_lengths(mm: dict[str, Any]) -> Any:
+    mask = mm.get("feature_attention_mask")
+    return mask.sum(-1) if mask is not None else None

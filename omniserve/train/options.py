@@ -1,0 +1,54 @@
+"""Training options as data: one pydantic object built by the CLI (or a caller) and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from omniserve.config import MediaLimits
+
+
+class TrainOptions(BaseModel):
+    """Everything ``omniserve train`` can be told; defaults suit a small fine-tune on a CPU."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Path = Field(description="Checkpoint folder to start from (transformers layout).")
+    data: Path = Field(description="JSONL file of OpenAI-style conversations; media paths relative to it.")
+    output: Path = Field(description="Folder for the trained model (and its checkpoints/ while training).")
+    lora: bool = Field(False, description="Train LoRA adapters on the language model instead of all weights.")
+    lora_rank: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha (scaling = alpha / rank).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    merge_lora: bool = Field(True, description="With --lora, also save the merged model (servable as-is).")
+    packing: bool = Field(False, description="Pack several samples per row up to --max-length.")
+    max_length: int = Field(2048, gt=0, description="Longest sample (and packed row) in tokens.")
+    too_long: Literal["skip", "fail"] = Field("skip", description="What to do with samples over --max-length.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when --max-steps is given).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Rows per forward pass (samples, or packs with --packing).")
+    grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    tower_learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate of the vision/audio towers (default: --learning-rate)."
+    )
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (linear, cosine, constant...).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    save_steps: int = Field(100, gt=0, description="Save a checkpoint every this many steps.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")
+    logging_steps: int = Field(1, gt=0, description="Update the loss shown every this many steps.")
+    seed: int = Field(0, description="Seed for initialisation of adapters, shuffling and dropout.")
+    resume: bool = Field(False, description="Continue from the last complete checkpoint in OUTPUT/checkpoints.")
+    save_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Store the final weights in this dtype (default: as trained)."
+    )
+    progress: bool = Field(True, description="Show a progress bar.")
+    media: MediaLimits = Field(default_factory=MediaLimits, description="Media decoding settings, as the server's.")
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.output / "checkpoints"

@@ -1,0 +1,214 @@
+"""Supervised fine-tuning: our features and collators, transformers' ``Trainer`` for the loop.
+
+The trainer brings what a hand-written loop gets wrong: gradient accumulation with the loss
+normalised over every label token of the step, LR schedules, RNG state and data order saved in
+checkpoints and restored on resume. What is ours: samples rendered by the serving template
+(``features``), padding/packing (``collate``), checkpoints that are complete or absent
+(``checkpoints``), the model saved in its source layout (``model_io``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omniserve.train.checkpoints import last_checkpoint, remove_partial
+from omniserve.train.data import read_conversations
+from omniserve.train.features import EncodedData, encode_all, limits_for
+from omniserve.train.model_io import check_model_folder
+from omniserve.train.options import TrainOptions
+
+
+class TrainSetupError(ValueError):
+    """The run cannot start as asked (e.g. an output folder holding another run)."""
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    global_step: int
+    losses: list[float]  # the logged training loss, in order
+    num_samples: int
+    skipped_too_long: list[int]  # line numbers
+    seconds: float
+    tokens_seen: int
+    resumed_from: Path | None = None
+    adapter: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_training(options: TrainOptions) -> TrainResult:
+    """Train as ``options`` say and save the model to ``options.output``; see ``omniserve train --help``."""
+    started = time.monotonic()
+    check_model_folder(options.model)
+    resume_from = _prepare_output(options)
+    conversations = read_conversations(options.data)
+    from omniserve.templates.render import PromptRenderer
+
+    renderer = PromptRenderer.from_pretrained(options.model)
+    encoded = _encode(renderer, conversations, options)
+    trainer, peft_model, model = _build_trainer(options, renderer, encoded)
+    with _sigterm_as_interrupt():
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    adapter = _save(options, model, peft_model)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return TrainResult(
+        output=options.output,
+        global_step=trainer.state.global_step,
+        losses=losses,
+        num_samples=len(encoded.samples),
+        skipped_too_long=encoded.skipped_too_long,
+        seconds=time.monotonic() - started,
+        tokens_seen=int(trainer.state.num_input_tokens_seen),
+        resumed_from=resume_from,
+        adapter=adapter,
+    )
+
+
+def _prepare_output(options: TrainOptions) -> Path | None:
+    checkpoints = options.checkpoints_dir
+    remove_partial(checkpoints)
+    last = last_checkpoint(checkpoints)
+    if options.resume:
+        return last  # None: nothing saved yet, start from the beginning
+    if last is not None:
+        raise TrainSetupError(f"{checkpoints} holds checkpoints of an earlier run; pass --resume or another --output")
+    if (options.output / "config.json").exists():
+        raise TrainSetupError(f"{options.output} already holds a model; choose another --output")
+    return None
+
+
+def _encode(renderer: Any, conversations: list[Any], options: TrainOptions) -> EncodedData:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(conversations), desc="encoding", disable=not options.progress, leave=False) as bar:
+        return encode_all(
+            renderer,
+            conversations,
+            limits_for(options.data, options.media),
+            max_length=options.max_length,
+            too_long=options.too_long,
+            progress=bar.update,
+        )
+
+
+def _build_trainer(options: TrainOptions, renderer: Any, encoded: EncodedData) -> tuple[Any, Any, Any]:
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    from omniserve.train.model_io import add_lora, load_trainable
+    from omniserve.train.optim import grouped_adamw
+    from omniserve.train.progress import progress_callback_class
+    from omniserve.train.trainer import trainer_class
+
+    model = load_trainable(options.model)
+    peft_model = (
+        add_lora(model, rank=options.lora_rank, alpha=options.lora_alpha, dropout=options.lora_dropout)
+        if options.lora
+        else None
+    )
+    trained = peft_model if peft_model is not None else model.module
+    tokenizer = renderer.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    dataset, collator = _dataset_and_collator(options, encoded, trained, pad_id)
+    args = TrainingArguments(
+        output_dir=str(options.checkpoints_dir),
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1,
+        logging_steps=options.logging_steps,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        seed=options.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        include_num_input_tokens_seen="non_padding",  # counted by OmniTrainer
+        disable_tqdm=not options.progress,
+        label_names=["labels"],
+    )
+    # No processing_class: the trainer would "align" the model's eos/pad ids to the tokenizer's and
+    # save a config that differs from the source's.
+    optimizer = None
+    if options.tower_learning_rate is not None:
+        optimizer = grouped_adamw(
+            trained,
+            learning_rate=options.learning_rate,
+            tower_learning_rate=options.tower_learning_rate,
+            weight_decay=options.weight_decay,
+        )
+    trainer = trainer_class()(
+        model=trained,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        optimizers=(optimizer, None),
+        pad_token_id=pad_id,
+    )
+    trainer.remove_callback(ProgressCallback)
+    if options.progress:
+        trainer.add_callback(progress_callback_class())
+    return trainer, peft_model, model
+
+
+def _dataset_and_collator(
+    options: TrainOptions, encoded: EncodedData, trained: Any, pad_id: int
+) -> tuple[list[Any], Any]:
+    """Samples one per row, or packs of samples (planned once, then shuffled by the trainer like samples)."""
+    from omniserve.train.collate import PackingCollator, PaddingCollator, PositionPlanner, plan_packs
+
+    if not options.packing:
+        return list(encoded.samples), PaddingCollator(pad_id)
+    packs = plan_packs([len(s) for s in encoded.samples], options.max_length)
+    dataset = [[encoded.samples[i] for i in pack] for pack in packs]
+    return dataset, PackingCollator(pad_id, PositionPlanner.for_model(trained))
+
+
+def _save(options: TrainOptions, model: Any, peft_model: Any) -> Path | None:
+    from omniserve.train.model_io import merge_lora, save_like_source
+
+    adapter = None
+    if peft_model is not None:
+        adapter = options.output / "adapter"
+        peft_model.save_pretrained(str(adapter))
+        if not options.merge_lora:
+            return adapter
+        merge_lora(peft_model)
+    model.module.eval()
+    save_like_source(model, options.output, dtype=options.save_dtype)
+    return adapter
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what ``kill``, Kubernetes and systemd send) stops training like Ctrl-C does.
+
+    Either way the run stops between two Python bytecodes; a checkpoint being written stays in
+    its staging folder and never becomes visible, so the last complete checkpoint is what remains.
+    """
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signal handling to whoever owns it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
