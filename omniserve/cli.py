@@ -272,9 +272,12 @@ def build_tiny(
 
 def _register_siblings() -> None:
     """Commands of the sibling packages; their modules import nothing heavy at module level."""
+    from omniserve.eval.cli import bench_command, eval_app
     from omniserve.quantize.cli import quantize
     from omniserve.train.cli import check_parity, synth, synth_eval, train
 
+    app.add_typer(eval_app, name="eval")
+    app.command("bench")(bench_command)
     app.command("quantize")(quantize)
     app.command("train")(train)
     app.command("check-parity")(check_parity)

@@ -1,0 +1,254 @@
+"""``omniserve bench``: EvalScope's perf tool at several concurrency levels, summarised and charted.
+
+EvalScope measures (TTFT, TPOT, ITL, latency, throughput and their percentiles, one run per
+level); omniserve picks the server (started for the run or given by ``--url``), supplies local
+request data and a local tokenizer only, and turns EvalScope's per-level JSON files into one
+``bench.json``, a Markdown table and ``bench.png`` (throughput and latency against concurrency).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from omniserve.eval.bench_data import Media, inspect_file, write_synthetic
+from omniserve.eval.errors import BenchError
+from omniserve.eval.report import library_versions
+from omniserve.eval.target import Target, connect_url, start_model
+from omniserve.eval.worker import Worker, default_eval_cache_dir
+
+
+class BenchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    model: Path | None = None
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    requests: int = Field(32, ge=1, description="Requests per concurrency level.")
+    dataset: str = "synthetic"
+    media: Media = "none"
+    stream: bool = True
+    max_tokens: int = Field(64, ge=1)
+    output: Path | None = None
+    api_key: str | None = None
+    served_model_name: str | None = None
+    tokenizer: Path | None = None
+    engine: str = "transformers"
+    deploy_args: list[str] = Field(default_factory=list)
+    cache_dir: Path | None = None
+    startup_timeout: float = Field(600, gt=0)
+    request_timeout: int = Field(300, ge=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> BenchOptions:
+        if (self.model is None) == (self.url is None):
+            raise ValueError("give exactly one of --model (start a server) or --url (a running one)")
+        if any(c < 1 for c in self.concurrency):
+            raise ValueError("concurrency levels must be >= 1")
+        if self.media != "none" and self.dataset != "synthetic":
+            raise ValueError("--media applies to --dataset synthetic; put media in your file's messages instead")
+        return self
+
+
+class Stats(BaseModel):
+    mean: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+
+
+class LevelResult(BaseModel):
+    concurrency: int
+    requests: int
+    succeeded: int
+    failed: int
+    seconds: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    avg_input_tokens: float | None = None
+    avg_output_tokens: float | None = None
+    ttft_ms: Stats
+    tpot_ms: Stats
+    itl_ms: Stats
+    latency_s: Stats
+
+
+class BenchReport(BaseModel):
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    target: dict[str, Any]
+    options: dict[str, Any]
+    versions: dict[str, str | None] = Field(default_factory=library_versions)
+    levels: list[LevelResult]
+    folder: Path = Field(exclude=True)
+
+    def markdown(self) -> str:
+        lines = [
+            f"Benchmark of {self.target.get('model')} ({'stream' if self.options.get('stream') else 'no stream'}, "
+            f"{self.options.get('max_tokens')} tokens out, dataset {self.options.get('dataset')}"
+            f"{', media ' + str(self.options.get('media')) if self.options.get('media') != 'none' else ''})",
+            "",
+            "| concurrency | ok/failed | req/s | out tok/s | TTFT ms mean/p50/p99 | TPOT ms mean/p50/p99 "
+            "| ITL ms mean/p50/p99 | latency s p50/p99 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.levels:
+            lines.append(
+                f"| {r.concurrency} | {r.succeeded}/{r.failed} | {r.requests_per_s:.2f} | {r.output_tokens_per_s:.1f} "
+                f"| {_three(r.ttft_ms)} | {_three(r.tpot_ms)} | {_three(r.itl_ms)} "
+                f"| {_fmt(r.latency_s.p50, 3)}/{_fmt(r.latency_s.p99, 3)} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def run_bench(options: BenchOptions) -> BenchReport:
+    """Run every level, write bench.json / bench.md / bench.png; raise ``BenchError`` if a level has no result."""
+    cache_dir = options.cache_dir or default_eval_cache_dir()
+    folder = options.output or Path("omniserve-bench") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    count = options.requests
+    if options.dataset == "synthetic":
+        data_file = folder / "requests.jsonl"
+        dataset = write_synthetic(data_file, count, options.media)
+    else:
+        data_file = Path(options.dataset).expanduser().resolve()
+        dataset = inspect_file(data_file)
+    target = _connect(options, folder)
+    try:
+        tokenizer = options.tokenizer or (options.model.resolve() if options.model is not None else None)
+        arguments = {
+            "model": target.model,
+            "url": f"{target.base_url}/chat/completions",
+            "api": "openai",
+            "dataset": dataset,
+            "dataset_path": str(data_file),
+            "tokenizer_path": str(tokenizer) if tokenizer is not None else None,
+            "parallel": options.concurrency,
+            "number": [count] * len(options.concurrency),
+            "stream": options.stream,
+            "max_tokens": options.max_tokens,
+            "temperature": 0.0,
+            "seed": 0,
+            "sleep_interval": 0,
+            "read_timeout": options.request_timeout,
+            "outputs_dir": str(folder / "evalscope"),
+            "no_timestamp": True,
+        }
+        job = {"kind": "perf", "arguments": arguments}
+        worker = Worker.start(job, folder=folder / "worker", cache_dir=cache_dir, api_key=target.api_key)
+        code = worker.wait()
+        gone = target.problem()
+    finally:
+        target.close()
+    levels = [_level(folder / "evalscope", c, count, code, worker.log_tail(), gone) for c in options.concurrency]
+    recorded = options.model_dump(mode="json", exclude={"api_key"})
+    report = BenchReport(target=target.identity, options=recorded, levels=levels, folder=folder)
+    (folder / "bench.json").write_text(report.model_dump_json(indent=2) + "\n", "utf-8")
+    (folder / "bench.md").write_text(report.markdown(), "utf-8")
+    _chart(report, folder / "bench.png")
+    return report
+
+
+def _connect(options: BenchOptions, folder: Path) -> Target:
+    if options.url is not None:
+        return connect_url(options.url, api_key=options.api_key, model=options.served_model_name)
+    assert options.model is not None
+    return start_model(
+        options.model,
+        log_file=folder / "server.log",
+        engine=options.engine,
+        deploy_args=options.deploy_args,
+        startup_timeout=options.startup_timeout,
+    )
+
+
+def _level(root: Path, concurrency: int, count: int, code: int, log_tail: str, gone: str | None) -> LevelResult:
+    found = next(root.glob(f"**/parallel_{concurrency}_number_{count}/benchmark_summary.json"), None)
+    if found is None:
+        why = gone or f"EvalScope perf exited with code {code}"
+        raise BenchError(f"no result for concurrency {concurrency}: {why}\n{log_tail}")
+    summary = json.loads(found.read_text("utf-8"))
+    percentiles = json.loads((found.parent / "benchmark_percentile.json").read_text("utf-8"))
+    rows = {row["Percentiles"]: row for row in percentiles}
+
+    def stats(summary_key: str, column: str) -> Stats:
+        return Stats(
+            mean=_finite(summary.get(summary_key)),
+            p50=_finite(rows.get("50%", {}).get(column)),
+            p90=_finite(rows.get("90%", {}).get(column)),
+            p99=_finite(rows.get("99%", {}).get(column)),
+        )
+
+    return LevelResult(
+        concurrency=concurrency,
+        requests=int(summary.get("Total Requests", count)),
+        succeeded=int(summary.get("Success Requests", 0)),
+        failed=int(summary.get("Failed Requests", 0)),
+        seconds=float(summary.get("Test Duration (s)", 0.0)),
+        requests_per_s=float(summary.get("Req Throughput (req/s)", 0.0)),
+        output_tokens_per_s=float(summary.get("Output Throughput (tok/s)", 0.0)),
+        total_tokens_per_s=float(summary.get("Total Throughput (tok/s)", 0.0)),
+        avg_input_tokens=summary.get("Avg Input Tokens"),
+        avg_output_tokens=summary.get("Avg Output Tokens"),
+        ttft_ms=stats("Avg TTFT (ms)", "TTFT (ms)"),
+        tpot_ms=stats("Avg TPOT (ms)", "TPOT (ms)"),
+        itl_ms=stats("Avg ITL (ms)", "ITL (ms)"),
+        latency_s=stats("Avg Latency (s)", "Latency (s)"),
+    )
+
+
+def _chart(report: BenchReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.concurrency for r in report.levels]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(xs, [r.output_tokens_per_s for r in report.levels], "o-", label="output tok/s")
+    left.set_xlabel("concurrency")
+    left.set_ylabel("output tokens/s")
+    twin = left.twinx()
+    twin.plot(xs, [r.requests_per_s for r in report.levels], "s--", color="tab:orange", label="req/s")
+    twin.set_ylabel("requests/s")
+    left.set_title("Throughput")
+    left.legend(loc="upper left", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
+    for name, pick in (
+        ("TTFT p50", lambda r: r.ttft_ms.p50),
+        ("TTFT p99", lambda r: r.ttft_ms.p99),
+        ("TPOT p50", lambda r: r.tpot_ms.p50),
+        ("ITL p50", lambda r: r.itl_ms.p50),
+    ):
+        values = [pick(r) for r in report.levels]
+        if any(v is not None for v in values):
+            right.plot(xs, [float("nan") if v is None else v for v in values], "o-", label=name)
+    right.set_xlabel("concurrency")
+    right.set_ylabel("milliseconds")
+    right.set_title("Latency")
+    right.legend(fontsize=8)
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(xs, [str(x) for x in xs])
+    fig.suptitle(f"omniserve bench: {report.target.get('model')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _finite(value: object) -> float | None:
+    """EvalScope writes NaN where a statistic has no data (e.g. ITL of one-token replies): shown as '-'."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _three(s: Stats) -> str:
+    return f"{_fmt(s.mean)}/{_fmt(s.p50)}/{_fmt(s.p99)}"
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

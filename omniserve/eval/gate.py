@@ -1,0 +1,248 @@
+"""The quantization quality gate behind ``omniserve deploy --quant METHOD --gate SUITE[:max-drop]``.
+
+Before a quantized model is served, both it and its full-precision original are scored on one suite
+(each behind a real ``omniserve deploy``, as users would serve them). If the quantized one scores
+more than ``max-drop`` points lower (percentage points, default 2) the gate refuses with both
+scores, unless forced. A gate that cannot produce both scores (a run failed or was incomplete) is
+an error, never a pass.
+
+The scores are cached in the quantized checkpoint's folder (``omniserve-gate/``), keyed by
+everything that decides them (suite file and data, item limit, engine and deploy flags, both
+models' files, library versions), so the gate runs once per quantized checkpoint; the allowed drop
+is not part of the key, so changing it re-decides without re-evaluating. The original's score is
+also cached in the eval cache, shared by every method quantized from the same original.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omniserve.eval.datasets import generator_fingerprint
+from omniserve.eval.errors import EvalError, GateRefused, GateUnavailable
+from omniserve.eval.report import library_versions
+from omniserve.eval.runner import EvalOptions, run_evaluation
+from omniserve.eval.suites import Suite, load_suite
+from omniserve.eval.worker import default_eval_cache_dir
+
+log = logging.getLogger("omniserve.eval")
+DEFAULT_MAX_DROP = 2.0
+GATE_FOLDER = "omniserve-gate"
+
+
+class InvalidGateSpec(EvalError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    suite: str
+    max_drop: float = DEFAULT_MAX_DROP
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Both scores (fractions in [0, 1]) and the decision; ``record`` is the cached JSON."""
+
+    suite: str
+    original: float
+    quantized: float
+    max_drop: float
+    passed: bool
+    forced: bool
+    cached: bool
+    record: Path
+
+    @property
+    def drop(self) -> float:
+        """Points lost (negative: the quantized model scored higher)."""
+        return (self.original - self.quantized) * 100
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else ("FAILED, served anyway (--force)" if self.forced else "failed")
+        source = " (cached)" if self.cached else ""
+        return (
+            f"quality gate {self.suite!r} {verdict}{source}: quantized {self.quantized * 100:.1f} vs original "
+            f"{self.original * 100:.1f}, drop {self.drop:.1f} points (allowed {self.max_drop:g})"
+        )
+
+
+def parse_gate_spec(spec: str) -> GateSpec:
+    """``SUITE`` or ``SUITE:MAX_DROP`` (points); a suite file path may itself contain ':'."""
+    head, sep, tail = spec.rpartition(":")
+    suite, max_drop = spec, DEFAULT_MAX_DROP
+    if sep:
+        try:
+            max_drop = float(tail)
+            suite = head
+        except ValueError:
+            pass
+    if not suite.strip():
+        raise InvalidGateSpec(f"--gate {spec!r}: expected SUITE or SUITE:MAX_DROP, e.g. omni-synth:2")
+    if not math.isfinite(max_drop) or max_drop < 0:
+        raise InvalidGateSpec(f"--gate {spec!r}: the allowed drop must be a number of points >= 0")
+    return GateSpec(suite=suite.strip(), max_drop=max_drop)
+
+
+def gate_or_refuse(
+    original: Path,
+    quantized: Path,
+    spec: str,
+    force: bool,
+    *,
+    engine: str = "transformers",
+    deploy_args: Sequence[str] = (),
+    limit: int | None = None,
+    cache_dir: Path | None = None,
+) -> GateResult:
+    """Score both models on the gate suite (or reuse cached scores); raise ``GateRefused`` on a too-large drop.
+
+    With ``force`` a failing gate returns ``GateResult(passed=False, forced=True)`` instead of raising.
+    Raises ``GateUnavailable`` when a score cannot be produced, ``UnknownSuite``/``InvalidSuite``/
+    ``DatasetMissing`` for a bad suite (before any model is loaded).
+    """
+    parsed = parse_gate_spec(spec)
+    suite = load_suite(parsed.suite)
+    original, quantized = Path(original).resolve(), Path(quantized).resolve()
+    if original == quantized:
+        raise GateUnavailable(
+            f"--gate compares a quantized model with its original, but {original} was served as it is "
+            "(already quantized?): gate the full-precision checkpoint instead"
+        )
+    cache_dir = cache_dir or default_eval_cache_dir()
+    common = _common_key(suite, limit, engine, deploy_args)
+    key = _digest({**common, "original": _files(original), "quantized": _files(quantized)})
+    record = _record_path(quantized, cache_dir, suite.name, key)
+    cached = record.is_file()
+    if cached:
+        scores = json.loads(record.read_text("utf-8"))
+        original_score, quantized_score = float(scores["original"]), float(scores["quantized"])
+        log.info("quality gate %s: cached scores from %s", suite.name, record)
+    else:
+        runs = record.parent / "runs" / key
+        base_key = _digest({**common, "original": _files(original)})
+        original_score = _baseline(original, suite, base_key, runs / "original", cache_dir, engine, deploy_args, limit)
+        quantized_score = _score(quantized, suite, runs / "quantized", cache_dir, engine, deploy_args, limit)
+        record.write_text(
+            json.dumps(
+                {
+                    "suite": suite.name,
+                    "original": original_score,
+                    "quantized": quantized_score,
+                    "original_model": str(original),
+                    "quantized_model": str(quantized),
+                    "limit": limit,
+                    "engine": engine,
+                    "runs": str(runs),
+                },
+                indent=2,
+            )
+            + "\n",
+            "utf-8",
+        )
+    passed = (original_score - quantized_score) * 100 <= parsed.max_drop + 1e-9
+    result = GateResult(
+        suite.name, original_score, quantized_score, parsed.max_drop, passed, force and not passed, cached, record
+    )
+    if not passed and not force:
+        raise GateRefused(suite.name, original_score, quantized_score, parsed.max_drop)
+    if not passed:
+        log.warning("%s", result.summary())
+    return result
+
+
+def _baseline(
+    model: Path,
+    suite: Suite,
+    key: str,
+    run: Path,
+    cache_dir: Path,
+    engine: str,
+    deploy_args: Sequence[str],
+    limit: int | None,
+) -> float:
+    """The original's score, shared through the eval cache by every quantization of it."""
+    file = cache_dir / "gate-baselines" / f"{suite.name}-{key}.json"
+    if file.is_file():
+        return float(json.loads(file.read_text("utf-8"))["score"])
+    score = _score(model, suite, run, cache_dir, engine, deploy_args, limit)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"model": str(model), "suite": suite.name, "score": score}) + "\n", "utf-8")
+    return score
+
+
+def _score(
+    model: Path, suite: Suite, run: Path, cache_dir: Path, engine: str, deploy_args: Sequence[str], limit: int | None
+) -> float:
+    log.info("quality gate %s: evaluating %s", suite.name, model)
+    options = EvalOptions(
+        suites=[str(suite.path)],
+        model=model,
+        output=run,
+        limit=limit,
+        engine=engine,
+        deploy_args=list(deploy_args),
+        cache_dir=cache_dir,
+    )
+    report = run_evaluation(options)
+    result = report.suites[suite.name]
+    if result.status != "complete" or result.score is None:
+        problems = "; ".join(result.errors) or result.status
+        raise GateUnavailable(f"quality gate {suite.name!r}: no complete score for {model} ({problems}); see {run}")
+    return result.score
+
+
+def _record_path(quantized: Path, cache_dir: Path, suite: str, key: str) -> Path:
+    """Beside the quantized checkpoint when writable, else in the eval cache (a read-only model folder)."""
+    for folder in (quantized / GATE_FOLDER, cache_dir / "gates" / _digest({"path": str(quantized)})):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            return folder / f"{suite}-{key}.json"
+        except OSError:
+            continue
+    raise GateUnavailable(f"cannot write the gate's results next to {quantized} nor into {cache_dir}")
+
+
+def _common_key(suite: Suite, limit: int | None, engine: str, deploy_args: Sequence[str]) -> dict[str, object]:
+    versions = library_versions()
+    return {
+        "format": 1,
+        "suite": suite.model_dump(mode="json"),
+        "data": _data_fingerprint(suite),
+        "limit": limit,
+        "engine": engine,
+        "deploy_args": list(deploy_args),
+        "versions": {k: versions.get(k) for k in ("omniserve", "evalscope", "torch", "transformers", "vllm")},
+    }
+
+
+def _data_fingerprint(suite: Suite) -> str:
+    folder = suite.data_dir()
+    if folder is None:  # generated: what decides the data is the generator's code and parameters
+        return generator_fingerprint(suite)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _files(model: Path) -> list[tuple[str, int, int]]:
+    """Name, size and mtime of the checkpoint's files: a re-quantized or edited model misses the cache."""
+    return sorted(
+        (p.relative_to(model).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in model.rglob("*")
+        if p.is_file() and GATE_FOLDER not in p.relative_to(model).parts
+    )
+
+
+def _digest(data: object) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

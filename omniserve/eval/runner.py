@@ -1,0 +1,206 @@
+"""``omniserve eval``: score a model on suites through EvalScope, one suite per worker process.
+
+Order matters for the user's time: every suite is loaded, validated and staged (data checked)
+before a server is started, so a typo or a missing file fails in a second, not after a model load.
+While a suite runs, the runner watches two things: the items EvalScope has reviewed (for the
+progress display) and the server (a dead server stops the run at once; what was scored is kept
+and the suite is marked incomplete, later suites ``not-run``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from omniserve.eval.datasets import StagedSuite, stage_suite
+from omniserve.eval.progress import SuiteProgress
+from omniserve.eval.report import RunReport, SampleCounts, SuiteResult
+from omniserve.eval.results import SAMPLE_METRIC, answered, collect, review_lines, running_score
+from omniserve.eval.suites import load_suite
+from omniserve.eval.target import Target, connect_url, start_model
+from omniserve.eval.worker import Worker, default_eval_cache_dir
+
+_POLL_SECONDS = 0.5
+_HEALTH_EVERY = 2.0
+#: After the server is gone, EvalScope fails the remaining items at once and writes its report for the
+#: items answered before; this is how long it gets to do so before it is stopped.
+_WRAP_UP_SECONDS = 30.0
+
+
+class EvalOptions(BaseModel):
+    """Everything one ``omniserve eval`` run needs; built from CLI flags (or by the quality gate)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    suites: list[str] = Field(min_length=1, description="Built-in suite names or suite YAML files.")
+    model: Path | None = Field(None, description="Checkpoint to serve on a free loopback port for the run.")
+    url: str | None = Field(None, description="An already running OpenAI-compatible server (its /v1 URL).")
+    output: Path | None = Field(None, description="Run folder (report.json, report.md, EvalScope outputs).")
+    limit: int | None = Field(None, ge=1, description="Items per subset (default: the suite's own, else all).")
+    api_key: str | None = None
+    served_model_name: str | None = None
+    engine: str = "transformers"
+    quant: str | None = None
+    quant_cache_dir: Path | None = None
+    deploy_args: list[str] = Field(default_factory=list, description="Extra `omniserve deploy` flags.")
+    cache_dir: Path | None = Field(None, description="omniserve's eval cache (generated data, hub caches).")
+    concurrency: int = Field(4, ge=1, le=256, description="Requests EvalScope keeps in flight.")
+    request_timeout: float = Field(300, gt=0)
+    startup_timeout: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> EvalOptions:
+        if (self.model is None) == (self.url is None):
+            raise ValueError("give exactly one of --model (start a server) or --url (score a running one)")
+        if self.url is not None and (self.quant or self.deploy_args):
+            raise ValueError("--quant and --deploy-arg apply to --model only")
+        return self
+
+
+def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = None) -> RunReport:
+    """Run every suite and write ``report.json`` / ``report.md`` into the run folder; return the report."""
+    suites = [load_suite(ref) for ref in options.suites]
+    cache_dir = options.cache_dir or default_eval_cache_dir()
+    output = options.output or _default_output(options)
+    output.mkdir(parents=True, exist_ok=True)
+    staged = [
+        stage_suite(suite, output / "data" / suite.name, limit=options.limit, cache_dir=cache_dir) for suite in suites
+    ]
+    target = _connect(options, output)
+    report = RunReport(target=target.identity, options=_recorded_options(options, output))
+    progress = progress or SuiteProgress(enabled=False)
+    try:
+        with progress:
+            for item in staged:
+                gone = target.problem()
+                if gone is not None:
+                    report.suites[item.suite.name] = _not_run(item, gone)
+                    continue
+                report.suites[item.suite.name] = _run_suite(item, target, options, output, cache_dir, progress)
+    finally:
+        target.close()
+    report.complete = all(r.status == "complete" for r in report.suites.values())
+    report.write(output)
+    return report
+
+
+def _connect(options: EvalOptions, output: Path) -> Target:
+    if options.url is not None:
+        return connect_url(options.url, api_key=options.api_key, model=options.served_model_name)
+    assert options.model is not None
+    return start_model(
+        options.model,
+        log_file=output / "server.log",
+        engine=options.engine,
+        served_model_name=options.served_model_name,
+        quant=options.quant,
+        quant_cache_dir=options.quant_cache_dir,
+        deploy_args=options.deploy_args,
+        startup_timeout=options.startup_timeout,
+    )
+
+
+def _run_suite(
+    staged: StagedSuite, target: Target, options: EvalOptions, output: Path, cache_dir: Path, progress: SuiteProgress
+) -> SuiteResult:
+    folder = output / "evalscope" / staged.suite.name
+    if folder.exists():  # reviews of an earlier run in the same folder would mix into the partial score
+        shutil.rmtree(folder)
+    work_dir = folder / "work"
+    job = {
+        "kind": "eval",
+        "model": target.model,
+        "api_url": target.base_url,
+        "benchmark": staged.benchmark,
+        "dataset_args": staged.dataset_args,
+        "local_path": str(staged.local_path),
+        "subsets": list(staged.totals),
+        "max_tokens": staged.suite.generation.max_tokens,
+        "temperature": staged.suite.generation.temperature,
+        "request_timeout": options.request_timeout,
+        "concurrency": options.concurrency,
+        "work_dir": str(work_dir),
+    }
+    task = progress.add(staged.suite.name, staged.total)
+    started = time.monotonic()
+    worker = Worker.start(job, folder=folder, cache_dir=cache_dir, api_key=target.api_key)
+    stopped: str | None = None
+    next_check = started + _HEALTH_EVERY
+    wrap_up_until = float("inf")
+    try:
+        while worker.poll() is None:
+            time.sleep(_POLL_SECONDS)
+            _, score = running_score(review_lines(work_dir, staged), staged.suite.scoring)
+            progress.update(task, answered(work_dir, staged), score)
+            now = time.monotonic()
+            if stopped is None and now >= next_check:
+                next_check = now + _HEALTH_EVERY
+                stopped = target.problem()
+                if stopped is not None:
+                    wrap_up_until = now + _WRAP_UP_SECONDS
+            if now > wrap_up_until:
+                worker.stop()
+                break
+    except BaseException:  # Ctrl-C: do not leave EvalScope running against the server
+        worker.stop()
+        raise
+    exit_code = worker.poll()
+    if stopped is None and _failed_items(work_dir, staged):
+        stopped = _confirm_gone(target)  # items failed because the server went away mid-suite?
+    result = collect(
+        staged,
+        work_dir,
+        exit_code=exit_code,
+        stopped=stopped,
+        seconds=time.monotonic() - started,
+        log_tail=worker.log_tail(),
+    )
+    progress.update(task, result.samples.scored, result.score)
+    progress.finish(task, result.status, result.score)
+    return result
+
+
+def _failed_items(work_dir: Path, staged: StagedSuite) -> bool:
+    done, _ = running_score(review_lines(work_dir, staged), staged.suite.scoring)
+    return done < staged.total
+
+
+def _confirm_gone(target: Target) -> str | None:
+    for _ in range(2):
+        reason = target.problem()
+        if reason is not None:
+            return reason
+        time.sleep(0.5)
+    return None
+
+
+def _not_run(staged: StagedSuite, reason: str) -> SuiteResult:
+    suite = staged.suite
+    return SuiteResult(
+        suite=suite.name,
+        description=suite.description,
+        format=suite.format,
+        scoring=suite.scoring,
+        benchmark=staged.benchmark,
+        metric=SAMPLE_METRIC[suite.scoring],
+        status="not-run",
+        samples=SampleCounts(requested=staged.total),
+        errors=[f"not run: {reason}"],
+    )
+
+
+def _default_output(options: EvalOptions) -> Path:
+    name = options.model.name if options.model is not None else "url"
+    if options.quant:
+        name += f"-{options.quant}"
+    return Path("omniserve-eval") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _recorded_options(options: EvalOptions, output: Path) -> dict[str, object]:
+    data = options.model_dump(mode="json", exclude={"api_key"})
+    data["output"] = str(output)
+    return data

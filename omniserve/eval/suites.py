@@ -1,0 +1,142 @@
+"""Evaluation suites: small YAML files under the top-level ``eval/`` folder, validated before anything runs.
+
+A suite names its data (a folder beside the YAML, or a generator run at evaluation time), the
+EvalScope format the data is in, how answers are scored and how the model is asked. Validation
+happens here, at load time, so a typo costs milliseconds instead of a server start.
+
+Formats map to EvalScope's custom-data benchmarks:
+
+- ``mcq``: text multiple choice (``general_mcq``, ``{subset}_val.jsonl`` with question, A..J, answer)
+- ``vmcq``: vision multiple choice (``general_vmcq``, MMMU-style ``<image 1>`` placeholders, ``image_1``)
+- ``qa``: text question answering (``general_qa``, ``{subset}_test.jsonl`` with question, answer)
+- ``vqa``: OpenAI-style messages with image/video/audio parts (``general_vqa``, ``{subset}_test.jsonl``)
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omniserve.eval.errors import InvalidSuite, UnknownSuite
+
+Format = Literal["mcq", "vmcq", "qa", "vqa"]
+#: ``accuracy``: the chosen letter (multiple choice); ``exact``: the whole reply equals the answer after
+#: EvalScope's normalisation (case, punctuation, articles); ``rouge``: EvalScope's Rouge (primary Rouge-L recall).
+Scoring = Literal["accuracy", "exact", "rouge"]
+#: Split EvalScope reads for each format (the file is ``{subset}_{split}.jsonl``).
+SPLITS: dict[str, str] = {"mcq": "val", "vmcq": "val", "qa": "test", "vqa": "test"}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class Generation(BaseModel):
+    """Sampling for every question: greedy and short by default, so scores are reproducible."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(16, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+
+class Generated(BaseModel):
+    """Data written at evaluation time by a deterministic generator instead of files in the repository."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generator: Literal["omni-synth"]
+    seed: int = 0
+    per_task: int = Field(20, ge=1, le=10000, description="Test examples written per task (subset).")
+
+
+class Suite(BaseModel):
+    """One suite file. ``path`` is where it was read from; relative data folders resolve beside it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+    format: Format
+    scoring: Scoring
+    subsets: list[str] = Field(min_length=1)
+    data: str | None = Field(None, description="Folder with the JSONL files, relative to the suite file.")
+    generate: Generated | None = None
+    metrics: list[Literal["Rouge", "BLEU"]] | None = Field(
+        None, description="Only with scoring: rouge. BLEU needs NLTK data EvalScope downloads; default Rouge only."
+    )
+    limit: int | None = Field(None, ge=1, description="Default items per subset (--limit overrides).")
+    generation: Generation = Generation()
+    path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Suite:
+        if not _NAME.match(self.name):
+            raise ValueError(f"name {self.name!r} must be lower-case letters, digits, '.', '_' or '-'")
+        if (self.data is None) == (self.generate is None):
+            raise ValueError("give exactly one of 'data' (a folder) or 'generate' (a generator)")
+        multiple_choice = self.format in ("mcq", "vmcq")
+        if multiple_choice != (self.scoring == "accuracy"):
+            raise ValueError(f"format {self.format!r} cannot be scored with {self.scoring!r}")
+        if self.metrics is not None and self.scoring != "rouge":
+            raise ValueError("'metrics' only applies to scoring: rouge")
+        if self.metrics is not None and "Rouge" not in self.metrics:
+            raise ValueError("'metrics' must include Rouge: it is the primary metric of scoring: rouge")
+        if self.generate is not None and self.format != "vqa":
+            raise ValueError("generated data is written as OpenAI messages: use format: vqa")
+        for subset in self.subsets:
+            if not _NAME.match(subset):
+                raise ValueError(f"subset {subset!r} must be lower-case letters, digits, '.', '_' or '-'")
+        return self
+
+    @property
+    def split(self) -> str:
+        return SPLITS[self.format]
+
+    def data_dir(self) -> Path | None:
+        """The committed data folder, or None for generated data."""
+        if self.data is None:
+            return None
+        base = self.path.parent if self.path is not None else Path.cwd()
+        return (base / self.data).resolve()
+
+
+def suites_dir() -> Path:
+    """The built-in suites: ``<checkout>/eval`` from a source tree, else ``<prefix>/share/omniserve/eval``."""
+    checkout = Path(__file__).resolve().parents[2] / "eval"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "omniserve" / "eval"
+
+
+def builtin_suites() -> list[str]:
+    """Names of the suites shipped in ``eval/`` (one ``NAME.yaml`` each)."""
+    folder = suites_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def load_suite(ref: str | Path) -> Suite:
+    """A suite from a built-in name or a YAML file path; ``UnknownSuite`` / ``InvalidSuite`` otherwise."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        path = suites_dir() / f"{text}.yaml"
+        if not path.is_file():
+            known = ", ".join(builtin_suites()) or "none found"
+            raise UnknownSuite(f"unknown suite {text!r}: built-in suites are {known}; or pass a suite YAML file")
+    if not path.is_file():
+        raise UnknownSuite(f"suite file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InvalidSuite(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidSuite(f"{path} must hold a mapping (name, description, format, ...), not {type(raw).__name__}")
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'suite'}: {e['msg']}" for e in exc.errors())
+        raise InvalidSuite(f"{path} does not describe a valid suite: {problems}") from None
+    return suite.model_copy(update={"path": path.resolve()})

@@ -1,0 +1,235 @@
+"""The server being scored: one we start (``--model``, like ``swift eval``) or one already running (``--url``).
+
+Either way the rest of the package sees a ``Target``: an OpenAI base URL, the model id to ask
+for, and ``problem()``, which says whether the server is still there. A started server is a real
+``omniserve deploy`` process on a free loopback port, so evaluation exercises exactly what users
+deploy; it is stopped with Ctrl-C's signal when the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from omniserve.eval.errors import EndpointError, ServerStartError
+
+
+@dataclass
+class Target:
+    """An OpenAI-compatible endpoint plus what the report should say about it."""
+
+    base_url: str  # ends with /v1
+    model: str
+    api_key: str
+    identity: dict[str, Any]
+    server: ManagedServer | None = None
+    _failures: int = field(default=0, repr=False)
+
+    def problem(self) -> str | None:
+        """Why the server can no longer answer, or None. Cheap enough to call every second or two."""
+        if self.server is not None:
+            return self.server.problem()
+        try:
+            response = httpx.get(f"{self.base_url}/models", headers=_auth(self.api_key), timeout=5)
+            ok = response.status_code < 500
+        except httpx.HTTPError:
+            ok = False
+        self._failures = 0 if ok else self._failures + 1
+        # two misses in a row: one slow answer under load is not a dead server
+        return f"{self.base_url} stopped answering GET /models" if self._failures >= 2 else None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def connect_url(url: str, *, api_key: str | None = None, model: str | None = None, timeout: float = 10) -> Target:
+    """A running server, checked first: it must answer ``GET .../v1/models`` with an OpenAI model list."""
+    tried: list[str] = []
+    problems: list[str] = []
+    key = api_key or "EMPTY"
+    for base in _candidate_bases(url):
+        tried.append(f"GET {base}/models")
+        try:
+            response = httpx.get(f"{base}/models", headers=_auth(key), timeout=timeout)
+        except httpx.HTTPError as exc:
+            problems.append(f"{base}/models: {type(exc).__name__}: {exc or 'no answer'}")
+            continue
+        if response.status_code in (401, 403):
+            raise EndpointError(
+                f"{base}/models answered {response.status_code} (authentication): pass the server's key with --api-key"
+            )
+        ids = _model_ids(response)
+        if ids is None:
+            problems.append(f"{base}/models answered {response.status_code} without an OpenAI model list")
+            continue
+        if not ids:
+            problems.append(f"{base}/models lists no models")
+            continue
+        if model is not None and model not in ids:
+            raise EndpointError(f"{base} does not serve model {model!r}; it lists {', '.join(ids)}")
+        chosen = model or ids[0]
+        return Target(base_url=base, model=chosen, api_key=key, identity={"mode": "url", "url": base, "model": chosen})
+    raise EndpointError(
+        f"{url} is not a reachable OpenAI-compatible server (tried {'; '.join(tried)}): {'; '.join(problems)}"
+    )
+
+
+def start_model(
+    model: Path,
+    *,
+    log_file: Path,
+    engine: str = "transformers",
+    served_model_name: str | None = None,
+    quant: str | None = None,
+    quant_cache_dir: Path | None = None,
+    deploy_args: Sequence[str] = (),
+    startup_timeout: float = 600,
+) -> Target:
+    """``omniserve deploy`` on a free loopback port, returned once ``/health`` answers 200."""
+    model = Path(model).resolve()
+    name = served_model_name or model.name
+    server = ManagedServer.start(
+        model,
+        name=name,
+        engine=engine,
+        quant=quant,
+        quant_cache_dir=quant_cache_dir,
+        deploy_args=deploy_args,
+        log_file=log_file,
+    )
+    try:
+        server.wait_healthy(startup_timeout)
+    except BaseException:
+        server.stop()
+        raise
+    identity = {
+        "mode": "model",
+        "model_path": str(model),
+        "model": name,
+        "engine": engine,
+        "quant": quant,
+        "deploy_args": list(deploy_args),
+        "url": server.base_url,
+    }
+    return Target(base_url=server.base_url, model=name, api_key="EMPTY", identity=identity, server=server)
+
+
+@dataclass
+class ManagedServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_file: Path
+    command: list[str]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @classmethod
+    def start(
+        cls,
+        model: Path,
+        *,
+        name: str,
+        engine: str,
+        quant: str | None,
+        quant_cache_dir: Path | None,
+        deploy_args: Sequence[str],
+        log_file: Path,
+    ) -> ManagedServer:
+        port = free_port()
+        command = [sys.executable, "-m", "omniserve.cli", "deploy", "--model", str(model), "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--engine", engine, "--served-model-name", name]
+        if quant is not None:
+            command += ["--quant", quant]
+            if quant_cache_dir is not None:
+                command += ["--quant-cache-dir", str(quant_cache_dir)]
+        command += list(deploy_args)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return cls(process=process, port=port, log_file=log_file, command=command)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerStartError(
+                    f"omniserve deploy exited with code {code} before it was ready:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"omniserve deploy was not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def problem(self) -> str | None:
+        code = self.process.poll()
+        return None if code is None else f"the omniserve server exited with code {code} (log: {self.log_file})"
+
+    def stop(self, timeout: float = 20) -> None:
+        """Ctrl-C (graceful drain), then SIGKILL if it does not stop in ``timeout`` seconds."""
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGINT)
+            self.process.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_file.read_text("utf-8", errors="replace")
+        except OSError:
+            return "(no server log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def free_port() -> int:
+    """A port the OS reports free on loopback now (the server binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _candidate_bases(url: str) -> list[str]:
+    base = url.rstrip("/")
+    for suffix in ("/chat/completions", "/models"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    return [base] if base.endswith("/v1") else [f"{base}/v1", base]
+
+
+def _model_ids(response: httpx.Response) -> list[str] | None:
+    if response.status_code != 200:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data):
+        return None
+    return [m["id"] for m in data]
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
