@@ -13,7 +13,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class TrainResult:
     tokens_seen: int
     resumed_from: Path | None = None
     adapter: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def run_training(options: TrainOptions) -> TrainResult:
