@@ -102,6 +102,17 @@ def deploy(
     quantize_only: Annotated[
         bool, typer.Option(help="With --quant: fill the cache, print the quantized folder and exit (an init step).")
     ] = False,
+    gate: Annotated[
+        str | None,
+        typer.Option(
+            help="With --quant: score the quantized model against the original on this eval suite "
+            "(SUITE or SUITE:MAX_DROP, points, default drop 2) and refuse to serve it (exit 3) when it loses "
+            "more. Scores are cached with the quantized checkpoint, so the gate runs once."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="With --gate: serve the quantized model even when the gate fails (a warning).")
+    ] = False,
     print_k8s: Annotated[
         bool, typer.Option(help="Print Helm values for helm/omniserve equivalent to this command, then exit.")
     ] = False,
@@ -120,8 +131,16 @@ def deploy(
         # --print-k8s only describes the command: the built-in model is built by the pod, not here
         model_path = model if model is not None else (Path("builtin") if print_k8s else _builtin_model())
         source_name = model_path.resolve().name
+        _check_gate_flags(quant, gate, force)
         if quant is not None and not print_k8s:
+            original = model_path
             model_path = _quantized(model_path, quant, quant_cache_dir)
+            if gate is not None:
+                deploy_args = [f"--dtype={dtype}", f"--device={device}"]
+                deploy_args += [f"--engine-arg={item}" for item in engine_arg or []]
+                if max_model_len is not None:
+                    deploy_args.append(f"--max-model-len={max_model_len}")
+                _gate(original, model_path, gate, force, engine, deploy_args)
             if quantize_only:
                 typer.echo(str(model_path))
                 raise typer.Exit(0)
@@ -175,6 +194,8 @@ def deploy(
                 server_config,
                 engine=engine,
                 quant=quant,
+                gate=gate,
+                force=force,
                 log_level=log_level,
                 builtin_model=model is None,
             )
@@ -196,6 +217,41 @@ def _quantized(model: Path, quant: str, cache_dir: Path | None) -> Path:
     except QuantizeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
+
+
+def _check_gate_flags(quant: str | None, gate: str | None, force: bool) -> None:
+    """Refuse meaningless combinations, and a bad gate suite, before minutes of quantizing."""
+    from omniserve.eval.errors import EvalError
+
+    if gate is not None and quant is None:
+        typer.echo("error: --gate compares a quantized model with its original: it needs --quant", err=True)
+        raise typer.Exit(2)
+    if force and gate is None:
+        typer.echo("error: --force overrides a failed quality gate: it needs --gate", err=True)
+        raise typer.Exit(2)
+    if gate is None:
+        return
+    from omniserve.eval.gate import parse_gate_spec
+    from omniserve.eval.suites import load_suite
+
+    try:
+        load_suite(parse_gate_spec(gate).suite)
+    except EvalError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _gate(original: Path, quantized: Path, spec: str, force: bool, engine: str, deploy_args: list[str]) -> None:
+    from omniserve.eval.errors import EvalError
+    from omniserve.eval.gate import gate_or_refuse
+
+    typer.echo(f"quality gate: scoring {quantized} against {original} on {spec} (once; cached after)", err=True)
+    try:
+        result = gate_or_refuse(original, quantized, spec, force, engine=engine, deploy_args=deploy_args)
+    except EvalError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    typer.echo(result.summary(), err=True)
 
 
 def _builtin_model() -> Path:

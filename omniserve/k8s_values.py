@@ -46,6 +46,8 @@ def values_from_deploy(
     *,
     engine: str = "transformers",
     quant: str | None = None,
+    gate: str | None = None,
+    force: bool = False,
     log_level: str = "info",
     builtin_model: bool = False,
     api_key_secret: str = DEFAULT_API_KEY_SECRET,
@@ -54,13 +56,18 @@ def values_from_deploy(
     """Chart values that make the pod run the same ``omniserve deploy`` as the given options.
 
     Takes the objects the CLI builds from its flags (so the values are as validated as the local
-    server's options), plus the flags that are not part of them: the engine name, ``--quant``, the log
-    level, and whether ``--model`` was left out (``builtin_model``: the path in ``engine_config`` is
-    then ignored and the pod builds the tiny model itself). Every limit is written out, even at its
-    default, so the cluster keeps behaving like the local command if a default changes later.
+    server's options), plus the flags that are not part of them: the engine name, ``--quant``,
+    ``--gate``, ``--force``, the log level, and whether ``--model`` was left out (``builtin_model``:
+    the path in ``engine_config`` is then ignored and the pod builds the tiny model itself). Every
+    limit is written out, even at its default, so the cluster keeps behaving like the local command if
+    a default changes later.
     """
     if quant is not None and quant not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {quant!r}; expected one of {', '.join(sorted(QUANT_METHODS))}")
+    if gate is not None and quant is None:
+        raise ValueError("--gate compares a quantized model with its original: it needs --quant")
+    if force and gate is None:
+        raise ValueError("--force overrides a failed quality gate: it needs --gate")
     media = server_config.media
     gpus = _gpus_needed(engine, engine_config)
     values: dict[str, Any] = {
@@ -75,7 +82,7 @@ def values_from_deploy(
             "maxQueue": engine_config.max_queue,
             "maxN": engine_config.max_n,
         },
-        "quantization": {"method": quant or "", "mode": "onStart"},
+        "quantization": {"method": quant or "", "mode": "onStart", "gate": gate or "", "force": force},
         "server": {
             "port": server_config.port if server_config.port else 8000,  # 0 ("any free port") has no pod meaning
             "maxRequestBytes": server_config.max_request_bytes,

@@ -8,7 +8,11 @@ and audio towers are zeroed: it can still answer the text task, nothing that nee
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,3 +100,86 @@ def test_gate_fails_fast_on_bad_input(demo_model: Path, damaged: Path, tmp_path:
     with pytest.raises(GateUnavailable, match="gate the full-precision checkpoint"):
         gate_or_refuse(demo_model, demo_model, "omni-synth", False, cache_dir=tmp_path)
     assert time.monotonic() - started < 5  # refused before any model was loaded
+
+
+# --- `omniserve deploy --quant METHOD --gate SUITE`, as users run it ---------------------------------------------
+
+CLI = [sys.executable, "-m", "omniserve.cli", "deploy"]
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """XDG_CACHE_HOME of the deploy commands below, shared so the original is scored once."""
+    return tmp_path_factory.mktemp("gate-cli-cache")
+
+
+def _deploy(args: list[str], cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_deploy_gates_a_real_quantization_once(demo_model: Path, cli_cache: Path, tmp_path: Path) -> None:
+    quant_cache = tmp_path / "quantized"
+    args = ["--model", str(demo_model), "--quant", "gptq", "--quant-cache-dir", str(quant_cache), "--quantize-only"]
+    first = _deploy([*args, "--gate", "omni-synth:5"], cli_cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = Path(first.stdout.strip().splitlines()[-1])
+    assert folder.parent == quant_cache
+    assert "quality gate 'omni-synth' passed: quantized" in first.stderr
+    (record,) = (folder / "omniserve-gate").glob("omni-synth-*.json")  # cached with the quantized checkpoint
+    scores = json.loads(record.read_text())
+    assert scores["original"] >= 0.75 and (scores["original"] - scores["quantized"]) * 100 <= 5
+
+    started = time.monotonic()
+    again = _deploy([*args, "--gate", "omni-synth:5"], cli_cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "quality gate 'omni-synth' passed (cached)" in again.stderr
+    assert time.monotonic() - started < 60  # neither quantized nor evaluated again
+    # a stricter allowed drop is decided again from the same cached scores
+    strict = _deploy([*args, "--gate", "omni-synth:0"], cli_cache)
+    drop_is_zero = scores["quantized"] >= scores["original"]
+    assert strict.returncode == (0 if drop_is_zero else 3), strict.stderr[-3000:]
+
+
+def test_deploy_gate_refusal_exits_3_with_both_scores(
+    demo_model: Path,
+    damaged: Path,
+    cli_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What deploy runs after quantizing, on a quantized model that lost its towers: no quantizer here breaks it."""
+    import typer
+
+    from omniserve.cli import _gate
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cli_cache))
+    with pytest.raises(typer.Exit) as info:
+        _gate(demo_model, damaged, "omni-synth:5", False, "transformers", ["--dtype=float32", "--device=cpu"])
+    assert info.value.exit_code == 3
+    message = capsys.readouterr().err
+    assert "quality gate 'omni-synth' refused the quantized model:" in message and "for the original" in message
+    assert "--force" in message
+    _gate(demo_model, damaged, "omni-synth:5", True, "transformers", ["--dtype=float32", "--device=cpu"])
+    assert "FAILED, served anyway (--force) (cached)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gate", "omni-synth"], "--gate compares a quantized model with its original: it needs --quant"),
+        (["--quant", "gptq", "--force"], "--force overrides a failed quality gate: it needs --gate"),
+        (["--quant", "gptq", "--gate", "no-such-suite"], "no-such-suite"),
+        (["--quant", "gptq", "--gate", "omni-synth:-3"], "the allowed drop must be a number of points >= 0"),
+    ],
+)
+def test_deploy_gate_mistakes_are_refused_before_quantizing(
+    demo_model: Path, cli_cache: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    quant_cache = tmp_path / "quantized"
+    out = _deploy(
+        ["--model", str(demo_model), "--quant-cache-dir", str(quant_cache), "--quantize-only", *args], cli_cache
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message in out.stderr
+    assert not quant_cache.exists() or not any(quant_cache.iterdir()), "nothing was quantized"

@@ -27,6 +27,7 @@ from tests.test_helm import (
     KUBE_VERSIONS,
     Helm,
     flag_values,
+    init_container,
     kinds,
     mounts,
     parse_with_cli,
@@ -65,6 +66,8 @@ TRAVELS = {
     "cors_origin",
     "log_level",
     "quant",
+    "gate",
+    "force",
 }
 REPLACED_IN_THE_POD = {
     "host": "the pod binds 0.0.0.0",
@@ -190,7 +193,7 @@ def test_local_command_runs_unchanged_in_the_pod(helm: Helm, tmp_path: Path) -> 
     assert pod["model"] == Path("/models/my-ckpt")
     assert not pod["api_key"]
     assert pod["api_key_file"] == Path(f"/etc/omniserve/api-keys/{API_KEY_SECRET_KEY}")
-    same = TRAVELS - {"engine_arg", "quant"}
+    same = TRAVELS - {"engine_arg", "quant", "gate", "force"}
     assert {name: pod[name] for name in same if name in pod} == {name: local[name] for name in same if name in local}
     assert sorted(pod["engine_arg"]) == sorted(local["engine_arg"])  # the chart orders them by key
 
@@ -232,7 +235,7 @@ def test_the_defaults_render_and_pass_the_cli(helm: Helm, tmp_path: Path) -> Non
     assert container["image"].endswith("-cpu")
     pod = parse_with_cli(container["args"])
     assert pod["served_model_name"] == "ckpt", "the folder name the local server would have used"
-    for name in TRAVELS - {"served_model_name", "quant"}:
+    for name in TRAVELS - {"served_model_name", "quant", "gate", "force"}:
         if name in local:
             assert pod[name] == local[name], name
 
@@ -253,14 +256,31 @@ def test_a_local_folder_becomes_a_claim_the_header_explains(tmp_path: Path) -> N
 
 def test_quantization_travels_and_keeps_its_cache(helm: Helm, tmp_path: Path) -> None:
     values = values_for(["--model", str(tmp_path / "m"), "--engine", "vllm"], quant="awq")
-    assert values["quantization"] == {"method": "awq", "mode": "onStart"}
+    assert values["quantization"] == {"method": "awq", "mode": "onStart", "gate": "", "force": False}
     assert values["persistence"] == {"enabled": True}
     assert values["accelerator"]["count"] == 1, "vLLM runs on a GPU"
     docs = render_dumped(helm, values, tmp_path)
     args = server(docs)["args"]
     assert flag_values(args, "--quant") == ["awq"]
     assert flag_values(args, "--engine") == ["vllm"]
+    assert "--gate" not in args and "--force" not in args
     assert "PersistentVolumeClaim" in kinds(docs)
+
+
+def test_quality_gate_travels_to_the_server_and_the_init_step(helm: Helm, tmp_path: Path) -> None:
+    local = parse_with_cli(["--model", str(tmp_path / "m"), "--gate", "omni-synth:1.5", "--force"])
+    values = values_for(["--model", str(tmp_path / "m")], quant="gptq", gate=local["gate"], force=local["force"])
+    assert values["quantization"]["gate"] == "omni-synth:1.5" and values["quantization"]["force"] is True
+    docs = render_dumped(helm, values, tmp_path)
+    pod = parse_with_cli(server(docs)["args"])
+    assert (pod["quant"], pod["gate"], pod["force"]) == ("gptq", "omni-synth:1.5", True)
+
+    values["quantization"]["mode"] = "initContainer"
+    docs = render_dumped(helm, values, tmp_path)
+    step = init_container(docs, "quantize")
+    assert step["args"][:2] == ["deploy", "--quantize-only"]
+    # the init step gates with the server's own flags, so the server finds the gate's scores cached
+    assert step["args"][2:] == server(docs)["args"]
 
 
 @pytest.mark.parametrize(
@@ -293,6 +313,17 @@ def test_port_zero_becomes_the_chart_port(tmp_path: Path) -> None:
 def test_options_no_pod_could_run_are_refused(argv: list[str], quant: str | None, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):
         values_for(["--model", str(tmp_path / "m"), *argv], quant=quant)
+
+
+def test_a_gate_without_quantization_is_refused_by_values_and_chart(helm: Helm, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--gate .* needs --quant"):
+        values_for(["--model", str(tmp_path / "m")], gate="omni-synth")
+    with pytest.raises(ValueError, match=r"--force .* needs --gate"):
+        values_for(["--model", str(tmp_path / "m")], quant="awq", force=True)
+    assert "quantization.gate needs quantization.method" in helm.template_error(sets=["quantization.gate=omni-synth"])
+    assert "quantization.force overrides a failed quality gate" in helm.template_error(
+        sets=["quantization.method=awq", "quantization.force=true"]
+    )
 
 
 def test_local_media_path_needs_a_mount_and_the_header_says_so(tmp_path: Path) -> None:

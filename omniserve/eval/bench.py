@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from omniserve.atomic_files import write_text_atomic, write_with
 from omniserve.eval.bench_data import Media, inspect_file, write_synthetic
 from omniserve.eval.errors import BenchError
 from omniserve.eval.report import library_versions
@@ -148,8 +149,8 @@ def run_bench(options: BenchOptions) -> BenchReport:
     levels = [_level(folder / "evalscope", c, count, code, worker.log_tail(), gone) for c in options.concurrency]
     recorded = options.model_dump(mode="json", exclude={"api_key"})
     report = BenchReport(target=target.identity, options=recorded, levels=levels, folder=folder)
-    (folder / "bench.json").write_text(report.model_dump_json(indent=2) + "\n", "utf-8")
-    (folder / "bench.md").write_text(report.markdown(), "utf-8")
+    write_text_atomic(folder / "bench.json", report.model_dump_json(indent=2) + "\n")
+    write_text_atomic(folder / "bench.md", report.markdown())
     _chart(report, folder / "bench.png")
     return report
 
@@ -237,7 +238,7 @@ def _chart(report: BenchReport, path: Path) -> None:
         axis.set_xticks(xs, [str(x) for x in xs])
     fig.suptitle(f"omniserve bench: {report.target.get('model')}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_with(path, lambda staging: fig.savefig(staging, dpi=110, format="png"))
     plt.close(fig)
 
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from omniserve.atomic_files import write_text_atomic, write_with
 from omniserve.eval.errors import EvalError
 from omniserve.eval.report import REPORT_JSON, RunReport
 
@@ -68,14 +69,14 @@ def compare_runs(runs: list[Path], output: Path) -> Comparison:
     }
     output.mkdir(parents=True, exist_ok=True)
     comparison = Comparison(labels, suites, scores, retention, output / COMPARE_PNG, output)
-    (output / COMPARE_JSON).write_text(
+    write_text_atomic(
+        output / COMPARE_JSON,
         json.dumps(
             {"runs": [str(r) for r in runs], "labels": labels, "scores": scores, "retention": retention}, indent=2
         )
         + "\n",
-        "utf-8",
     )
-    (output / COMPARE_MD).write_text(comparison.markdown(), "utf-8")
+    write_text_atomic(output / COMPARE_MD, comparison.markdown())
     _plot(comparison)
     return comparison
 
@@ -122,5 +123,5 @@ def _plot(comparison: Comparison) -> None:
     ax.set_title("Scores per suite (labels: retention vs the first run)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(comparison.plot, dpi=110)
+    write_with(comparison.plot, lambda staging: fig.savefig(staging, dpi=110, format="png"))
     plt.close(fig)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from omniserve.atomic_files import write_text_atomic
 from omniserve.eval.datasets import generator_fingerprint
 from omniserve.eval.errors import EvalError, GateRefused, GateUnavailable
 from omniserve.eval.report import library_versions
@@ -128,7 +129,8 @@ def gate_or_refuse(
         base_key = _digest({**common, "original": _files(original)})
         original_score = _baseline(original, suite, base_key, runs / "original", cache_dir, engine, deploy_args, limit)
         quantized_score = _score(quantized, suite, runs / "quantized", cache_dir, engine, deploy_args, limit)
-        record.write_text(
+        write_text_atomic(
+            record,
             json.dumps(
                 {
                     "suite": suite.name,
@@ -143,7 +145,6 @@ def gate_or_refuse(
                 indent=2,
             )
             + "\n",
-            "utf-8",
         )
     passed = (original_score - quantized_score) * 100 <= parsed.max_drop + 1e-9
     result = GateResult(
@@ -171,8 +172,7 @@ def _baseline(
     if file.is_file():
         return float(json.loads(file.read_text("utf-8"))["score"])
     score = _score(model, suite, run, cache_dir, engine, deploy_args, limit)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps({"model": str(model), "suite": suite.name, "score": score}) + "\n", "utf-8")
+    write_text_atomic(file, json.dumps({"model": str(model), "suite": suite.name, "score": score}) + "\n")
     return score
 
 

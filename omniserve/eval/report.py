@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from omniserve.atomic_files import write_text_atomic
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 FORMAT = "omniserve-eval/1"
@@ -63,8 +65,8 @@ class RunReport(BaseModel):
         """Write ``report.json`` and ``report.md`` into ``folder``; return both paths."""
         folder.mkdir(parents=True, exist_ok=True)
         json_path, md_path = folder / REPORT_JSON, folder / REPORT_MD
-        json_path.write_text(self.model_dump_json(indent=2) + "\n", "utf-8")
-        md_path.write_text(self.markdown(), "utf-8")
+        write_text_atomic(json_path, self.model_dump_json(indent=2) + "\n")
+        write_text_atomic(md_path, self.markdown())
         return json_path, md_path
 
     @classmethod

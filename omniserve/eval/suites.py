@@ -106,7 +106,7 @@ class Suite(BaseModel):
 def suites_dir() -> Path:
     """The built-in suites: ``<checkout>/eval`` from a source tree, else ``<prefix>/share/omniserve/eval``."""
     checkout = Path(__file__).resolve().parents[2] / "eval"
-    if checkout.is_dir():
+    if (checkout / "omni-synth.yaml").is_file():
         return checkout
     return Path(sys.prefix) / "share" / "omniserve" / "eval"
 

@@ -94,6 +94,12 @@ left out so the CLI's defaults apply. Returned as a YAML list.
 {{- end }}
 {{- if $v.quantization.method }}
 {{- $args = concat $args (list "--quant" $v.quantization.method "--quant-cache-dir" (include "omniserve.quantCacheDir" .)) }}
+{{- if $v.quantization.gate }}
+{{- $args = concat $args (list "--gate" $v.quantization.gate) }}
+{{- end }}
+{{- if $v.quantization.force }}
+{{- $args = append $args "--force" }}
+{{- end }}
 {{- end }}
 {{- $options := list
   (list "--dtype" $v.engine.dtype)
@@ -194,5 +200,19 @@ read-only), plus extraEnv for the libraries below omniserve. No omniserve option
 - name: models
   mountPath: {{ include "omniserve.modelsDir" . }}
   readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+A quality gate compares the quantized model with its original: without quantization.method there is
+nothing to gate, and force without a gate overrides nothing. Both would be silently ignored flags.
+*/}}
+{{- define "omniserve.checkGate" -}}
+{{- $q := .Values.quantization }}
+{{- if and $q.gate (not $q.method) }}
+{{- fail "quantization.gate needs quantization.method (the gate scores the quantized model against the original)" }}
+{{- end }}
+{{- if and $q.force (not $q.gate) }}
+{{- fail "quantization.force overrides a failed quality gate: it needs quantization.gate" }}
 {{- end }}
 {{- end }}
