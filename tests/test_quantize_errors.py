@@ -186,9 +186,16 @@ def test_awq_cannot_quantize_towers(tiny_omni: Path, tmp_path: Path) -> None:
 
 
 def test_group_size_that_does_not_divide_tower_widths(tiny_omni: Path, tmp_path: Path) -> None:
-    with pytest.raises(InvalidQuantizeOption, match=r"groups of 128 .* thinker\.audio_tower\.layers\.0\..* \(32\)"):
+    with pytest.raises(
+        InvalidQuantizeOption, match=r"groups of 128 .* thinker\.audio_tower\.layers\.0\..* \(32\)"
+    ) as info:
         quantize(options(tiny_omni, tmp_path / "out", quantize_towers=True))
     assert not (tmp_path / "out").exists()
+    # the advice names only the recipe's schemes that fit: W8A8 is per channel, W8A16 is group-wise too
+    assert str(info.value).endswith("(--scheme W8A8)")
+    with pytest.raises(InvalidQuantizeOption, match="groups of 128") as info:
+        quantize(options(tiny_omni, tmp_path / "out", quantize_towers=True, scheme="W8A16"))
+    assert "--scheme W8A16" not in str(info.value), "never advise the scheme that was just refused"
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,7 @@ def execute(plan: Plan) -> QuantizeResult:
     targeted = _targeted(scope, scope_name, modifiers)
     if not targeted:
         raise QuantizationFailed(f"the recipe {plan.recipe.source} targets no module of {plan.info.path}")
-    _check_groups(model, targeted, plan.scheme)
+    _check_groups(model, targeted, plan.scheme, alternatives=sorted(plan.recipe.schemes))
     kept = digests(model, layout.kept_parameters(targeted))
 
     pipeline = "datafree"
@@ -239,29 +239,41 @@ def _targeted(scope: Any, scope_name: str, modifiers: list[Any]) -> set[str]:
     return {qualified(scope_name, name) for name, _ in match_named_modules(scope, targets, quantizer.ignore)}
 
 
-def _check_groups(model: Any, targeted: set[str], scheme: str) -> None:
+def _check_groups(model: Any, targeted: set[str], scheme: str, alternatives: list[str]) -> None:
     """Refuse a group-wise scheme for layers whose input width the group size does not divide.
 
     llm-compressor would fail deep inside calibration ("unflatten: Provided sizes [-1, 128] don't
-    multiply up to ..."); small tower layers (``--quantize-towers``) are the usual culprits.
+    multiply up to ..."); small tower layers (``--quantize-towers``) are the usual culprits. The
+    message names the recipe's schemes that would fit, computed from the presets (compressed-tensors
+    has changed presets between releases, e.g. W8A16 became group-wise).
     """
+    widths = {name: module.in_features for name, module in model.named_modules() if name in targeted}
+    group = _group_size(scheme)
+    bad = [f"{name} ({width})" for name, width in widths.items() if group and isinstance(width, int) and width % group]
+    if not bad:
+        return
+    fitting = [
+        other
+        for other in alternatives
+        if other != scheme
+        and not any(_group_size(other) and isinstance(w, int) and w % _group_size(other) for w in widths.values())
+    ]
+    advice = f"choose a scheme that fits them (--scheme {' | '.join(fitting)})" if fitting else "use another method"
+    raise InvalidQuantizeOption(
+        f"scheme {scheme} quantizes weights in groups of {group} input channels, which does not divide the "
+        f"width of {len(bad)} targeted layer(s): {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. "
+        f"Keep them in full precision (no --quantize-towers) or {advice}"
+    )
+
+
+def _group_size(scheme: str) -> int | None:
+    """The preset's weight group size, or None for per-channel / per-tensor schemes."""
     from compressed_tensors.quantization import preset_name_to_scheme
 
     weights = preset_name_to_scheme(scheme, ["Linear"]).weights
-    group = getattr(weights, "group_size", None) if weights is not None else None
-    if not group or str(getattr(weights, "strategy", "")).lower().split(".")[-1] != "group":
-        return
-    bad = [
-        f"{name} ({module.in_features})"
-        for name, module in model.named_modules()
-        if name in targeted and getattr(module, "in_features", group) % group
-    ]
-    if bad:
-        raise InvalidQuantizeOption(
-            f"scheme {scheme} quantizes weights in groups of {group} input channels, which does not divide the "
-            f"width of {len(bad)} targeted layer(s): {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. "
-            "Keep them in full precision (no --quantize-towers) or choose a per-channel scheme (W8A16, FP8_DYNAMIC)"
-        )
+    if weights is None or str(getattr(weights, "strategy", "")).lower().split(".")[-1] != "group":
+        return None
+    return getattr(weights, "group_size", None)
 
 
 def _run_oneshot(
