@@ -265,6 +265,7 @@ NEAR_TIE = 1e-3
 CASES = [("tiny-omni", name, conv) for name, conv in OMNI_CONVERSATIONS.items()] + [
     ("tiny-vl", name, conv) for name, conv in VL_CONVERSATIONS.items()
 ]
+CONVERSATIONS = {(model, name): conv for model, name, conv in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +292,43 @@ def test_vllm_schedules_exactly_the_rendered_prompt(
     assert run["vllm"]["engine"] == rendered, "vLLM scheduled other token ids than the template layer rendered"
     assert run["transformers"]["rendered"] == rendered, "the gateway rendered differently for the two engines"
     assert run["transformers"]["engine"] == rendered
+
+
+@pytest.mark.parametrize(("model", "name"), [(m, n) for m, n, _ in CASES], ids=[f"{m}-{n}" for m, n, _ in CASES])
+def test_engines_receive_the_training_encoding_of_the_conversation(
+    engine_runs: dict[tuple[str, str], dict[str, dict[str, Any]]],
+    tiny_omni: Path,
+    tiny_qwen2_vl: Path,
+    model: str,
+    name: str,
+) -> None:
+    """The ids each engine ran are the training encoding's tokens up to where the reply's labels start.
+
+    The conversation plus the reply vLLM produced is encoded the way ``omniserve train`` encodes its
+    data (same media decoding and limits); the served prompt must be exactly what training put before
+    the first labelled token of that reply, so the model is served the context it learned from.
+    """
+    from pydantic import TypeAdapter
+
+    from omniserve.protocol import ChatMessage
+    from omniserve.templates.render import PromptRenderer
+    from omniserve.templates.training import IGNORE_INDEX
+    from omniserve.train.data import Conversation
+    from omniserve.train.features import encode_conversation
+
+    checkpoint = {"tiny-omni": tiny_omni, "tiny-vl": tiny_qwen2_vl}[model]
+    run = engine_runs[(model, name)]
+    renderer = PromptRenderer.from_pretrained(checkpoint)
+    reply = renderer.tokenizer.decode(run["vllm"]["tokens"], skip_special_tokens=True)
+    messages = TypeAdapter(list[ChatMessage]).validate_python(
+        [*CONVERSATIONS[(model, name)], {"role": "assistant", "content": reply}]
+    )
+    sample = encode_conversation(renderer, Conversation(Path(f"{model}-{name}"), 1, messages), MEDIA)
+    labelled = [i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX]
+    starts = [i for i in labelled if i == 0 or sample.labels[i - 1] == IGNORE_INDEX]
+    prompt = sample.input_ids[: starts[-1]]  # everything before the last assistant turn's labels
+    assert run["vllm"]["engine"] == prompt, "vLLM ran other ids than training put before this reply"
+    assert run["transformers"]["engine"] == prompt, "the transformers engine ran other ids than training encoded"
 
 
 @pytest.mark.parametrize(("model", "name"), [(m, n) for m, n, _ in CASES], ids=[f"{m}-{n}" for m, n, _ in CASES])

@@ -1,5 +1,7 @@
 """Pieces every adapter over an external engine (vLLM, SGLang, LMDeploy) needs, written once.
 
+- ``InProcessEngine``: the lifecycle every adapter shares (the package check at construction, the
+  model info once started, readiness, stats, admission of a request into a counted stream, stop).
 - ``Admission``: the bounded queue. External engines queue without limit (or answer 503), but the
   ``Engine`` contract is a 429 raised synchronously by ``generate`` once ``max_concurrency`` running
   plus ``max_queue`` waiting sequences are taken, so the adapter counts what it admitted.
@@ -18,16 +20,97 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import difflib
+import importlib
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from omniserve.engines.base import ChoiceDelta, TokenLogprobs
+from omniserve.config import EngineConfig
+from omniserve.engines.base import ChoiceDelta, Engine, EngineStats, GenerationRequest, ModelInfo, TokenLogprobs
 from omniserve.engines.detokenizer import IncrementalDetokenizer
-from omniserve.errors import ModelLoadError, QueueFull
+from omniserve.errors import EngineUnavailable, ModelLoadError, QueueFull
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+class InProcessEngine(Engine):
+    """An external engine running in the gateway's process; subclasses say how to start, stream and stop it.
+
+    Subclasses set ``NAME`` (as ``--engine`` spells it), ``PACKAGE`` (imported at construction, so a
+    missing package fails before anything loads) and ``INSTALL_HINT``; ``start`` ends with
+    ``_started``; ``generate`` builds its stream and hands it to ``_admit``.
+    """
+
+    NAME: ClassVar[str]
+    PACKAGE: ClassVar[str]
+    INSTALL_HINT: ClassVar[str]
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        try:
+            importlib.import_module(self.PACKAGE)
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"the {self.NAME} engine cannot serve {config.model}: the {self.PACKAGE} package is not installed "
+                f"({exc}); {self.INSTALL_HINT}"
+            ) from exc
+        self._tokenizer: Any = None
+        self._info: ModelInfo | None = None
+        self._stopping = False
+        self._admission = Admission(config.max_concurrency, config.max_queue)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        if self._info is None:
+            raise EngineUnavailable("the engine has not started")
+        return self._info
+
+    def is_ready(self) -> bool:
+        return self._info is not None and not self._stopping and self._alive()
+
+    def _alive(self) -> bool:
+        """Whether the engine itself still runs; override where the engine can tell (vLLM's ``errored``)."""
+        return True
+
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=self._admission.waiting, running=self._admission.running)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await asyncio.to_thread(self._shutdown)
+
+    def _shutdown(self) -> None:
+        """Stop the engine if one was created (blocking: ``stop`` runs it in a thread)."""
+        raise NotImplementedError
+
+    def _started(self, max_model_len: int, eos_token_ids: tuple[int, ...] | None = None) -> None:
+        """Record the model info once the engine runs; the gateway fills in the modalities."""
+        cfg = self._config
+        if eos_token_ids is None:
+            eos_token_ids = tuple(t for t in [self._tokenizer.eos_token_id] if t is not None)
+        self._info = ModelInfo(
+            name=cfg.served_model_name,
+            path=str(cfg.model),
+            max_model_len=max_model_len,
+            modalities=frozenset(),
+            eos_token_ids=eos_token_ids,
+        )
+
+    def _start_failed(self, exc: Exception, fix: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"the {self.NAME} engine could not start {self._config.model}: {type(exc).__name__}: {exc}. Fix: {fix}"
+        )
+
+    def _check_ready(self) -> None:
+        if not self.is_ready():
+            raise EngineUnavailable(f"the {self.NAME} engine is not ready to generate")
+
+    def _admit(self, request: GenerationRequest, deltas: AsyncIterator[ChoiceDelta]) -> AdmittedStream:
+        """Take the request's places in the bounded queue (429 when full) and give them back with the stream."""
+        self._admission.reserve(request.sampling.n)
+        return AdmittedStream(deltas, self._admission, request.sampling.n)
 
 
 class Admission:

@@ -32,9 +32,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from omniserve.config import EngineConfig
-from omniserve.engines.adapter_support import Admission, AdmittedStream, ChoiceDecoder
-from omniserve.engines.base import ChoiceDelta, Engine, EngineStats, GenerationRequest, ModelInfo, TokenLogprobs
-from omniserve.errors import EngineError, EngineUnavailable, InvalidRequest, ModelLoadError, UnsupportedParameter
+from omniserve.engines.adapter_support import ChoiceDecoder, InProcessEngine
+from omniserve.engines.base import ChoiceDelta, GenerationRequest, TokenLogprobs
+from omniserve.errors import EngineError, InvalidRequest, ModelLoadError, UnsupportedParameter
 from omniserve.sampling import SamplingParams
 
 ENGINE = "lmdeploy"
@@ -157,18 +157,15 @@ def _runs(token_ids: list[int], token: int) -> list[tuple[int, int]]:
     return runs
 
 
-class LMDeployEngine(Engine):
+class LMDeployEngine(InProcessEngine):
     """LMDeploy's ``AsyncEngine`` behind the ``Engine`` interface; engine args validated at construction."""
 
+    NAME = ENGINE
+    PACKAGE = "lmdeploy"
+    INSTALL_HINT = "install it on a CUDA machine (pip install lmdeploy), or serve with --engine transformers"
+
     def __init__(self, config: EngineConfig) -> None:
-        self._config = config
-        try:
-            import lmdeploy  # noqa: F401
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"the {ENGINE} engine cannot serve {config.model}: the lmdeploy package is not installed ({exc}); "
-                "install it on a CUDA machine (pip install lmdeploy), or serve with --engine transformers"
-            ) from exc
+        super().__init__(config)
         if config.dtype not in ("float16", "bfloat16", "auto"):
             raise ModelLoadError(
                 f"the {ENGINE} engine cannot serve {config.model} in {config.dtype}: LMDeploy runs float16 or "
@@ -176,18 +173,8 @@ class LMDeployEngine(Engine):
             )
         self._backend, self._engine_args = parse_engine_args(dict(config.engine_args))
         self._engine: Any = None
-        self._tokenizer: Any = None
         self._image_token_id: int | None = None
-        self._info: ModelInfo | None = None
-        self._stopping = False
         self._sessions = itertools.count(1)
-        self._admission = Admission(config.max_concurrency, config.max_queue)
-
-    @property
-    def model_info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineUnavailable("the engine has not started")
-        return self._info
 
     def backend_config(self) -> Any:
         cfg = self._config
@@ -207,38 +194,24 @@ class LMDeployEngine(Engine):
             self._engine = AsyncEngine(str(cfg.model), backend=self._backend, backend_config=self.backend_config())
             self._engine.start_loop(asyncio.get_running_loop(), use_async_api=True)
         except Exception as exc:
-            raise ModelLoadError(
-                f"the {ENGINE} engine could not start {cfg.model}: {type(exc).__name__}: {exc}. Fix: check the "
-                "engine args (--engine-arg) and that LMDeploy supports this architecture, or use --engine transformers"
+            raise self._start_failed(
+                exc,
+                "check the engine args (--engine-arg) and that LMDeploy supports this architecture, "
+                "or use --engine transformers",
             ) from exc
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         self._image_token_id = getattr(AutoConfig.from_pretrained(str(cfg.model)), "image_token_id", None)
-        self._info = ModelInfo(
-            name=cfg.served_model_name,
-            path=str(cfg.model),
-            max_model_len=int(self._engine.session_len),
-            modalities=frozenset(),
-            eos_token_ids=tuple(t for t in [self._tokenizer.eos_token_id] if t is not None),
-        )
+        self._started(int(self._engine.session_len))
 
-    async def stop(self) -> None:
-        self._stopping = True
+    def _shutdown(self) -> None:
         if self._engine is not None:
-            await asyncio.to_thread(self._engine.close)
-
-    def is_ready(self) -> bool:
-        return self._info is not None and not self._stopping
-
-    def stats(self) -> EngineStats:
-        return EngineStats(waiting=self._admission.waiting, running=self._admission.running)
+            self._engine.close()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
-        if not self.is_ready():
-            raise EngineUnavailable(f"the {ENGINE} engine is not ready to generate")
+        self._check_ready()
         configs = [to_generation_config(request.sampling, i) for i in range(request.sampling.n)]
         multimodal = self._multimodal(request)
-        self._admission.reserve(request.sampling.n)
-        return AdmittedStream(self._deltas(request, configs, multimodal), self._admission, request.sampling.n)
+        return self._admit(request, self._deltas(request, configs, multimodal))
 
     def _multimodal(self, request: GenerationRequest) -> list[dict[str, Any]] | None:
         prompt = request.prompt

@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from omniserve.config import EngineConfig
-from omniserve.engines.adapter_support import Admission, AdmittedStream, ChoiceDecoder, engine_args_from_cli_parser
-from omniserve.engines.base import ChoiceDelta, Engine, EngineStats, GenerationRequest, ModelInfo, TokenLogprobs
-from omniserve.errors import EngineUnavailable, ModelLoadError, UnsupportedParameter
+from omniserve.engines.adapter_support import ChoiceDecoder, InProcessEngine, engine_args_from_cli_parser
+from omniserve.engines.base import ChoiceDelta, GenerationRequest, TokenLogprobs
+from omniserve.errors import UnsupportedParameter
 from omniserve.sampling import SamplingParams
 
 ENGINE = "sglang"
@@ -115,30 +115,17 @@ def choice_logprobs(meta: dict[str, Any], start: int, tokenizer: Any) -> list[To
     return result
 
 
-class SGLangEngine(Engine):
+class SGLangEngine(InProcessEngine):
     """``sglang.Engine`` behind the ``Engine`` interface; engine args validated at construction."""
 
+    NAME = ENGINE
+    PACKAGE = "sglang"
+    INSTALL_HINT = "install it on a CUDA machine (pip install 'sglang[all]'), or serve with --engine transformers"
+
     def __init__(self, config: EngineConfig) -> None:
-        self._config = config
-        try:
-            import sglang  # noqa: F401
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"the {ENGINE} engine cannot serve {config.model}: the sglang package is not installed ({exc}); "
-                "install it on a CUDA machine (pip install 'sglang[all]'), or serve with --engine transformers"
-            ) from exc
+        super().__init__(config)
         self._engine_args = parse_engine_args(dict(config.engine_args))
         self._engine: Any = None
-        self._tokenizer: Any = None
-        self._info: ModelInfo | None = None
-        self._stopping = False
-        self._admission = Admission(config.max_concurrency, config.max_queue)
-
-    @property
-    def model_info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineUnavailable("the engine has not started")
-        return self._info
 
     def server_args(self) -> dict[str, Any]:
         cfg = self._config
@@ -160,38 +147,22 @@ class SGLangEngine(Engine):
         try:
             self._engine = sglang.Engine(**self.server_args())
         except Exception as exc:
-            raise ModelLoadError(
-                f"the {ENGINE} engine could not start {cfg.model}: {type(exc).__name__}: {exc}. Fix: check the "
-                "engine args (--engine-arg) and that SGLang supports this architecture, or use --engine transformers"
+            raise self._start_failed(
+                exc,
+                "check the engine args (--engine-arg) and that SGLang supports this architecture, "
+                "or use --engine transformers",
             ) from exc
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-        self._info = ModelInfo(
-            name=cfg.served_model_name,
-            path=str(cfg.model),
-            max_model_len=cfg.max_model_len or int(self._engine.tokenizer_manager.context_len),
-            modalities=frozenset(),
-            eos_token_ids=tuple(t for t in [self._tokenizer.eos_token_id] if t is not None),
-        )
+        self._started(cfg.max_model_len or int(self._engine.tokenizer_manager.context_len))
 
-    async def stop(self) -> None:
-        import asyncio
-
-        self._stopping = True
+    def _shutdown(self) -> None:
         if self._engine is not None:
-            await asyncio.to_thread(self._engine.shutdown)
-
-    def is_ready(self) -> bool:
-        return self._info is not None and not self._stopping
-
-    def stats(self) -> EngineStats:
-        return EngineStats(waiting=self._admission.waiting, running=self._admission.running)
+            self._engine.shutdown()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
-        if not self.is_ready():
-            raise EngineUnavailable(f"the {ENGINE} engine is not ready to generate")
+        self._check_ready()
         sampling = to_sglang_sampling(request.sampling)
-        self._admission.reserve(request.sampling.n)
-        return AdmittedStream(self._deltas(request, sampling), self._admission, request.sampling.n)
+        return self._admit(request, self._deltas(request, sampling))
 
     async def _deltas(self, request: GenerationRequest, sampling: dict[str, Any]) -> AsyncIterator[ChoiceDelta]:
         params = request.sampling

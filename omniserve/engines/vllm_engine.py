@@ -32,8 +32,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from omniserve.config import EngineConfig
-from omniserve.engines.adapter_support import Admission, AdmittedStream, engine_args_from_cli_parser
-from omniserve.engines.base import ChoiceDelta, Engine, EngineStats, GenerationRequest, ModelInfo, TokenLogprobs
+from omniserve.engines.adapter_support import InProcessEngine, engine_args_from_cli_parser
+from omniserve.engines.base import ChoiceDelta, GenerationRequest, TokenLogprobs
 from omniserve.errors import (
     EngineError,
     EngineUnavailable,
@@ -160,32 +160,19 @@ def multi_modal_data(media: list[MediaItem]) -> dict[str, list[Any]]:
     return data
 
 
-class VllmEngine(Engine):
+class VllmEngine(InProcessEngine):
     """``AsyncLLM`` behind the ``Engine`` interface; engine args validated at construction."""
 
+    NAME = ENGINE
+    PACKAGE = "vllm"
+    INSTALL_HINT = _INSTALL_HINT
+
     def __init__(self, config: EngineConfig) -> None:
-        self._config = config
-        try:
-            import vllm  # noqa: F401
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"the {ENGINE} engine cannot serve {config.model}: the vllm package is not installed "
-                f"({exc}); {_INSTALL_HINT}"
-            ) from exc
+        super().__init__(config)
         self._engine_args = parse_engine_args(dict(config.engine_args))
         self._llm: Any = None
-        self._tokenizer: Any = None
-        self._info: ModelInfo | None = None
-        self._stopping = False
-        self._admission = Admission(config.max_concurrency, config.max_queue)
 
     # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def model_info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineUnavailable("the engine has not started")
-        return self._info
 
     def build_engine_args(self) -> Any:
         """The ``AsyncEngineArgs`` this engine starts with: omniserve's options, defaults, then engine args."""
@@ -214,13 +201,7 @@ class VllmEngine(Engine):
         except Exception as exc:
             raise ModelLoadError(_start_failure(cfg, exc)) from exc
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-        self._info = ModelInfo(
-            name=cfg.served_model_name,
-            path=str(cfg.model),
-            max_model_len=self._llm.model_config.max_model_len,
-            modalities=frozenset(),  # filled by the gateway from the template layer
-            eos_token_ids=_eos_token_ids(cfg, self._tokenizer),
-        )
+        self._started(self._llm.model_config.max_model_len, _eos_token_ids(cfg, self._tokenizer))
         await self._warmup()
 
     async def _warmup(self) -> None:
@@ -234,28 +215,20 @@ class VllmEngine(Engine):
         async for _ in self._llm.generate(engine_input, VllmSamplingParams(max_tokens=2), "omniserve-warmup"):
             pass
 
-    async def stop(self) -> None:
-        import asyncio
-
-        self._stopping = True
+    def _shutdown(self) -> None:
         if self._llm is not None:
-            await asyncio.to_thread(self._llm.shutdown)
+            self._llm.shutdown()
 
-    def is_ready(self) -> bool:
-        return self._info is not None and not self._stopping and not self._llm.errored
-
-    def stats(self) -> EngineStats:
-        return EngineStats(waiting=self._admission.waiting, running=self._admission.running)
+    def _alive(self) -> bool:
+        return not self._llm.errored
 
     # ------------------------------------------------------------------ generation
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
         # Everything that can refuse the request happens here, before the first iteration.
-        if not self.is_ready():
-            raise EngineUnavailable(f"the {ENGINE} engine is not ready to generate")
+        self._check_ready()
         params = to_vllm_sampling(request.sampling)
-        self._admission.reserve(request.sampling.n)
-        return AdmittedStream(self._deltas(request, params), self._admission, request.sampling.n)
+        return self._admit(request, self._deltas(request, params))
 
     async def _deltas(self, request: GenerationRequest, params: Any) -> AsyncIterator[ChoiceDelta]:
         from vllm.exceptions import VLLMClientError
