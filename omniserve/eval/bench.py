@@ -14,21 +14,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from omniserve.atomic_files import write_text_atomic, write_with
 from omniserve.eval.bench_data import Media, inspect_file, write_synthetic
 from omniserve.eval.errors import BenchError
 from omniserve.eval.report import library_versions
-from omniserve.eval.target import Target, connect_url, start_model
+from omniserve.eval.target import TargetOptions, connect
 from omniserve.eval.worker import Worker, default_eval_cache_dir
 
 
-class BenchOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str | None = None
-    model: Path | None = None
+class BenchOptions(TargetOptions):
     concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
     requests: int = Field(32, ge=1, description="Requests per concurrency level.")
     dataset: str = "synthetic"
@@ -36,19 +32,12 @@ class BenchOptions(BaseModel):
     stream: bool = True
     max_tokens: int = Field(64, ge=1)
     output: Path | None = None
-    api_key: str | None = None
-    served_model_name: str | None = None
     tokenizer: Path | None = None
-    engine: str = "transformers"
-    deploy_args: list[str] = Field(default_factory=list)
     cache_dir: Path | None = None
-    startup_timeout: float = Field(600, gt=0)
     request_timeout: int = Field(300, ge=1)
 
     @model_validator(mode="after")
     def _valid(self) -> BenchOptions:
-        if (self.model is None) == (self.url is None):
-            raise ValueError("give exactly one of --model (start a server) or --url (a running one)")
         if any(c < 1 for c in self.concurrency):
             raise ValueError("concurrency levels must be >= 1")
         if self.media != "none" and self.dataset != "synthetic":
@@ -119,7 +108,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
     else:
         data_file = Path(options.dataset).expanduser().resolve()
         dataset = inspect_file(data_file)
-    target = _connect(options, folder)
+    target = connect(options, log_file=folder / "server.log")
     try:
         tokenizer = options.tokenizer or (options.model.resolve() if options.model is not None else None)
         arguments = {
@@ -153,19 +142,6 @@ def run_bench(options: BenchOptions) -> BenchReport:
     write_text_atomic(folder / "bench.md", report.markdown())
     _chart(report, folder / "bench.png")
     return report
-
-
-def _connect(options: BenchOptions, folder: Path) -> Target:
-    if options.url is not None:
-        return connect_url(options.url, api_key=options.api_key, model=options.served_model_name)
-    assert options.model is not None
-    return start_model(
-        options.model,
-        log_file=folder / "server.log",
-        engine=options.engine,
-        deploy_args=options.deploy_args,
-        startup_timeout=options.startup_timeout,
-    )
 
 
 def _level(root: Path, concurrency: int, count: int, code: int, log_tail: str, gone: str | None) -> LevelResult:

@@ -142,6 +142,8 @@ def bench_command(
         Path | None, typer.Option(help="Local tokenizer folder for token counts (default: --model's; never a hub id).")
     ] = None,
     engine: Annotated[str, typer.Option(help="With --model: inference engine.")] = "transformers",
+    quant: Annotated[str | None, typer.Option(help="With --model: quantize first, as deploy --quant does.")] = None,
+    quant_cache_dir: Annotated[Path | None, typer.Option(help="With --quant: its cache folder.")] = None,
     deploy_arg: Annotated[list[str] | None, typer.Option(help="With --model: extra `omniserve deploy` flag.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Eval cache (EvalScope/HF caches).")] = None,
 ) -> None:
@@ -171,6 +173,8 @@ def bench_command(
             served_model_name=served_model_name,
             tokenizer=tokenizer,
             engine=engine,
+            quant=quant,
+            quant_cache_dir=quant_cache_dir,
             deploy_args=list(deploy_arg or []),
             cache_dir=cache_dir,
         )

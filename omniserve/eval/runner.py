@@ -14,14 +14,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
 from omniserve.eval.datasets import StagedSuite, stage_suite
 from omniserve.eval.progress import SuiteProgress
 from omniserve.eval.report import RunReport, SampleCounts, SuiteResult
 from omniserve.eval.results import SAMPLE_METRIC, answered, collect, review_lines, running_score
 from omniserve.eval.suites import load_suite
-from omniserve.eval.target import Target, connect_url, start_model
+from omniserve.eval.target import Target, TargetOptions, connect
 from omniserve.eval.worker import Worker, default_eval_cache_dir
 
 _POLL_SECONDS = 0.5
@@ -31,34 +31,15 @@ _HEALTH_EVERY = 2.0
 _WRAP_UP_SECONDS = 30.0
 
 
-class EvalOptions(BaseModel):
+class EvalOptions(TargetOptions):
     """Everything one ``omniserve eval`` run needs; built from CLI flags (or by the quality gate)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     suites: list[str] = Field(min_length=1, description="Built-in suite names or suite YAML files.")
-    model: Path | None = Field(None, description="Checkpoint to serve on a free loopback port for the run.")
-    url: str | None = Field(None, description="An already running OpenAI-compatible server (its /v1 URL).")
     output: Path | None = Field(None, description="Run folder (report.json, report.md, EvalScope outputs).")
     limit: int | None = Field(None, ge=1, description="Items per subset (default: the suite's own, else all).")
-    api_key: str | None = None
-    served_model_name: str | None = None
-    engine: str = "transformers"
-    quant: str | None = None
-    quant_cache_dir: Path | None = None
-    deploy_args: list[str] = Field(default_factory=list, description="Extra `omniserve deploy` flags.")
     cache_dir: Path | None = Field(None, description="omniserve's eval cache (generated data, hub caches).")
     concurrency: int = Field(4, ge=1, le=256, description="Requests EvalScope keeps in flight.")
     request_timeout: float = Field(300, gt=0)
-    startup_timeout: float = Field(600, gt=0)
-
-    @model_validator(mode="after")
-    def _one_target(self) -> EvalOptions:
-        if (self.model is None) == (self.url is None):
-            raise ValueError("give exactly one of --model (start a server) or --url (score a running one)")
-        if self.url is not None and (self.quant or self.deploy_args):
-            raise ValueError("--quant and --deploy-arg apply to --model only")
-        return self
 
 
 def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = None) -> RunReport:
@@ -70,7 +51,7 @@ def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = Non
     staged = [
         stage_suite(suite, output / "data" / suite.name, limit=options.limit, cache_dir=cache_dir) for suite in suites
     ]
-    target = _connect(options, output)
+    target = connect(options, log_file=output / "server.log")
     report = RunReport(target=target.identity, options=_recorded_options(options, output))
     progress = progress or SuiteProgress(enabled=False)
     try:
@@ -86,22 +67,6 @@ def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = Non
     report.complete = all(r.status == "complete" for r in report.suites.values())
     report.write(output)
     return report
-
-
-def _connect(options: EvalOptions, output: Path) -> Target:
-    if options.url is not None:
-        return connect_url(options.url, api_key=options.api_key, model=options.served_model_name)
-    assert options.model is not None
-    return start_model(
-        options.model,
-        log_file=output / "server.log",
-        engine=options.engine,
-        served_model_name=options.served_model_name,
-        quant=options.quant,
-        quant_cache_dir=options.quant_cache_dir,
-        deploy_args=options.deploy_args,
-        startup_timeout=options.startup_timeout,
-    )
 
 
 def _run_suite(

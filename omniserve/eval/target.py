@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from omniserve.eval.errors import EndpointError, ServerStartError
 
@@ -52,6 +53,51 @@ class Target:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+class TargetOptions(BaseModel):
+    """Which server a run talks to: one it starts (``--model``) or one already running (``--url``).
+
+    Shared by ``omniserve eval`` and ``omniserve bench`` (and the quality gate), so both accept the
+    same ways to name a server and start it the same way.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path | None = Field(None, description="Checkpoint to serve on a free loopback port for the run.")
+    url: str | None = Field(None, description="An already running OpenAI-compatible server (its /v1 URL).")
+    api_key: str | None = None
+    served_model_name: str | None = None
+    engine: str = "transformers"
+    quant: str | None = None
+    quant_cache_dir: Path | None = None
+    deploy_args: list[str] = Field(default_factory=list, description="Extra `omniserve deploy` flags.")
+    startup_timeout: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TargetOptions:
+        if (self.model is None) == (self.url is None):
+            raise ValueError("give exactly one of --model (start a server) or --url (a running one)")
+        if self.url is not None and (self.quant or self.deploy_args):
+            raise ValueError("--quant and --deploy-arg apply to --model only")
+        return self
+
+
+def connect(options: TargetOptions, *, log_file: Path) -> Target:
+    """The running server ``options`` name, or a fresh ``omniserve deploy`` logging to ``log_file``."""
+    if options.url is not None:
+        return connect_url(options.url, api_key=options.api_key, model=options.served_model_name)
+    assert options.model is not None
+    return start_model(
+        options.model,
+        log_file=log_file,
+        engine=options.engine,
+        served_model_name=options.served_model_name,
+        quant=options.quant,
+        quant_cache_dir=options.quant_cache_dir,
+        deploy_args=options.deploy_args,
+        startup_timeout=options.startup_timeout,
+    )
 
 
 def connect_url(url: str, *, api_key: str | None = None, model: str | None = None, timeout: float = 10) -> Target:
