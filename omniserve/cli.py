@@ -233,8 +233,10 @@ def _check_gate_flags(quant: str | None, gate: str | None, force: bool) -> None:
         return
     from omniserve.eval.gate import parse_gate_spec
     from omniserve.eval.suites import load_suite
+    from omniserve.eval.worker import require_eval_extra
 
     try:
+        require_eval_extra()
         load_suite(parse_gate_spec(gate).suite)
     except EvalError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -183,3 +183,38 @@ def test_deploy_gate_mistakes_are_refused_before_quantizing(
     assert out.returncode == 2, out.stderr[-3000:]
     assert message in out.stderr
     assert not quant_cache.exists() or not any(quant_cache.iterdir()), "nothing was quantized"
+
+
+def test_missing_eval_extra_is_refused_before_anything_starts(demo_model: Path, tmp_path: Path) -> None:
+    """Without EvalScope installed (really not importable: a site folder without it), say which extra to install."""
+    import sysconfig
+
+    site = tmp_path / "site-without-evalscope"
+    site.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.lower().startswith("evalscope"):
+            (site / entry.name).symlink_to(entry)
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": f"{root}{os.pathsep}{site}", "PATH": os.environ["PATH"], "XDG_CACHE_HOME": str(tmp_path)}
+    cli = [sys.executable, "-S", "-m", "omniserve.cli"]  # -S: no site-packages but the folder above
+    quant_cache = tmp_path / "quantized"
+    deploy = ["deploy", "--model", str(demo_model), "--quant", "gptq", "--quant-cache-dir", str(quant_cache)]
+    gate = subprocess.run(
+        [*cli, *deploy, "--gate", "omni-synth", "--quantize-only"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert gate.returncode == 2, gate.stderr[-2000:]
+    assert "evalscope is not installed here: pip install 'omniserve[eval]'" in gate.stderr
+    assert not quant_cache.exists(), "nothing was quantized"
+    run = subprocess.run(
+        [*cli, "eval", "--suite", "text-mcq", "--url", "http://127.0.0.1:9/v1", "--output", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "pip install 'omniserve[eval]'" in run.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -16,11 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from omniserve.eval.cli import bench_command, eval_app
 from omniserve.eval.compare import compare_runs
 from omniserve.eval.errors import EndpointError
+from omniserve.eval.progress import SuiteProgress
 from omniserve.eval.report import RunReport
 from omniserve.eval.runner import EvalOptions, run_evaluation
 from tests.conftest import RunningServer, free_port, start_server
@@ -48,10 +51,29 @@ def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url_run(demo_server: RunningServer, eval_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> RunReport:
+def url_progress() -> io.StringIO:
+    """What the live progress display of ``url_run`` drew, as a terminal would receive it."""
+    return io.StringIO()
+
+
+@pytest.fixture(scope="module")
+def url_run(
+    demo_server: RunningServer, eval_cache: Path, url_progress: io.StringIO, tmp_path_factory: pytest.TempPathFactory
+) -> RunReport:
     output = tmp_path_factory.mktemp("url-run")
     options = EvalOptions(suites=SUITES, url=f"{demo_server.base_url}/v1", limit=4, output=output, cache_dir=eval_cache)
-    return run_evaluation(options)
+    console = Console(file=url_progress, force_terminal=True, width=160)
+    return run_evaluation(options, progress=SuiteProgress(console))
+
+
+def test_progress_shows_each_suite_items_done_and_score(url_run: RunReport, url_progress: io.StringIO) -> None:
+    text = url_progress.getvalue()
+    for name, result in url_run.suites.items():
+        total = result.samples.scored
+        assert total > 0
+        final = f"{total}/{total}"
+        score = f"score {result.score * 100:.1f} (complete)"
+        assert any(name in line and final in line and score in line for line in text.splitlines()), (name, text[-2000:])
 
 
 def _cli() -> typer.Typer:

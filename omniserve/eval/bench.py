@@ -21,7 +21,7 @@ from omniserve.eval.bench_data import Media, inspect_file, write_synthetic
 from omniserve.eval.errors import BenchError
 from omniserve.eval.report import library_versions
 from omniserve.eval.target import TargetOptions, connect
-from omniserve.eval.worker import Worker, default_eval_cache_dir
+from omniserve.eval.worker import Worker, default_eval_cache_dir, require_eval_extra
 
 
 class BenchOptions(TargetOptions):
@@ -98,6 +98,7 @@ class BenchReport(BaseModel):
 
 def run_bench(options: BenchOptions) -> BenchReport:
     """Run every level, write bench.json / bench.md / bench.png; raise ``BenchError`` if a level has no result."""
+    require_eval_extra(charts=True)
     cache_dir = options.cache_dir or default_eval_cache_dir()
     folder = options.output or Path("omniserve-bench") / datetime.now().strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from omniserve.atomic_files import write_text_atomic, write_with
 from omniserve.eval.errors import EvalError
 from omniserve.eval.report import REPORT_JSON, RunReport
+from omniserve.eval.worker import require_eval_extra
 
 COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
@@ -53,6 +54,7 @@ def compare_runs(runs: list[Path], output: Path) -> Comparison:
     """Read each run's report, write compare.json/.md/.png into ``output``; the first run is the baseline."""
     if not runs:
         raise EvalError("give at least one run folder")
+    require_eval_extra(evalscope=False, charts=True)
     reports = []
     for run in runs:
         file = Path(run) / REPORT_JSON if Path(run).is_dir() else Path(run)

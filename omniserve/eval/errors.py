@@ -13,6 +13,12 @@ class EvalError(Exception):
     exit_code: int = 1
 
 
+class MissingExtra(EvalError):
+    """A package of the ``eval`` extra is not installed; found before any server or worker starts."""
+
+    exit_code = 2
+
+
 class UnknownSuite(EvalError):
     """A suite name that is neither a built-in suite nor a file."""
 

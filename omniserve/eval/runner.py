@@ -22,7 +22,7 @@ from omniserve.eval.report import RunReport, SampleCounts, SuiteResult
 from omniserve.eval.results import SAMPLE_METRIC, answered, collect, review_lines, running_score
 from omniserve.eval.suites import load_suite
 from omniserve.eval.target import Target, TargetOptions, connect
-from omniserve.eval.worker import Worker, default_eval_cache_dir
+from omniserve.eval.worker import Worker, default_eval_cache_dir, require_eval_extra
 
 _POLL_SECONDS = 0.5
 _HEALTH_EVERY = 2.0
@@ -44,6 +44,7 @@ class EvalOptions(TargetOptions):
 
 def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = None) -> RunReport:
     """Run every suite and write ``report.json`` / ``report.md`` into the run folder; return the report."""
+    require_eval_extra()
     suites = [load_suite(ref) for ref in options.suites]
     cache_dir = options.cache_dir or default_eval_cache_dir()
     output = options.output or _default_output(options)

@@ -9,6 +9,7 @@ of seconds or fetching a dataset behind the user's back.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -18,10 +19,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omniserve.eval.errors import MissingExtra
+
 #: Nothing listens on the discard port of loopback: a hub request is refused immediately.
 UNREACHABLE_HUB = "http://127.0.0.1:9"
 #: The server's API key reaches the worker through its environment, never through the job file on disk.
 API_KEY_VARIABLE = "OMNISERVE_EVAL_API_KEY"
+
+
+def require_eval_extra(*, evalscope: bool = True, charts: bool = False) -> None:
+    """Refuse at once, naming the fix, when EvalScope (or matplotlib for charts) is missing.
+
+    Without it the worker would die only after a server was started (and, for the gate, after a
+    model was quantized), with an import error in a log file.
+    """
+    needed = [*(["evalscope"] if evalscope else []), *(["matplotlib"] if charts else [])]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtra(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed here: "
+            "pip install 'omniserve[eval]'"
+        )
 
 
 def default_eval_cache_dir() -> Path:
