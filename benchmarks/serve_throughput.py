@@ -164,11 +164,15 @@ def start_server(model_dir: Path | None, port: int, max_concurrency: int, cache:
     if model_dir is not None:
         cmd += ["--model", str(model_dir)]
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)} if model_dir is None else None
-    proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 300
+    return wait_healthy(subprocess.Popen(cmd, env=env), port, timeout=300)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, *, timeout: float) -> subprocess.Popen:
+    """``proc`` once its /health answers 200; exits the benchmark if it dies or never gets there."""
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise SystemExit("the server exited during start-up")
+            raise SystemExit(f"the server exited during start-up: {' '.join(map(str, proc.args))}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc

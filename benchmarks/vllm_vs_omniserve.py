@@ -23,11 +23,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-from serve_throughput import free_port, run_level, tiny_png
+from serve_throughput import free_port, run_level, tiny_png, wait_healthy
 
 MAX_MODEL_LEN = 2048
 KV_CACHE_BYTES = 1 << 30
@@ -55,19 +53,7 @@ def omniserve_command(model: Path, port: int, max_seqs: int) -> list[str]:
 
 def serve(command: list[str], port: int) -> subprocess.Popen:
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited during start-up: {' '.join(command)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("the server did not become healthy")
-        time.sleep(0.5)
+    return wait_healthy(proc, port, timeout=600)
 
 
 def measure(name: str, command: list[str], port: int, levels: list[int], args: argparse.Namespace) -> list[dict]:
