@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from omniserve.cli_errors import exit_on
 from omniserve.config import EngineConfig, MediaLimits, ServerConfig
 
 app = typer.Typer(
@@ -212,11 +213,8 @@ def _quantized(model: Path, quant: str, cache_dir: Path | None) -> Path:
     from omniserve.quantize.cli import model_for_deploy
     from omniserve.quantize.errors import QuantizeError
 
-    try:
+    with exit_on(QuantizeError):
         return model_for_deploy(model, quant, cache_dir)
-    except QuantizeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
 
 
 def _check_gate_flags(quant: str | None, gate: str | None, force: bool) -> None:
@@ -235,12 +233,9 @@ def _check_gate_flags(quant: str | None, gate: str | None, force: bool) -> None:
     from omniserve.eval.suites import load_suite
     from omniserve.eval.worker import require_eval_extra
 
-    try:
+    with exit_on(EvalError):
         require_eval_extra()
         load_suite(parse_gate_spec(gate).suite)
-    except EvalError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
 
 
 def _gate(original: Path, quantized: Path, spec: str, force: bool, engine: str, deploy_args: list[str]) -> None:
@@ -248,11 +243,8 @@ def _gate(original: Path, quantized: Path, spec: str, force: bool, engine: str, 
     from omniserve.eval.gate import gate_or_refuse
 
     typer.echo(f"quality gate: scoring {quantized} against {original} on {spec} (once; cached after)", err=True)
-    try:
+    with exit_on(EvalError):
         result = gate_or_refuse(original, quantized, spec, force, engine=engine, deploy_args=deploy_args)
-    except EvalError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     typer.echo(result.summary(), err=True)
 
 

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from omniserve.cli_errors import exit_on
+
 eval_app = typer.Typer(
     help="Score a model on offline suites through EvalScope; `eval compare` puts runs side by side.",
     invoke_without_command=True,
@@ -86,11 +88,8 @@ def eval_command(
     except ValidationError as exc:
         typer.echo(f"error: invalid option: {_first_error(exc)}", err=True)
         raise typer.Exit(2) from None
-    try:
+    with exit_on(EvalError):
         report = run_evaluation(options, progress=SuiteProgress(enabled=progress))
-    except EvalError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     typer.echo(report.markdown())
     typer.echo(f"report: {Path(report.options['output']) / 'report.json'}")
     if not report.complete:
@@ -109,11 +108,8 @@ def compare_command(
     from omniserve.eval.compare import compare_runs
     from omniserve.eval.errors import EvalError
 
-    try:
+    with exit_on(EvalError):
         comparison = compare_runs(runs, output or Path("omniserve-compare"))
-    except EvalError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     typer.echo(comparison.markdown())
     typer.echo(f"plot: {comparison.plot}")
 
@@ -181,11 +177,8 @@ def bench_command(
     except ValidationError as exc:
         typer.echo(f"error: invalid option: {_first_error(exc)}", err=True)
         raise typer.Exit(2) from None
-    try:
+    with exit_on(EvalError):
         report = run_bench(options)
-    except EvalError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     typer.echo(report.markdown())
     typer.echo(f"results: {report.folder / 'bench.json'}; chart: {report.folder / 'bench.png'}")
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from omniserve.cli_errors import exit_on
 from omniserve.quantize.errors import QuantizeError
 from omniserve.quantize.options import QuantizeOptions
 
@@ -57,12 +58,9 @@ def quantize(
         raise typer.Exit(2) from None
     from omniserve.quantize.run import execute, prepare
 
-    try:
+    with exit_on(QuantizeError):
         plan = prepare(options)  # every file-level check first: a bad flag costs milliseconds, not a model load
         result = execute(plan)
-    except QuantizeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     typer.echo(result.report.table())
     typer.echo(str(result.output))
 
