@@ -287,7 +287,14 @@ def serve(engine_name: str, engine_config: EngineConfig, server_config: ServerCo
         lifespan="on",
     )
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn exits with its own code (3) when the app fails to start; a model that did not load is
+        # exit 1 like every other load failure (3 means a refused quality gate), and it was reported
+        if getattr(app_.state, "start_failure", None) is None:
+            raise
+        return 1
     return 0 if server.started else 1
 
 

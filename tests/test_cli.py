@@ -151,3 +151,26 @@ def test_deploy_quant_fills_the_cache_once(tmp_path: Path, tiny_qwen2: Path) -> 
         timeout=120,
     )
     assert refused.returncode != 0 and "int3" in refused.stderr
+
+
+def test_a_checkpoint_missing_weights_is_refused_in_one_message_with_exit_1(tmp_path: Path, tiny_qwen2: Path) -> None:
+    """transformers would fill the gap with random weights; deploy refuses, names them, and exits 1 (not 3)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen2, broken)
+    weights = load_file(broken / "model.safetensors")
+    removed = "model.layers.0.mlp.down_proj.weight"
+    del weights[removed]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    out = subprocess.run(
+        [*CLI, "deploy", "--model", str(broken), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"{broken} lacks weights the model needs ({removed})" in out.stderr
+    assert "Traceback" not in out.stderr, "the message alone, not a traceback around it"

@@ -527,6 +527,21 @@ def test_unsupported_architecture_fails_at_start_naming_engine_model_and_fix(tin
     assert "--engine transformers" in text and len(text) < 600
 
 
+def test_too_small_kv_cache_fails_at_start_with_the_engine_cores_own_error(tiny_qwen2: Path) -> None:
+    """The engine core child fails, not the parent: deploy quotes the child's error with the fix, exit 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "omniserve.cli", "deploy", "--model", str(tiny_qwen2), "--engine", "vllm",
+         "--port", "0", "--max-model-len", "2048", "--engine-arg", "kv_cache_memory_bytes=4096"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = [x for x in result.stderr.splitlines() if "the vllm engine could not start" in x]
+    assert str(tiny_qwen2) in line
+    assert "No available memory for the cache blocks" in line, "the child's root cause, not 'see above'"
+    assert "Fix: give the KV cache more memory (--engine-arg kv_cache_memory_bytes=" in line
+    assert "omniserve/engines/vllm_engine.py" not in result.stderr, "no omniserve traceback around the message"
+
+
 def test_cli_refuses_a_bad_engine_arg_with_exit_code_1(tiny_qwen2: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "omniserve.cli", "deploy", "--model", str(tiny_qwen2), "--engine", "vllm",

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from omniserve.config import EngineConfig
 from omniserve.engines.adapter_support import InProcessEngine, engine_args_from_cli_parser
 from omniserve.engines.base import ChoiceDelta, GenerationRequest, TokenLogprobs
+from omniserve.engines.child_stderr import ChildStderrTail
 from omniserve.errors import (
     EngineError,
     EngineUnavailable,
@@ -196,10 +197,13 @@ class VllmEngine(InProcessEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self._config
+        children = ChildStderrTail()
         try:
-            self._llm = AsyncLLM.from_engine_args(self.build_engine_args())
+            with children:
+                self._llm = AsyncLLM.from_engine_args(self.build_engine_args())
         except Exception as exc:
-            raise ModelLoadError(_start_failure(cfg, exc)) from exc
+            children.settle()
+            raise ModelLoadError(_start_failure(cfg, exc, children.root_cause())) from exc
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         self._started(self._llm.model_config.max_model_len, _eos_token_ids(cfg, self._tokenizer))
         await self._warmup()
@@ -332,16 +336,27 @@ def _identity_failure(produced: list[int], expected: list[int]) -> str:
     )
 
 
-def _start_failure(config: EngineConfig, exc: Exception) -> str:
-    """One message naming the engine, the model, what went wrong and the likely fix."""
+def _start_failure(config: EngineConfig, exc: Exception, child_error: str | None = None) -> str:
+    """One message naming the engine, the model, what went wrong and the likely fix.
+
+    ``child_error`` is the engine core process's own error, when the parent only learnt that the
+    child failed ("Engine core initialization failed").
+    """
     text = _short(exc)
+    if child_error and "engine core initialization failed" in text.lower():
+        text = _short(RuntimeError(child_error)).removeprefix("RuntimeError: ")
     lowered = text.lower()
     if "architecture" in lowered and "support" in lowered:
         fix = "vLLM does not implement this architecture; serve it with --engine transformers"
+    elif "cache blocks" in lowered or "kv cache" in lowered:
+        fix = (
+            "give the KV cache more memory (--engine-arg kv_cache_memory_bytes=... on CPUs, "
+            "--engine-arg gpu_memory_utilization=... on GPUs) or lower --max-model-len"
+        )
     elif "memory" in lowered:
         fix = (
-            "lower --max-model-len or the KV cache (--engine-arg kv_cache_memory_bytes=... on CPUs, "
-            "--engine-arg gpu_memory_utilization=... on GPUs)"
+            "lower --max-model-len, --max-concurrency or the KV cache (--engine-arg kv_cache_memory_bytes=... "
+            "on CPUs, --engine-arg gpu_memory_utilization=... on GPUs), or use a machine with more memory"
         )
     elif "engine core initialization failed" in lowered:
         fix = "vLLM's engine process failed: its own error is in the log above"

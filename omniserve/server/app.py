@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from omniserve import __version__
 from omniserve.config import EngineConfig, ServerConfig
 from omniserve.engines.base import Engine
+from omniserve.errors import ModelLoadError
 from omniserve.server.auth import ApiKeyAuth
 from omniserve.server.body_limit import BodyLimitMiddleware
 from omniserve.server.errors import install_error_handlers
@@ -25,6 +26,31 @@ from omniserve.templates.render import PromptRenderer
 log = logging.getLogger(__name__)
 
 _COUNTED_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
+
+
+class StartFailureReport:
+    """Report a model that fails to load as its one-line message, not as a traceback.
+
+    uvicorn logs whatever text the app sends with ``lifespan.startup.failed``, and Starlette sends the
+    whole traceback. A ``ModelLoadError`` already says what failed and how to fix it (engine, model,
+    cause, fix), so that message is sent instead; other start-up errors keep their traceback.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def report(message: Message) -> None:
+            failure = getattr(scope["app"].state, "start_failure", None)
+            if message["type"] == "lifespan.startup.failed" and failure is not None:
+                message = {**message, "message": str(failure)}
+            await send(message)
+
+        await self.app(scope, receive, report)
 
 
 class RequestCounter:
@@ -60,7 +86,11 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One after the other: transformers' lazy imports are not safe from two threads at once
         # (a concurrent first import fails with "cannot import name 'AutoProcessor'").
-        await engine.start()
+        try:
+            await engine.start()
+        except ModelLoadError as exc:
+            app.state.start_failure = exc  # reported by StartFailureReport and `omniserve deploy`'s exit code
+            raise
         renderer = await asyncio.to_thread(PromptRenderer.from_pretrained, engine_config.model)
         renderer.max_model_len = engine.model_info.max_model_len
         app.state.ctx = ServingContext(
@@ -81,4 +111,5 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_bytes)
     app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(StartFailureReport)
     return app

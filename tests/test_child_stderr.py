@@ -1,0 +1,39 @@
+"""An engine child's own error reaches the start-up failure message, and its stderr still reaches the user."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from omniserve.engines.child_stderr import ChildStderrTail
+
+CHILD = (
+    "import sys; "
+    "print('(EngineCore pid=7) INFO 11-28 08:51:50 [core.py:90] loading', file=sys.stderr); "
+    "print('(EngineCore pid=7) ERROR 11-28 08:51:57 [core.py:1510] ValueError: No available memory for the cache "
+    "blocks.', file=sys.stderr); "
+    "print('(EngineCore pid=7) ERROR 11-28 08:51:58 [core.py:1511] done', file=sys.stderr); sys.exit(1)"
+)
+
+
+def test_a_dead_childs_error_is_kept_and_forwarded(capfd: pytest.CaptureFixture[str]) -> None:
+    tail = ChildStderrTail()
+    with tail:
+        code = subprocess.call([sys.executable, "-c", CHILD])  # inherits fd 2, as vLLM's engine core does
+        print("parent line", file=sys.stderr)
+    assert code == 1
+    tail.settle()
+    assert tail.root_cause() == "ValueError: No available memory for the cache blocks."
+    print("after", file=sys.stderr)  # this process writes to the real stderr again
+    err = capfd.readouterr().err
+    assert "[core.py:90] loading" in err and "parent line" in err and err.rstrip().endswith("after")
+
+
+def test_no_error_line_means_no_cause() -> None:
+    tail = ChildStderrTail()
+    with tail:
+        subprocess.call([sys.executable, "-c", "import sys; print('all fine', file=sys.stderr)"])
+    tail.settle()
+    assert tail.root_cause() is None
