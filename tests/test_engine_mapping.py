@@ -79,6 +79,27 @@ def test_missing_engine_package_is_one_clear_error(name: str, tiny_qwen2: Path) 
     assert "--engine transformers" in text
 
 
+@pytest.mark.parametrize("name", ["sglang", "lmdeploy"])
+def test_a_failed_start_is_one_message_with_the_engines_own_error(name: str, tiny_qwen2: Path) -> None:
+    """Without CUDA both engines fail to start for real; LMDeploy even calls exit(1) after logging why."""
+    import asyncio
+
+    if not _importable(name):
+        pytest.skip(f"{name} is not installed here")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the engine may start")
+    engine = create_engine(name, EngineConfig(model=tiny_qwen2, served_model_name="x", dtype="bfloat16"))
+    with pytest.raises(ModelLoadError) as info:
+        asyncio.run(engine.start())
+    text = str(info.value)
+    assert text.startswith(f"the {name} engine could not start {tiny_qwen2}: ") and "\n" not in text
+    assert "Fix: " in text and "--engine transformers" in text
+    if name == "lmdeploy":  # its checker logs the reason, then exits: the reason is quoted, not "status 1"
+        assert "Found no NVIDIA driver" in text and "needs a CUDA GPU" in text
+
+
 def test_unknown_engine_names_the_available_ones(tiny_qwen2: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"available: .*transformers"):
         create_engine("nonesuch", EngineConfig(model=tiny_qwen2, served_model_name="x"))

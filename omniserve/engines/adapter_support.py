@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import difflib
 import importlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from omniserve.config import EngineConfig
 from omniserve.engines.base import ChoiceDelta, Engine, EngineStats, GenerationRequest, ModelInfo, TokenLogprobs
+from omniserve.engines.child_output import ChildOutputTail
 from omniserve.engines.detokenizer import IncrementalDetokenizer
 from omniserve.errors import EngineUnavailable, ModelLoadError, QueueFull
 
@@ -98,10 +100,37 @@ class InProcessEngine(Engine):
             eos_token_ids=eos_token_ids,
         )
 
-    def _start_failed(self, exc: Exception, fix: str) -> ModelLoadError:
-        return ModelLoadError(
-            f"the {self.NAME} engine could not start {self._config.model}: {type(exc).__name__}: {exc}. Fix: {fix}"
-        )
+    @contextlib.contextmanager
+    def _starting(self) -> Iterator[None]:
+        """Build the engine inside this block; a failure becomes one ``ModelLoadError`` (``_start_failure``).
+
+        The engines build their workers in child processes, whose errors reach the parent only as
+        "initialization failed, see above": what they print is kept meanwhile to quote it.
+        """
+        children = ChildOutputTail()
+        try:
+            with children:
+                yield
+        except (Exception, SystemExit) as exc:  # LMDeploy's environment checks call exit(1)
+            children.settle()
+            raise ModelLoadError(self._start_failure(exc, children.root_cause())) from exc
+
+    def _start_failure(self, exc: BaseException, child_error: str | None) -> str:
+        """The message for a failed start; an adapter that recognises its engine's failures overrides it."""
+        if isinstance(exc, SystemExit):
+            cause = child_error or f"the engine exited with status {exc.code}"
+        else:
+            cause = f"{type(exc).__name__}: {exc}"
+            if child_error and child_error not in cause:
+                cause += f" (engine process: {child_error})"
+        if "nvidia" in cause.lower() or "cuda" in cause.lower():
+            fix = f"{self.NAME} needs a CUDA GPU and its driver; without one, serve with --engine transformers"
+        else:
+            fix = (
+                f"check the engine args (--engine-arg) and that {self.NAME} supports this architecture, "
+                "or use --engine transformers"
+            )
+        return f"the {self.NAME} engine could not start {self._config.model}: {cause}. Fix: {fix}"
 
     def _check_ready(self) -> None:
         if not self.is_ready():

@@ -190,15 +190,9 @@ class LMDeployEngine(InProcessEngine):
         from transformers import AutoConfig, AutoTokenizer
 
         cfg = self._config
-        try:
+        with self._starting():
             self._engine = AsyncEngine(str(cfg.model), backend=self._backend, backend_config=self.backend_config())
             self._engine.start_loop(asyncio.get_running_loop(), use_async_api=True)
-        except Exception as exc:
-            raise self._start_failed(
-                exc,
-                "check the engine args (--engine-arg) and that LMDeploy supports this architecture, "
-                "or use --engine transformers",
-            ) from exc
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         self._image_token_id = getattr(AutoConfig.from_pretrained(str(cfg.model)), "image_token_id", None)
         self._started(int(self._engine.session_len))

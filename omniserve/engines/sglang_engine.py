@@ -144,14 +144,8 @@ class SGLangEngine(InProcessEngine):
         from transformers import AutoTokenizer
 
         cfg = self._config
-        try:
+        with self._starting():
             self._engine = sglang.Engine(**self.server_args())
-        except Exception as exc:
-            raise self._start_failed(
-                exc,
-                "check the engine args (--engine-arg) and that SGLang supports this architecture, "
-                "or use --engine transformers",
-            ) from exc
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         self._started(cfg.max_model_len or int(self._engine.tokenizer_manager.context_len))
 

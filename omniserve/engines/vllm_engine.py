@@ -34,12 +34,10 @@ from typing import TYPE_CHECKING, Any
 from omniserve.config import EngineConfig
 from omniserve.engines.adapter_support import InProcessEngine, engine_args_from_cli_parser
 from omniserve.engines.base import ChoiceDelta, GenerationRequest, TokenLogprobs
-from omniserve.engines.child_stderr import ChildStderrTail
 from omniserve.errors import (
     EngineError,
     EngineUnavailable,
     InvalidRequest,
-    ModelLoadError,
     UnsupportedParameter,
 )
 from omniserve.sampling import SamplingParams
@@ -197,13 +195,8 @@ class VllmEngine(InProcessEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self._config
-        children = ChildStderrTail()
-        try:
-            with children:
-                self._llm = AsyncLLM.from_engine_args(self.build_engine_args())
-        except Exception as exc:
-            children.settle()
-            raise ModelLoadError(_start_failure(cfg, exc, children.root_cause())) from exc
+        with self._starting():
+            self._llm = AsyncLLM.from_engine_args(self.build_engine_args())
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         self._started(self._llm.model_config.max_model_len, _eos_token_ids(cfg, self._tokenizer))
         await self._warmup()
@@ -218,6 +211,9 @@ class VllmEngine(InProcessEngine):
         engine_input = await self.engine_input(RenderedPrompt(token_ids=list(ids)))
         async for _ in self._llm.generate(engine_input, VllmSamplingParams(max_tokens=2), "omniserve-warmup"):
             pass
+
+    def _start_failure(self, exc: BaseException, child_error: str | None) -> str:
+        return describe_start_failure(self._config, exc, child_error)
 
     def _shutdown(self) -> None:
         if self._llm is not None:
@@ -336,7 +332,7 @@ def _identity_failure(produced: list[int], expected: list[int]) -> str:
     )
 
 
-def _start_failure(config: EngineConfig, exc: Exception, child_error: str | None = None) -> str:
+def describe_start_failure(config: EngineConfig, exc: BaseException, child_error: str | None = None) -> str:
     """One message naming the engine, the model, what went wrong and the likely fix.
 
     ``child_error`` is the engine core process's own error, when the parent only learnt that the
@@ -365,7 +361,7 @@ def _start_failure(config: EngineConfig, exc: Exception, child_error: str | None
     return f"the {ENGINE} engine could not start {config.model}: {text.rstrip('.')}. Fix: {fix}"
 
 
-def _short(exc: Exception, limit: int = 400) -> str:
+def _short(exc: BaseException, limit: int = 400) -> str:
     """An exception in one line: pydantic's boilerplate and vLLM's list of every architecture dropped."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     kept = [line for line in lines if "errors.pydantic.dev" not in line and "validation error for" not in line]

@@ -1,4 +1,4 @@
-"""An engine child's own error reaches the start-up failure message, and its stderr still reaches the user."""
+"""An engine child's own error reaches the start-up failure message, and its output still reaches the user."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from omniserve.engines.child_stderr import ChildStderrTail
+from omniserve.engines.child_output import ChildOutputTail
 
 CHILD = (
     "import sys; "
@@ -19,7 +19,7 @@ CHILD = (
 
 
 def test_a_dead_childs_error_is_kept_and_forwarded(capfd: pytest.CaptureFixture[str]) -> None:
-    tail = ChildStderrTail()
+    tail = ChildOutputTail()
     with tail:
         code = subprocess.call([sys.executable, "-c", CHILD])  # inherits fd 2, as vLLM's engine core does
         print("parent line", file=sys.stderr)
@@ -32,8 +32,21 @@ def test_a_dead_childs_error_is_kept_and_forwarded(capfd: pytest.CaptureFixture[
 
 
 def test_no_error_line_means_no_cause() -> None:
-    tail = ChildStderrTail()
+    tail = ChildOutputTail()
     with tail:
         subprocess.call([sys.executable, "-c", "import sys; print('all fine', file=sys.stderr)"])
     tail.settle()
     assert tail.root_cause() is None
+
+
+def test_an_error_logged_to_stdout_is_found_too(capfd: pytest.CaptureFixture[str]) -> None:
+    """LMDeploy logs its environment checks to stdout, then exits."""
+    line = (
+        "2026-11-28 09:02:56,115 - lmdeploy - ERROR - base.py:54 - RuntimeError: Found no NVIDIA driver on your system."
+    )
+    tail = ChildOutputTail()
+    with tail:
+        subprocess.call([sys.executable, "-c", f"print({line!r})"])
+    tail.settle()
+    assert tail.root_cause() == "RuntimeError: Found no NVIDIA driver on your system."
+    assert line in capfd.readouterr().out
