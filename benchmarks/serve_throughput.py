@@ -203,7 +203,8 @@ def main() -> None:
             asyncio.run(run_level(base, "bench", max(levels), max(levels), 8, image))  # warm-up
             results = [asyncio.run(run_level(base, "bench", c, args.requests, args.max_tokens, image)) for c in levels]
             overhead = [
-                asyncio.run(gateway_overhead(base, "bench", c, args.requests, image)) for c in (levels[0], levels[-1])
+                asyncio.run(gateway_overhead(base, "bench", c, args.requests, image))
+                for c in dict.fromkeys((levels[0], levels[-1]))
             ]
         finally:
             proc.send_signal(signal.SIGINT)
