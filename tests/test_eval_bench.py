@@ -108,3 +108,32 @@ def test_bad_benchmark_data_is_refused_before_any_request(server: RunningServer,
         run_bench(BenchOptions(url=url, dataset=str(wrong), output=tmp_path / "b"))
     with pytest.raises(ValidationError, match="--media applies to --dataset synthetic"):
         BenchOptions(url=url, dataset=str(wrong), media="image")
+
+
+def test_ignore_eos_makes_every_reply_max_tokens_long(tmp_path: Path) -> None:
+    """The trained demo model answers in a couple of tokens; a load test must not depend on that."""
+    from omniserve.models.demo import demo_model_path
+
+    demo = demo_model_path()
+    srv = start_server(demo, name="tiny-omni-demo", engine={"max_concurrency": 4, "max_queue": 16})
+    try:
+
+        def bench(ignore_eos: bool) -> BenchReport:
+            options = BenchOptions(
+                url=f"{srv.base_url}/v1",
+                concurrency=[2],
+                requests=4,
+                max_tokens=24,
+                ignore_eos=ignore_eos,
+                tokenizer=demo,
+                output=tmp_path / f"ignore-eos-{ignore_eos}",
+                cache_dir=tmp_path / "cache",
+            )
+            return run_bench(options)
+
+        forced, natural = bench(True), bench(False)
+    finally:
+        srv.stop()
+    assert forced.levels[0].avg_output_tokens == pytest.approx(24, abs=0.5)
+    assert natural.levels[0].avg_output_tokens < 12, "the demo model stops early by itself"
+    assert "24 tokens out" in forced.markdown() and "up to 24 tokens out" in natural.markdown()

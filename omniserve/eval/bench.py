@@ -31,6 +31,11 @@ class BenchOptions(TargetOptions):
     media: Media = "none"
     stream: bool = True
     max_tokens: int = Field(64, ge=1)
+    ignore_eos: bool = Field(
+        True,
+        description="Ask for exactly max_tokens per reply (the server's ignore_eos), so figures do not depend on "
+        "when a model happens to stop; off for servers that refuse the field.",
+    )
     output: Path | None = None
     tokenizer: Path | None = None
     cache_dir: Path | None = None
@@ -80,7 +85,8 @@ class BenchReport(BaseModel):
     def markdown(self) -> str:
         lines = [
             f"Benchmark of {self.target.get('model')} ({'stream' if self.options.get('stream') else 'no stream'}, "
-            f"{self.options.get('max_tokens')} tokens out, dataset {self.options.get('dataset')}"
+            f"{'' if self.options.get('ignore_eos') else 'up to '}{self.options.get('max_tokens')} tokens out, "
+            f"dataset {self.options.get('dataset')}"
             f"{', media ' + str(self.options.get('media')) if self.options.get('media') != 'none' else ''})",
             "",
             "| concurrency | ok/failed | req/s | out tok/s | TTFT ms mean/p50/p99 | TPOT ms mean/p50/p99 "
@@ -123,6 +129,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
             "number": [count] * len(options.concurrency),
             "stream": options.stream,
             "max_tokens": options.max_tokens,
+            "extra_args": {"ignore_eos": True} if options.ignore_eos else None,
             "temperature": 0.0,
             "seed": 0,
             "sleep_interval": 0,

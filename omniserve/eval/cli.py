@@ -127,6 +127,13 @@ def bench_command(
     ] = "none",
     stream: Annotated[bool, typer.Option(help="Stream replies (needed for TTFT/ITL).")] = True,
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
+    ignore_eos: Annotated[
+        bool,
+        typer.Option(
+            help="Generate exactly --max-tokens per reply (sends ignore_eos, as vLLM/SGLang accept); "
+            "--no-ignore-eos for servers that refuse the field, replies then stop at the model's end."
+        ),
+    ] = True,
     output: Annotated[
         Path | None, typer.Option(help="Folder for bench.json/.md/.png. Default: ./omniserve-bench/<time>.")
     ] = None,
@@ -164,6 +171,7 @@ def bench_command(
             media=media,
             stream=stream,
             max_tokens=max_tokens,
+            ignore_eos=ignore_eos,
             output=output,
             api_key=api_key,
             served_model_name=served_model_name,

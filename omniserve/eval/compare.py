@@ -123,7 +123,8 @@ def _plot(comparison: Comparison) -> None:
     ax.set_ylabel("score (%)")
     ax.set_ylim(0, 110)
     ax.set_title("Scores per suite (labels: retention vs the first run)")
-    ax.legend(fontsize=8)
+    # below the axes: inside, it covers the bars of scores near 100
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(labels), 3), frameon=False)
     fig.tight_layout()
     write_with(comparison.plot, lambda staging: fig.savefig(staging, dpi=110, format="png"))
     plt.close(fig)
