@@ -50,3 +50,22 @@ def test_an_error_logged_to_stdout_is_found_too(capfd: pytest.CaptureFixture[str
     tail.settle()
     assert tail.root_cause() == "RuntimeError: Found no NVIDIA driver on your system."
     assert line in capfd.readouterr().out
+
+
+def test_a_process_started_with_stdout_closed_can_still_start_an_engine() -> None:
+    """Daemons are sometimes started with a stream closed: the capture then skips it instead of failing."""
+    import os
+
+    code = (
+        "import sys\n"
+        "from omniserve.engines.child_output import ChildOutputTail\n"
+        "tail = ChildOutputTail()\n"
+        "with tail:\n"
+        "    print('ValueError: seen on stderr', file=sys.stderr, flush=True)\n"
+        "tail.settle()\n"
+        "assert tail.root_cause() == 'ValueError: seen on stderr', tail.root_cause()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1)
+    )
+    assert result.returncode == 0, result.stderr.decode()

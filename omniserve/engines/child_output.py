@@ -34,11 +34,14 @@ class ChildOutputTail:
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> ChildOutputTail:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        _flush()
         for fd in _STREAMS:
+            try:
+                saved = os.dup(fd)
+            except OSError:  # started with that stream closed: nothing to forward, nothing to keep
+                continue
             read_end, write_end = os.pipe()
-            self._saved[fd] = os.dup(fd)
+            self._saved[fd] = saved
             os.dup2(write_end, fd)
             os.close(write_end)
             thread = threading.Thread(target=self._forward, args=(read_end, self._saved[fd]), daemon=True)
@@ -49,8 +52,7 @@ class ChildOutputTail:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        _flush()
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)  # this process writes to the real streams again; the children keep the pipes
 
@@ -85,3 +87,10 @@ class ChildOutputTail:
             if match and "initialization failed" not in match.group(0).lower():
                 return match.group(0)
         return None
+
+
+def _flush() -> None:
+    """Python's buffered output goes out before the descriptors under it change."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
