@@ -13,14 +13,12 @@ import json
 import random
 from pathlib import Path
 
-#: Palette shared by every image: names a model can be asked about, far apart in RGB.
+from omniserve.synth.media import COLOURS
+
+#: Palette shared by every image: names a model can be asked about, far apart in RGB. The synthetic
+#: training tasks' chromatic colours (same names, same RGB), the six the committed data was made with.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 220),
-    "yellow": (240, 220, 30),
-    "purple": (140, 40, 180),
-    "orange": (250, 140, 20),
+    name: COLOURS[name] for name in ("red", "green", "blue", "yellow", "purple", "orange")
 }
 SHAPES = ("circle", "square", "triangle")
 SIZE = 48
