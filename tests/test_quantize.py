@@ -129,11 +129,11 @@ def test_text_model_skips_media_samples_and_says_so(quantized: Callable[[str, st
 def test_transformers_reload_reports_no_missing_or_unexpected_weights(
     quantized: Callable[[str, str], Path], kind: str, method: str
 ) -> None:
-    from omniserve.quantize.verify import captured_load_report, load_model
+    from omniserve.models.loading import load_checkpoint
 
-    with captured_load_report() as rows:
-        load_model(quantized(kind, method), device="cpu", dequantize=True)
-    assert rows == []
+    checkpoint = load_checkpoint(quantized(kind, method), dtype="auto", allow_auto_dtype=True)
+    assert checkpoint.dequantized
+    assert checkpoint.report.lines() == []
 
 
 @pytest.mark.parametrize(("kind", "method"), CASES)
@@ -162,9 +162,9 @@ def test_quantized_checkpoint_serves_through_the_real_server(
 
 def test_vision_language_ignore_list_names_both_memory_and_checkpoint_keys(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
     """Qwen2-VL's tower is ``model.visual`` in memory and ``visual`` on disk: both must be ignored."""
+    from omniserve.models.loading import load_checkpoint
     from omniserve.quantize.options import QuantizeOptions
     from omniserve.quantize.run import quantize
-    from omniserve.quantize.verify import captured_load_report, load_model
 
     out = quantize(
         QuantizeOptions(model=tiny_qwen2_vl, method="gptq", output=tmp_path / "vl", num_samples=4, progress=False)
@@ -172,9 +172,9 @@ def test_vision_language_ignore_list_names_both_memory_and_checkpoint_keys(tiny_
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert "visual.blocks.0.attn.qkv" in ignore  # what compressed-tensors writes (checkpoint names, for vLLM)
     assert "model.visual.blocks.0.attn.qkv" in ignore  # what transformers matches at reload
-    with captured_load_report() as rows:
-        model = load_model(out, device="cpu", dequantize=True)
-    assert rows == []
+    checkpoint = load_checkpoint(out, dtype="auto", allow_auto_dtype=True)
+    assert checkpoint.report.lines() == []
+    model = checkpoint.model
     assert not hasattr(model.model.visual.blocks[0].attn.qkv, "quantization_scheme")
     assert hasattr(model.model.language_model.layers[0].mlp.down_proj, "quantization_scheme")
 
@@ -195,17 +195,17 @@ def test_quantize_towers_quantizes_them_and_keeps_the_head(tiny_omni: Path, tmp_
 def test_decoder_capture_runs_every_tower(tiny_omni: Path) -> None:
     """The recorded decoder inputs come from full forwards: the image, video and audio towers all run."""
     from omniserve.config import MediaLimits
+    from omniserve.models.loading import load_checkpoint
     from omniserve.quantize.calibration import encode, read_calibration
     from omniserve.quantize.capture import decoder_inputs
     from omniserve.quantize.default_set import default_calibration_file
     from omniserve.quantize.layout import find_layout
-    from omniserve.quantize.verify import load_model
     from omniserve.templates.render import PromptRenderer
 
     renderer = PromptRenderer.from_pretrained(tiny_omni)
     samples = [s for s in read_calibration(default_calibration_file()) if s.modalities][:4]
     encoded = [encode(s, renderer, max_length=2048, limits=MediaLimits()) for s in samples]
-    layout = find_layout(load_model(tiny_omni, device="cpu"))
+    layout = find_layout(load_checkpoint(tiny_omni, dtype="auto", allow_auto_dtype=True).model)
     calls = {"visual": 0, "audio_tower": 0}
     hooks = [
         getattr(layout.lm, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))

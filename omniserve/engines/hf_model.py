@@ -8,25 +8,10 @@ left-padded KV cache holding every running sequence. Models with multimodal rota
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import logging
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from omniserve.errors import ModelLoadError
-
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
 
 
 @dataclass
@@ -41,105 +26,26 @@ class LoadedModel:
 
 
 def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load ``path`` for serving (``models.loading`` does the loading); refuse it if weights are missing."""
     import torch
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a checkpoint folder (no config.json)")
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES.values()))}")
-    torch_dtype = getattr(torch, _DTYPES[dtype])
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-        arch = (getattr(config, "architectures", None) or [""])[0]
-        model_cls = getattr(transformers, arch, None) or AutoModelForCausalLM
-        quantized = _quantized_load_kwargs(config)
-        with _load_report() as report:
-            model = model_cls.from_pretrained(str(path), dtype=torch_dtype, **quantized)
-        if quantized:
-            from compressed_tensors.offload import remove_dispatch
+    from omniserve.models.loading import generating_module, load_checkpoint, refuse_missing
 
-            # dequantizing leaves every weight behind compressed-tensors' offload wrapper, which keeps it on
-            # the CPU through .to(device) and re-fetches it on each access: give the model plain parameters
-            remove_dispatch(model, onload_tensors=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load {path}: {exc}") from exc
-    missing = _missing_keys(report)
-    if missing:
-        # transformers would serve these as freshly random weights: refuse instead of answering nonsense
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelLoadError(f"{path} lacks weights the model needs ({shown}); the checkpoint is incomplete")
+    checkpoint = load_checkpoint(path, dtype=dtype, device=None)
+    refuse_missing(path, checkpoint.report)
+    model = checkpoint.model
     model.to(device).eval()
-    lm = model.thinker if hasattr(model, "thinker") else model
-    text_config = config.get_text_config()
+    lm = generating_module(model)
+    text_config = checkpoint.config.get_text_config()
     return LoadedModel(
         model=model,
         lm=lm,
-        dtype=torch_dtype,
+        dtype=checkpoint.dtype,
         device=torch.device(device),
         max_position_embeddings=int(getattr(text_config, "max_position_embeddings", 2048)),
         eos_token_ids=_eos_ids(model),
         accepts_logits_to_keep="logits_to_keep" in inspect.signature(lm.forward).parameters,
     )
-
-
-@contextlib.contextmanager
-def _load_report() -> Iterator[list[str]]:
-    """Collect transformers' LOAD REPORT warnings.
-
-    ``output_loading_info=True`` would be the direct route, but Qwen2.5-Omni's ``from_pretrained``
-    override breaks with it, so the report transformers logs is read instead.
-    """
-    messages: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = _Collect(level=logging.WARNING)
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _missing_keys(report: list[str]) -> list[str]:
-    keys = []
-    for message in report:
-        message = _ANSI.sub("", message)  # transformers colours the table when stdout is a terminal
-        if "LOAD REPORT" not in message:
-            continue
-        for line in message.splitlines():
-            cells = [c.strip() for c in line.split("|")]
-            if len(cells) >= 2 and cells[1] == "MISSING":
-                keys.append(cells[0])
-    return keys
-
-
-def _quantized_load_kwargs(config: Any) -> dict[str, Any]:
-    """compressed-tensors checkpoints (``omniserve quantize``, llm-compressor) are dequantized at load.
-
-    Left compressed, transformers decompresses them in a forward pre-hook on the top-level model
-    only, which never fires when the engine calls an inner module (the Omni thinker: "'Linear' object
-    has no attribute 'weight'"), and CPUs have no int4/FP8 matmul for the compressed layers anyway.
-    """
-    qc = getattr(config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if method != "compressed-tensors":
-        return {}
-    import warnings
-
-    from transformers import CompressedTensorsConfig
-
-    # transformers warns that the passed config's loading attributes override the checkpoint's: intended
-    warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def _eos_ids(model: Any) -> tuple[int, ...]:

@@ -63,11 +63,11 @@ def inspect_file(path: Path) -> str:
 
 
 def _image_url(index: int) -> str:
-    from omniserve.eval.image_suite import PALETTE, SHAPES, _png
+    from omniserve.eval.image_suite import PALETTE, SHAPES, shape_png
 
     colour = list(PALETTE)[index % len(PALETTE)]
     shape = SHAPES[index % len(SHAPES)]
-    return "data:image/png;base64," + base64.b64encode(_png(colour, shape)).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(shape_png(colour, shape)).decode("ascii")
 
 
 def _wav_base64(index: int, seconds: float = 1.0, rate: int = 16_000) -> str:

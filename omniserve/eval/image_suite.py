@@ -35,7 +35,7 @@ def build_image_suite(folder: Path, *, seed: int = 0, per_subset: int = 12) -> d
         for index in range(per_subset):
             colour, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
             name = f"images/{subset}-{index:02d}.png"
-            (folder / name).write_bytes(_png(colour, shape))
+            (folder / name).write_bytes(shape_png(colour, shape))
             if subset == "colour":
                 right, pool, question = colour, list(PALETTE), "<image 1> What colour is the shape?"
             else:
@@ -57,7 +57,8 @@ def build_image_suite(folder: Path, *, seed: int = 0, per_subset: int = 12) -> d
     return counts
 
 
-def _png(colour: str, shape: str) -> bytes:
+def shape_png(colour: str, shape: str) -> bytes:
+    """One suite image as PNG bytes: a ``PALETTE`` colour ``shape`` on a light background (also bench traffic)."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (SIZE, SIZE), (235, 235, 235))

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omniserve.eval.errors import InvalidSuite, UnknownSuite
+from omniserve.validation import describe_validation_error
 
 Format = Literal["mcq", "vmcq", "qa", "vqa"]
 #: ``accuracy``: the chosen letter (multiple choice); ``exact``: the whole reply equals the answer after
@@ -137,6 +139,13 @@ def load_suite(ref: str | Path) -> Suite:
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'suite'}: {e['msg']}" for e in exc.errors())
+        # every problem, not only the deepest: a suite file is fixed in one pass, not one error per run
+        problems = "; ".join(_describe(error) for error in exc.errors())
         raise InvalidSuite(f"{path} does not describe a valid suite: {problems}") from None
     return suite.model_copy(update={"path": path.resolve()})
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``field: problem``; ``suite: problem`` for a rule about the whole file."""
+    problem = describe_validation_error([error])
+    return problem.message if problem.location else f"suite: {problem.message}"

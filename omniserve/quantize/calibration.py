@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 from omniserve.config import MediaLimits
 from omniserve.errors import InvalidRequest, MediaError
 from omniserve.quantize.errors import CalibrationDataError
+from omniserve.validation import describe_validation_error
 
 if TYPE_CHECKING:
     from omniserve.media.loader import MediaItem, MediaSource
@@ -101,10 +102,9 @@ def read_calibration(path: Path) -> list[CalibrationSample]:
         try:
             messages = adapter.validate_python(row["messages"])
         except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+            problem = describe_validation_error(exc, root="messages")
             raise CalibrationDataError(
-                f"messages are not OpenAI chat messages: {where}: {first['msg']}", source=path, line=number
+                f"messages are not OpenAI chat messages: {problem.message}", source=path, line=number
             ) from exc
         if not messages:
             raise CalibrationDataError("messages is empty", source=path, line=number)

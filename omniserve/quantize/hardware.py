@@ -6,9 +6,9 @@ int4 and FP8 layers have no CPU matmul (``self and mat2 must have the same dtype
 and must be dequantized at load, which works for every integer and FP8 preset; the FP4 presets
 (NVFP4*, MXFP4*) dequantize to bfloat16 and then fail against float32 activations, so they cannot
 be served in float32 here. A table would go stale with every library release; the probe cannot:
-it quantizes a 2-layer model with the scheme, saves it, reloads it the way the transformers engine
-does (dequantized at load) and runs a forward pass, in each dtype that will be served, on the
-device that will run it. About 0.1-0.5 s per (scheme, device, dtype), remembered for the process.
+it quantizes a 2-layer model with the scheme, saves it, reloads it with the transformers engine's
+loader (``models.loading``: dequantized at load) and runs a forward pass, in each dtype that will be
+served, on the device that will run it. About 0.1-0.5 s per (scheme, device, dtype), remembered for the process.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from omniserve.errors import ModelLoadError
 from omniserve.quantize.errors import SchemeUnsupported
 
 
@@ -36,9 +37,10 @@ def check_scheme_runs(scheme: str, device: str, dtypes: tuple[str, ...]) -> None
 @functools.cache
 def _probe(scheme: str, device: str, dtype: str) -> tuple[str, str] | None:
     import torch
-    from transformers import CompressedTensorsConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from omniserve.quantize.recipes import _modifier_class
+    from omniserve.models.loading import load_checkpoint
+    from omniserve.quantize.recipes import modifier_class
 
     torch_dtype = getattr(torch, dtype)
     config = Qwen2Config(
@@ -62,7 +64,7 @@ def _probe(scheme: str, device: str, dtype: str) -> tuple[str, str] | None:
         with tempfile.TemporaryDirectory(prefix="omniserve-probe-") as tmp:
             model.save_pretrained(tmp)  # oneshot reads config.json back from name_or_path
             model.config._name_or_path = tmp
-            modifier = _modifier_class("QuantizationModifier")(targets=["Linear"], scheme=scheme, ignore=["lm_head"])
+            modifier = modifier_class("QuantizationModifier")(targets=["Linear"], scheme=scheme, ignore=["lm_head"])
             oneshot(model=model, recipe=modifier, dataset=DataLoader(batch, batch_size=None), pipeline="basic")
             step = "save"
             out = Path(tmp) / "quantized"
@@ -70,16 +72,14 @@ def _probe(scheme: str, device: str, dtype: str) -> tuple[str, str] | None:
                 warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
                 model.save_pretrained(str(out), save_compressed=True)
             step = "reload"
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*quantization_config", category=UserWarning)
-                loaded = Qwen2ForCausalLM.from_pretrained(
-                    str(out), dtype=torch_dtype, quantization_config=CompressedTensorsConfig(dequantize=True)
-                ).to(device)
+            loaded = load_checkpoint(out, dtype=dtype, device=device).model
             step = "forward"
             with torch.inference_mode():
                 logits = loaded(input_ids=ids).logits
             if not torch.isfinite(logits).all():
                 return step, "the output holds NaN or inf"
     except Exception as exc:  # the probe's purpose is to turn any failure into a clear answer
+        if isinstance(exc, ModelLoadError) and exc.__cause__ is not None:
+            exc = exc.__cause__  # the library's own error, not the loader's "cannot load <temporary folder>"
         return step, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return None

@@ -113,9 +113,10 @@ def prepare(options: QuantizeOptions) -> Plan:
 
 def execute(plan: Plan) -> QuantizeResult:
     """The expensive part: load, calibrate, quantize, save, verify, publish."""
+    from omniserve.models.loading import load_checkpoint
     from omniserve.quantize.hardware import check_scheme_runs
     from omniserve.quantize.layout import find_layout
-    from omniserve.quantize.verify import digests, forward_logits, load_model, verify
+    from omniserve.quantize.verify import digests, forward_logits, verify
     from omniserve.templates.render import PromptRenderer
 
     options = plan.options
@@ -128,7 +129,8 @@ def execute(plan: Plan) -> QuantizeResult:
     with _timed(seconds, "load"):
         try:
             renderer = PromptRenderer.from_pretrained(plan.info.path)
-            model = load_model(plan.info.path, device=device)
+            # the checkpoint's own dtype; its load report is verify()'s business, on the quantized result
+            model = load_checkpoint(plan.info.path, dtype="auto", device=device, allow_auto_dtype=True).model
         except (ModelLoadError, OSError, ValueError, KeyError) as exc:
             raise NotACheckpoint(f"cannot load {plan.info.path}: {exc}") from exc
         layout = find_layout(model)

@@ -2,10 +2,10 @@
 
 Three checks, in order of how badly a failure hurts:
 
-1. **Load report.** transformers logs a "LOAD REPORT" table (MISSING / UNEXPECTED / MISMATCH
-   weights) when checkpoint keys and model do not line up, then carries on with random or dropped
-   weights. ``from_pretrained(..., output_loading_info=True)`` would return the same facts but crashes
-   for Qwen2.5-Omni in transformers 5.17, so the report is captured from the log itself. Any row fails.
+1. **Load report.** transformers logs a "LOAD REPORT" table (MISSING / UNEXPECTED / MISMATCH /
+   CONVERSION weights) when checkpoint keys and model do not line up, then carries on with random or
+   dropped weights; ``models.loading`` captures and parses it. Any row fails, and so does a report
+   whose layout the parser does not know.
 2. **Kept weights.** Every parameter promised to stay in full precision (towers, projectors,
    embeddings, ``lm_head``, final norm) is hashed before quantization and after reload; any
    difference fails.
@@ -13,28 +13,23 @@ Three checks, in order of how badly a failure hurts:
    original (logits computed before quantizing) and the reloaded model: mean per-token cosine of
    the logits, KL(original || quantized) in nats per token, and top-1 agreement. A figure, not a gate.
 
-Checkpoints are reloaded as the transformers engine serves them: compressed-tensors layers
-dequantized at load (no int4/FP8 matmul on CPUs).
+Checkpoints are reloaded by the loader the transformers engine serves them with
+(``models.loading.load_checkpoint``): compressed-tensors layers dequantized at load (no int4/FP8
+matmul on CPUs), in the checkpoint's own dtype.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 import math
-import re
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from omniserve.errors import ModelLoadError
 from omniserve.quantize.calibration import EncodedSample
 from omniserve.quantize.errors import VerificationFailed
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_STATUSES = ("MISSING", "UNEXPECTED", "MISMATCH", "CONVERSION")
 
 
 @dataclass
@@ -48,68 +43,6 @@ class Fidelity:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_model(path: Path, *, device: str, dtype: str = "auto", dequantize: bool = False) -> Any:
-    """Load a checkpoint with the class its config names (as the transformers engine does)."""
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(path))
-    arch = (getattr(config, "architectures", None) or [""])[0]
-    model_cls = getattr(transformers, arch, None) or AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    if dequantize:
-        from transformers import CompressedTensorsConfig
-
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    with warnings.catch_warnings():
-        # "You passed `quantization_config` ... loading attributes will be overwritten": that is the point
-        warnings.filterwarnings("ignore", message=".*quantization_config.*", category=UserWarning)
-        model = model_cls.from_pretrained(str(path), **kwargs)
-    if dequantize:
-        from compressed_tensors.offload import remove_dispatch
-
-        # dequantizing leaves each weight behind compressed-tensors' offload wrapper, which keeps it on the
-        # CPU through .to(device) and re-fetches it on every access; plain parameters are what engines use
-        remove_dispatch(model, onload_tensors=True)
-    return model.to(device).eval()
-
-
-@contextlib.contextmanager
-def captured_load_report() -> Iterator[list[str]]:
-    """Collect the rows of every transformers LOAD REPORT logged inside the block (ANSI colours removed)."""
-    from transformers.utils import logging as hf_logging
-
-    rows: list[str] = []
-
-    class _Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            message = _ANSI.sub("", record.getMessage())
-            if "LOAD REPORT" not in message:
-                return
-            for line in message.splitlines():
-                cells = [c.strip() for c in line.strip().strip("|").split("|")]
-                if len(cells) >= 2 and cells[1] in _STATUSES:
-                    rows.append(f"{cells[1]}: {cells[0]}")
-            if not rows:  # a layout this parser does not know: keep the whole report rather than pass
-                rows.append(message.strip())
-
-    handler = _Handler(level=logging.WARNING)
-    root = logging.getLogger("transformers")
-    verbosity = hf_logging.get_verbosity()
-    if verbosity > logging.WARNING:
-        hf_logging.set_verbosity_warning()
-    root.addHandler(handler)
-    try:
-        yield rows
-    finally:
-        root.removeHandler(handler)
-        hf_logging.set_verbosity(verbosity)
 
 
 # ----------------------------------------------------------------------------- kept weights
@@ -197,16 +130,21 @@ def verify(
     """Reload ``path`` and run the three checks; raise ``VerificationFailed`` on a load report or a changed weight."""
     import time
 
+    from omniserve.models.loading import load_checkpoint
     from omniserve.quantize.layout import find_layout
 
     start = time.perf_counter()
-    with captured_load_report() as report:
-        model = load_model(path, device=device, dequantize=True)
+    try:
+        checkpoint = load_checkpoint(path, dtype="auto", device=device, allow_auto_dtype=True)
+    except ModelLoadError as exc:
+        raise VerificationFailed(f"the quantized checkpoint does not reload: {exc}") from exc
+    model, report = checkpoint.model, checkpoint.report
+    del checkpoint  # only ``model`` may hold the reloaded weights: it is dropped before returning
     seconds = time.perf_counter() - start
     if report:
         raise VerificationFailed(
             f"reloading {path} reports weights that do not match the model (the saved ignore list or key names "
-            "are wrong):\n  " + "\n  ".join(report[:40])
+            "are wrong):\n  " + "\n  ".join(report.lines()[:40])
         )
     params = dict(model.named_parameters(remove_duplicate=False))  # once: each access may onload offloaded weights
     missing = [name for name in kept if name not in params]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,12 +18,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omniserve.errors import InvalidRequest, OmniServeError, QueueFull
+from omniserve.validation import describe_validation_error
 
 log = logging.getLogger(__name__)
-
-# Discriminator tags pydantic puts in error locations; they are not part of the request's path.
-_UNION_TAGS = {"system", "developer", "user", "assistant", "text", "image_url", "video_url", "input_audio", "audio_url"}
-_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 def error_response(exc: OmniServeError, *, retry_after: int = 1) -> JSONResponse:
@@ -30,47 +28,18 @@ def error_response(exc: OmniServeError, *, retry_after: int = 1) -> JSONResponse
     return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
 
-def _param(loc: tuple[Any, ...]) -> str | None:
-    parts: list[str] = []
-    previous_was_index = False
-    for i, item in enumerate(loc):
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-            previous_was_index = True
-            continue
-        text = str(item)
-        next_is_field = i + 1 < len(loc)
-        if "[" in text or "(" in text or text.lower() in _TYPE_NAMES:
-            continue
-        if (previous_was_index or i == 0) and text in _UNION_TAGS and next_is_field and loc[i + 1] == text:
-            previous_was_index = False
-            continue  # e.g. content[1].image_url.image_url: the first is the union tag
-        if previous_was_index and text in _UNION_TAGS and next_is_field:
-            previous_was_index = False
-            continue
-        parts.append(("." if parts else "") + text)
-        previous_was_index = False
-    return "".join(parts) or None
-
-
-def from_validation_error(errors: list[Any]) -> InvalidRequest:
-    """The first error, phrased for a client, with the request path it concerns."""
+def from_validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
+    """The deepest error (``omniserve.validation`` picks and phrases it) as OpenAI's 400, naming its param."""
     if not errors:
         return InvalidRequest("invalid request")
-    # a union yields one error per member; the deepest location names the real problem
-    first = max(errors, key=lambda e: len(tuple(e.get("loc", ()))))
-    loc = tuple(first.get("loc", ()))
-    if loc and loc[0] == "body":
-        loc = loc[1:]
-    param = _param(loc)
-    if first.get("type") == "extra_forbidden":
+    problem = describe_validation_error(errors)
+    if problem.kind == "extra_forbidden":
         return InvalidRequest(
-            f"Unrecognized request argument supplied: {param}", param=param, code="unrecognized_argument"
+            f"Unrecognized request argument supplied: {problem.location}",
+            param=problem.location,
+            code="unrecognized_argument",
         )
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if first.get("type") == "missing":
-        message = "field required"
-    return InvalidRequest(f"{param}: {message}" if param else message, param=param)
+    return InvalidRequest(problem.message, param=problem.location)
 
 
 def parse_body(model: type[BaseModel], raw: bytes) -> Any:

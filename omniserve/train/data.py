@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omniserve.protocol import AssistantMessage, ChatMessage
+from omniserve.validation import describe_validation_error
 
 
 class DataError(ValueError):
@@ -82,16 +83,11 @@ def parse_line(path: Path, number: int, line: str, *, require_assistant: bool = 
     try:
         messages = _messages_adapter().validate_python(record["messages"])
     except ValidationError as exc:
-        raise DataError(path, number, f"invalid messages: {_first_error(exc)}") from None
+        problem = describe_validation_error(exc, root="messages")
+        raise DataError(path, number, f"invalid messages: {problem.message}") from None
     if not messages:
         raise DataError(path, number, "messages is empty")
     conversation = Conversation(path, number, messages, {k: v for k, v in record.items() if k != "messages"})
     if require_assistant and not conversation.assistant_indices():
         raise DataError(path, number, "the conversation has no assistant turn to learn from")
     return conversation
-
-
-def _first_error(exc: Any) -> str:
-    error = exc.errors()[0]
-    location = "messages" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-    return f"{location}: {error['msg']}"

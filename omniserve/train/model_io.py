@@ -1,7 +1,8 @@
 """Load a checkpoint folder for training and save the result in the same layout, so it serves as-is.
 
-Loading reuses the engine's loader (``engines.hf_model.load_model``): the module trained is the
-module the server generates with (the thinker of an Omni checkpoint, the model itself otherwise).
+Loading uses the loader the engine serves with (``models.loading``): the module trained is the
+module the server generates with (``generating_module``: the thinker of an Omni checkpoint, the model
+itself otherwise), and a checkpoint the engine would refuse is refused here too.
 Saving writes the weights of the *whole* model class as loaded (an Omni checkpoint stays an Omni
 checkpoint with its thinker updated) and copies every other file of the source folder unchanged:
 tokenizer, processor settings, chat template, ``spk_dict.pt`` and ``config.json`` /
@@ -45,13 +46,15 @@ def check_model_folder(path: Path) -> None:
 
 
 def load_trainable(path: Path, *, dtype: str = "float32") -> TrainableModel:
-    from omniserve.engines.hf_model import load_model
+    """Load ``path`` as the engine does and refuse missing weights, as the engine does (no training on noise)."""
+    from omniserve.models.loading import generating_module, load_checkpoint, refuse_missing
 
     check_model_folder(path)
-    loaded = load_model(path, dtype=dtype, device="cpu")
-    module = loaded.lm
+    checkpoint = load_checkpoint(path, dtype=dtype, device="cpu")
+    refuse_missing(path, checkpoint.report)
+    module = generating_module(checkpoint.model)
     module.train()
-    return TrainableModel(source=path, full=loaded.model, module=module)
+    return TrainableModel(source=path, full=checkpoint.model, module=module)
 
 
 def add_lora(model: TrainableModel, *, rank: int, alpha: int, dropout: float) -> Any:
