@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,9 @@ from typing import Annotated
 import typer
 
 from omniserve.cli_errors import exit_on
-from omniserve.config import EngineConfig, MediaLimits, ServerConfig
+from omniserve.config import DeployOptions, EngineConfig, ServerConfig
+from omniserve.flags import OptionError, options_command
+from omniserve.paths import Folders
 
 app = typer.Typer(
     help="Serve, quantize, evaluate and ship multimodal checkpoints.",
@@ -19,233 +22,72 @@ app = typer.Typer(
 )
 
 
-def _default(model: type, name: str) -> object:
-    return model.model_fields[name].default
+def folders_from_environment() -> Folders:
+    """omniserve's cache folders, from ``XDG_CACHE_HOME``: only the command line reads the environment."""
+    return Folders.from_environment(os.environ, Path.home())
 
 
-def _help(model: type, name: str) -> str:
-    return f"{model.model_fields[name].description}"
-
-
-def _parse_engine_args(items: list[str]) -> dict[str, str]:
-    parsed: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--engine-arg")
-        parsed[key.strip()] = value.strip()
-    return parsed
-
-
-@app.command()
-def deploy(
-    model: Annotated[
-        Path | None, typer.Option(help="Checkpoint folder. Default: the built-in demo omni model.")
-    ] = None,
-    engine: Annotated[str, typer.Option(help="Inference engine.")] = "transformers",
-    host: Annotated[str, typer.Option(help=_help(ServerConfig, "host"))] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help=_help(ServerConfig, "port"))] = 8000,
-    served_model_name: Annotated[str | None, typer.Option(help="Name clients use; default: the folder name.")] = None,
-    api_key: Annotated[list[str] | None, typer.Option(help="Accepted API key (repeatable). None: no auth.")] = None,
-    api_key_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
-    max_concurrency: Annotated[int, typer.Option(help=_help(EngineConfig, "max_concurrency"))] = 8,
-    max_queue: Annotated[int, typer.Option(help=_help(EngineConfig, "max_queue"))] = 64,
-    max_model_len: Annotated[int | None, typer.Option(help=_help(EngineConfig, "max_model_len"))] = None,
-    max_n: Annotated[int, typer.Option(help=_help(EngineConfig, "max_n"))] = 8,
-    dtype: Annotated[str, typer.Option(help=_help(EngineConfig, "dtype"))] = "float32",
-    device: Annotated[str, typer.Option(help=_help(EngineConfig, "device"))] = "cpu",
-    engine_arg: Annotated[list[str] | None, typer.Option(help="Engine-specific KEY=VALUE (repeatable).")] = None,
-    allowed_media_domains: Annotated[
-        list[str] | None, typer.Option(help=_help(MediaLimits, "allowed_media_domains"))
-    ] = None,
-    allow_private_media_addresses: Annotated[
-        bool, typer.Option(help=_help(MediaLimits, "allow_private_media_addresses"))
-    ] = False,
-    allowed_local_media_path: Annotated[
-        Path | None, typer.Option(help=_help(MediaLimits, "allowed_local_media_path"))
-    ] = None,
-    max_media_bytes: Annotated[int, typer.Option(help=_help(MediaLimits, "max_media_bytes"))] = _default(
-        MediaLimits, "max_media_bytes"
-    ),  # type: ignore[assignment]
-    max_image_pixels: Annotated[int, typer.Option(help=_help(MediaLimits, "max_image_pixels"))] = _default(
-        MediaLimits, "max_image_pixels"
-    ),  # type: ignore[assignment]
-    video_fps: Annotated[float, typer.Option(help=_help(MediaLimits, "video_fps"))] = _default(
-        MediaLimits, "video_fps"
-    ),  # type: ignore[assignment]
-    max_video_frames: Annotated[int, typer.Option(help=_help(MediaLimits, "max_video_frames"))] = _default(
-        MediaLimits, "max_video_frames"
-    ),  # type: ignore[assignment]
-    max_video_seconds: Annotated[float, typer.Option(help=_help(MediaLimits, "max_video_seconds"))] = _default(
-        MediaLimits, "max_video_seconds"
-    ),  # type: ignore[assignment]
-    max_audio_seconds: Annotated[float, typer.Option(help=_help(MediaLimits, "max_audio_seconds"))] = _default(
-        MediaLimits, "max_audio_seconds"
-    ),  # type: ignore[assignment]
-    media_fetch_timeout: Annotated[float, typer.Option(help=_help(MediaLimits, "fetch_timeout_seconds"))] = _default(
-        MediaLimits, "fetch_timeout_seconds"
-    ),  # type: ignore[assignment]
-    max_request_bytes: Annotated[int, typer.Option(help=_help(ServerConfig, "max_request_bytes"))] = _default(
-        ServerConfig, "max_request_bytes"
-    ),  # type: ignore[assignment]
-    cors_origin: Annotated[list[str] | None, typer.Option(help="Allowed CORS origin (repeatable).")] = None,
-    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
-    quant: Annotated[
-        str | None,
-        typer.Option(
-            help="Quantize first (gptq | awq | fp8 | fp8-static) into --quant-cache-dir and serve the "
-            "cached result; a checkpoint that is already quantized is served as is."
-        ),
-    ] = None,
-    quant_cache_dir: Annotated[
-        Path | None, typer.Option(help="Cache for --quant. Default: ~/.cache/omniserve/quantized.")
-    ] = None,
-    quantize_only: Annotated[
-        bool, typer.Option(help="With --quant: fill the cache, print the quantized folder and exit (an init step).")
-    ] = False,
-    gate: Annotated[
-        str | None,
-        typer.Option(
-            help="With --quant: score the quantized model against the original on this eval suite "
-            "(SUITE or SUITE:MAX_DROP, points, default drop 2) and refuse to serve it (exit 3) when it loses "
-            "more. Scores are cached with the quantized checkpoint, so the gate runs once."
-        ),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option(help="With --gate: serve the quantized model even when the gate fails (a warning).")
-    ] = False,
-    print_k8s: Annotated[
-        bool, typer.Option(help="Print Helm values for helm/omniserve equivalent to this command, then exit.")
-    ] = False,
-) -> None:
+@options_command(DeployOptions, config_file=True)
+def deploy(options: DeployOptions) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API."""
-    from pydantic import ValidationError
-
     from omniserve.errors import ModelLoadError
-    from omniserve.server.auth import read_key_file
-
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = list(api_key or [])
-    if api_key_file is not None:
-        keys.extend(read_key_file(api_key_file))
-    try:
-        # --print-k8s only describes the command: the built-in model is built by the pod, not here
-        model_path = model if model is not None else (Path("builtin") if print_k8s else _builtin_model())
-        source_name = model_path.resolve().name
-        _check_gate_flags(quant, gate, force)
-        if quant is not None and not print_k8s:
-            original = model_path
-            model_path = _quantized(model_path, quant, quant_cache_dir)
-            if gate is not None:
-                deploy_args = [f"--dtype={dtype}", f"--device={device}"]
-                deploy_args += [f"--engine-arg={item}" for item in engine_arg or []]
-                if max_model_len is not None:
-                    deploy_args.append(f"--max-model-len={max_model_len}")
-                _gate(original, model_path, gate, force, engine, deploy_args)
-            if quantize_only:
-                typer.echo(str(model_path))
-                raise typer.Exit(0)
-        elif quantize_only:
-            typer.echo("error: --quantize-only needs --quant", err=True)
-            raise typer.Exit(2)
-        media = MediaLimits(
-            max_media_bytes=max_media_bytes,
-            max_image_pixels=max_image_pixels,
-            video_fps=video_fps,
-            max_video_frames=max_video_frames,
-            max_video_seconds=max_video_seconds,
-            max_audio_seconds=max_audio_seconds,
-            allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
-            allow_private_media_addresses=allow_private_media_addresses,
-            allowed_local_media_path=allowed_local_media_path.resolve() if allowed_local_media_path else None,
-            fetch_timeout_seconds=media_fetch_timeout,
-        )
-        server_config = ServerConfig(
-            host=host,
-            port=port,
-            api_keys=tuple(keys),
-            max_request_bytes=max_request_bytes,
-            cors_origins=tuple(cors_origin or ()),
-            media=media,
-        )
-        engine_config = EngineConfig(
-            model=model_path.resolve(),
-            # clients see the model's own name, not the quantization cache entry's
-            served_model_name=served_model_name or source_name,
-            max_concurrency=max_concurrency,
-            max_queue=max_queue,
-            max_model_len=max_model_len,
-            max_n=max_n,
-            dtype=dtype,
-            device=device,
-            engine_args=_parse_engine_args(engine_arg or []),
-        )
-    except ValidationError as exc:
-        typer.echo(f"error: invalid option: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except ModelLoadError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if print_k8s:
-        from omniserve.k8s_values import dump_values_yaml, values_from_deploy
-
-        try:
-            values = values_from_deploy(
-                engine_config,
-                server_config,
-                engine=engine,
-                quant=quant,
-                gate=gate,
-                force=force,
-                log_level=log_level,
-                builtin_model=model is None,
-            )
-        except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        typer.echo(dump_values_yaml(values), nl=False)
-        raise typer.Exit(0)
-    code = serve(engine, engine_config, server_config, log_level)
-    raise typer.Exit(code)
-
-
-def _quantized(model: Path, quant: str, cache_dir: Path | None) -> Path:
-    from omniserve.quantize.cli import model_for_deploy
+    from omniserve.eval.errors import EvalError
     from omniserve.quantize.errors import QuantizeError
 
-    with exit_on(QuantizeError):
-        return model_for_deploy(model, quant, cache_dir)
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with exit_on(ModelLoadError, QuantizeError, EvalError, OptionError):
+        options = _with_key_file(options)
+        if options.print_k8s:  # describes the command: the built-in model is built by the pod, not here
+            from omniserve.k8s_values import dump_values_yaml, values_from_deploy
+
+            typer.echo(dump_values_yaml(values_from_deploy(options)), nl=False)
+            raise typer.Exit(0)
+        model = prepared_checkpoint(options, folders_from_environment())
+        if options.quantize_only:
+            typer.echo(str(model))
+            raise typer.Exit(0)
+    raise typer.Exit(serve(options.engine, engine_config(options, model), options.server, options.log_level))
 
 
-def _check_gate_flags(quant: str | None, gate: str | None, force: bool) -> None:
-    """Refuse meaningless combinations, and a bad gate suite, before minutes of quantizing."""
-    from omniserve.eval.errors import EvalError
+def _with_key_file(options: DeployOptions) -> DeployOptions:
+    """The options with ``--api-key-file``'s keys added to ``--api-key``'s."""
+    if options.api_key_file is None:
+        return options
+    from omniserve.server.auth import read_key_file
 
-    if gate is not None and quant is None:
-        typer.echo("error: --gate compares a quantized model with its original: it needs --quant", err=True)
-        raise typer.Exit(2)
-    if force and gate is None:
-        typer.echo("error: --force overrides a failed quality gate: it needs --gate", err=True)
-        raise typer.Exit(2)
-    if gate is None:
-        return
-    from omniserve.eval.gate import parse_gate_spec
-    from omniserve.eval.suites import load_suite
-    from omniserve.eval.worker import require_eval_extra
-
-    with exit_on(EvalError):
-        require_eval_extra()
-        load_suite(parse_gate_spec(gate).suite)
+    keys = (*options.server.api_keys, *read_key_file(options.api_key_file))
+    return options.model_copy(update={"server": options.server.model_copy(update={"api_keys": keys})})
 
 
-def _gate(original: Path, quantized: Path, spec: str, force: bool, engine: str, deploy_args: list[str]) -> None:
-    from omniserve.eval.errors import EvalError
-    from omniserve.eval.gate import gate_or_refuse
+def prepared_checkpoint(options: DeployOptions, folders: Folders) -> Path:
+    """The folder to serve: the given (or built-in) model, or its quantized copy once it passed the gate."""
+    from omniserve.eval.gate import check_gate_spec, gate_or_refuse
 
-    typer.echo(f"quality gate: scoring {quantized} against {original} on {spec} (once; cached after)", err=True)
-    with exit_on(EvalError):
-        result = gate_or_refuse(original, quantized, spec, force, engine=engine, deploy_args=deploy_args)
-    typer.echo(result.summary(), err=True)
+    if options.gate is not None:  # a bad suite or a missing eval extra fails in a second, before quantizing
+        check_gate_spec(options.gate)
+    model = options.model if options.model is not None else _builtin_model()
+    if options.quant is None:
+        return model
+    from omniserve.quantize.cache import ensure_quantized
+
+    quantized = ensure_quantized(model, options.quant, cache_dir=options.quant_cache_dir or folders.quantized)
+    if options.gate is not None:
+        typer.echo(
+            f"quality gate: scoring {quantized} against {model} on {options.gate} (once; cached after)", err=True
+        )
+        result = gate_or_refuse(model, quantized, options.gate, options.force, server=options, cache_dir=folders.eval)
+        typer.echo(result.summary(), err=True)
+    return quantized
+
+
+def engine_config(options: DeployOptions, model: Path) -> EngineConfig:
+    """What the engine is created with; clients see the model's own name, not a quantization cache entry's."""
+    source = options.model if options.model is not None else model
+    return EngineConfig(
+        model=model.resolve(),
+        served_model_name=options.served_model_name or source.resolve().name,
+        **options.engine_options.model_dump(),
+    )
 
 
 def _builtin_model() -> Path:
@@ -325,6 +167,9 @@ def build_tiny(
         raise typer.BadParameter(f"choose one of {', '.join(builders)}", param_hint="--kind")
     path = builders[kind](output, seed=seed)
     typer.echo(str(path))
+
+
+app.command("deploy")(deploy)
 
 
 def _register_siblings() -> None:

@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
-from omniserve.config import EngineConfig, ServerConfig
+from omniserve.config import DeployOptions, EngineOptions
+from omniserve.flags import OptionError
+from omniserve.models.demo import DEMO_MODEL_NAME
 
 DEFAULT_API_KEY_SECRET = "omniserve-api-keys"
 """Secret the values refer to when the local command had API keys."""
@@ -37,57 +39,46 @@ DEFAULT_MODELS_CLAIM = "omniserve-models"
 GPU_ENGINES = frozenset({"vllm", "sglang", "lmdeploy"})
 """Engines that only run on a GPU, so a pod for them needs at least one."""
 
-QUANT_METHODS = frozenset({"awq", "gptq", "fp8", "fp8-static"})
-
 
 def values_from_deploy(
-    engine_config: EngineConfig,
-    server_config: ServerConfig,
+    options: DeployOptions,
     *,
-    engine: str = "transformers",
-    quant: str | None = None,
-    gate: str | None = None,
-    force: bool = False,
-    log_level: str = "info",
-    builtin_model: bool = False,
     api_key_secret: str = DEFAULT_API_KEY_SECRET,
     models_claim: str = DEFAULT_MODELS_CLAIM,
 ) -> dict[str, Any]:
-    """Chart values that make the pod run the same ``omniserve deploy`` as the given options.
+    """Chart values that make the pod run the same ``omniserve deploy`` as ``options``.
 
-    Takes the objects the CLI builds from its flags (so the values are as validated as the local
-    server's options), plus the flags that are not part of them: the engine name, ``--quant``,
-    ``--gate``, ``--force``, the log level, and whether ``--model`` was left out (``builtin_model``:
-    the path in ``engine_config`` is then ignored and the pod builds the tiny model itself). Every
-    limit is written out, even at its default, so the cluster keeps behaving like the local command if
-    a default changes later.
+    Takes the very object ``omniserve deploy`` validated from its flags (so the values are as checked
+    as the local server's options, combinations included). Every limit is written out, even at its
+    default, so the cluster keeps behaving like the local command if a default changes later.
     """
-    if quant is not None and quant not in QUANT_METHODS:
-        raise ValueError(f"unknown quantization method {quant!r}; expected one of {', '.join(sorted(QUANT_METHODS))}")
-    if gate is not None and quant is None:
-        raise ValueError("--gate compares a quantized model with its original: it needs --quant")
-    if force and gate is None:
-        raise ValueError("--force overrides a failed quality gate: it needs --gate")
+    engine_options, server_config = options.engine_options, options.server
+    engine = options.engine
     media = server_config.media
-    gpus = _gpus_needed(engine, engine_config)
+    gpus = _gpus_needed(engine, engine_options)
     values: dict[str, Any] = {
-        "model": _model_values(engine_config, builtin_model, models_claim),
+        "model": _model_values(options, models_claim),
         "engine": {
             "name": engine,
-            "args": dict(engine_config.engine_args),
-            "dtype": engine_config.dtype,
-            "device": engine_config.device,
-            "maxModelLen": engine_config.max_model_len,
-            "maxConcurrency": engine_config.max_concurrency,
-            "maxQueue": engine_config.max_queue,
-            "maxN": engine_config.max_n,
+            "args": dict(engine_options.engine_args),
+            "dtype": engine_options.dtype,
+            "device": engine_options.device,
+            "maxModelLen": engine_options.max_model_len,
+            "maxConcurrency": engine_options.max_concurrency,
+            "maxQueue": engine_options.max_queue,
+            "maxN": engine_options.max_n,
         },
-        "quantization": {"method": quant or "", "mode": "onStart", "gate": gate or "", "force": force},
+        "quantization": {
+            "method": options.quant or "",
+            "mode": "onStart",
+            "gate": options.gate or "",
+            "force": options.force,
+        },
         "server": {
             "port": server_config.port if server_config.port else 8000,  # 0 ("any free port") has no pod meaning
             "maxRequestBytes": server_config.max_request_bytes,
             "corsOrigins": list(server_config.cors_origins),
-            "logLevel": log_level.lower(),
+            "logLevel": options.log_level.lower(),
         },
         "media": {
             "allowedDomains": list(media.allowed_media_domains or ()),
@@ -103,14 +94,14 @@ def values_from_deploy(
         },
         "auth": {
             # never the keys themselves: only where the cluster keeps them
-            "existingSecret": api_key_secret if server_config.api_keys else "",
+            "existingSecret": api_key_secret if server_config.api_keys or options.api_key_file else "",
             "secretKey": API_KEY_SECRET_KEY,
         },
         "accelerator": {"count": gpus, "resourceName": "nvidia.com/gpu"},
     }
     if gpus > 1:  # tensor-parallel workers exchange tensors through /dev/shm
         values["shm"] = {"enabled": True, "sizeLimit": "8Gi"}
-    if quant:  # quantizing is slow: keep the result across restarts
+    if options.quant:  # quantizing is slow: keep the result across restarts
         values["persistence"] = {"enabled": True}
     return values
 
@@ -155,27 +146,27 @@ def dump_values_yaml(values: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n" + body
 
 
-def _model_values(engine_config: EngineConfig, builtin_model: bool, models_claim: str) -> dict[str, Any]:
+def _model_values(options: DeployOptions, models_claim: str) -> dict[str, Any]:
     """Where the pod finds the checkpoint; the served name is kept explicit because the folder the
     pod sees (``/models/...``) need not have the local folder's name, which is the CLI's default."""
-    if builtin_model:
-        return {"source": "builtin", "servedModelName": engine_config.served_model_name}
+    if options.model is None:  # the built-in demo model, which the pod has in its image
+        return {"source": "builtin", "servedModelName": options.served_model_name or DEMO_MODEL_NAME}
     return {
         "source": "pvc",
-        "path": engine_config.model.name,
-        "servedModelName": engine_config.served_model_name,
+        "path": options.model.resolve().name,
+        "servedModelName": options.served_model_name or options.model.resolve().name,
         "pvc": {"claimName": models_claim, "readOnly": True},
     }
 
 
-def _gpus_needed(engine: str, engine_config: EngineConfig) -> int:
+def _gpus_needed(engine: str, engine_options: EngineOptions) -> int:
     """GPUs the pod must request: tensor x pipeline parallel when the engine args say so, one for a
     GPU-only engine or a CUDA device, none otherwise (the chart refuses a count that disagrees)."""
-    args = engine_config.engine_args
+    args = engine_options.engine_args
     parallel = _positive_int(args, "tensor_parallel_size") * _positive_int(args, "pipeline_parallel_size")
     if parallel > 1:
         return parallel
-    if engine in GPU_ENGINES or engine_config.device.startswith("cuda"):
+    if engine in GPU_ENGINES or engine_options.device.startswith("cuda"):
         return 1
     return 0
 
@@ -188,7 +179,7 @@ def _positive_int(engine_args: Mapping[str, str], name: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"--engine-arg {name} must be a whole number, got {text!r}") from None
+        raise OptionError(f"--engine-arg {name} must be a whole number, got {text!r}") from None
     if value < 1:
-        raise ValueError(f"--engine-arg {name} must be at least 1, got {value}")
+        raise OptionError(f"--engine-arg {name} must be at least 1, got {value}")
     return value

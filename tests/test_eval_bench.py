@@ -101,11 +101,13 @@ def test_bench_with_model_and_a_user_file_through_the_cli(tiny_qwen2: Path, tmp_
 def test_bad_benchmark_data_is_refused_before_any_request(server: RunningServer, tmp_path: Path) -> None:
     url = f"{server.base_url}/v1"
     with pytest.raises(DatasetMissing, match="does not exist"):
-        run_bench(BenchOptions(url=url, dataset=str(tmp_path / "nope.jsonl"), output=tmp_path / "a"))
+        run_bench(
+            BenchOptions(url=url, dataset=str(tmp_path / "nope.jsonl"), output=tmp_path / "a", cache_dir=tmp_path)
+        )
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"prompt": "hi"}\n')
     with pytest.raises(BenchError, match=r"'question' .* or 'messages'"):
-        run_bench(BenchOptions(url=url, dataset=str(wrong), output=tmp_path / "b"))
+        run_bench(BenchOptions(url=url, dataset=str(wrong), output=tmp_path / "b", cache_dir=tmp_path))
     with pytest.raises(ValidationError, match="--media applies to --dataset synthetic"):
         BenchOptions(url=url, dataset=str(wrong), media="image")
 

@@ -145,23 +145,28 @@ def test_deploy_gate_refusal_exits_3_with_both_scores(
     demo_model: Path,
     damaged: Path,
     cli_cache: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """What deploy runs after quantizing, on a quantized model that lost its towers: no quantizer here breaks it."""
     import typer
 
-    from omniserve.cli import _gate
+    from omniserve.cli_errors import exit_on
+    from omniserve.config import DeployOptions
+    from omniserve.eval.errors import EvalError
+    from omniserve.flags import parse_argv
+    from omniserve.paths import Folders
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cli_cache))
-    with pytest.raises(typer.Exit) as info:
-        _gate(demo_model, damaged, "omni-synth:5", False, "transformers", ["--dtype=float32", "--device=cpu"])
+    # the server options deploy parsed; the eval cache is the one `deploy` used above, so the original is cached
+    server = parse_argv(DeployOptions, ["--dtype=float32", "--device=cpu"], what="deploy")
+    eval_cache = Folders.from_environment({"XDG_CACHE_HOME": str(cli_cache)}, Path.home()).eval
+    with pytest.raises(typer.Exit) as info, exit_on(EvalError):
+        gate_or_refuse(demo_model, damaged, "omni-synth:5", False, server=server, cache_dir=eval_cache)
     assert info.value.exit_code == 3
     message = capsys.readouterr().err
     assert "quality gate 'omni-synth' refused the quantized model:" in message and "for the original" in message
     assert "--force" in message
-    _gate(demo_model, damaged, "omni-synth:5", True, "transformers", ["--dtype=float32", "--device=cpu"])
-    assert "FAILED, served anyway (--force) (cached)" in capsys.readouterr().err
+    forced = gate_or_refuse(demo_model, damaged, "omni-synth:5", True, server=server, cache_dir=eval_cache)
+    assert "FAILED, served anyway (--force) (cached)" in forced.summary()
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from omniserve.config import EngineConfig, MediaLimits, ServerConfig
+from omniserve.config import DeployOptions
+from omniserve.flags import parse_argv
 from omniserve.k8s_values import (
     API_KEY_SECRET_KEY,
     DEFAULT_API_KEY_SECRET,
@@ -77,6 +78,7 @@ REPLACED_IN_THE_POD = {
     "quant_cache_dir": "the chart's cache volume",
     "print_k8s": "prints these values",
     "quantize_only": "the chart's quantize init step passes it itself",
+    "config": "the chart passes every option as a flag",
 }
 
 LOCAL_COMMAND = [
@@ -115,51 +117,13 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     return start_helm(tmp_path_factory)
 
 
-def configs_from_params(params: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
-    """The option objects, built from parsed flags the way `omniserve deploy` builds them."""
-    from omniserve.cli import _parse_engine_args
-
-    local_media = params["allowed_local_media_path"]
-    media = MediaLimits(
-        max_media_bytes=params["max_media_bytes"],
-        max_image_pixels=params["max_image_pixels"],
-        video_fps=params["video_fps"],
-        max_video_frames=params["max_video_frames"],
-        max_video_seconds=params["max_video_seconds"],
-        max_audio_seconds=params["max_audio_seconds"],
-        allowed_media_domains=tuple(params["allowed_media_domains"]) if params["allowed_media_domains"] else None,
-        allow_private_media_addresses=params["allow_private_media_addresses"],
-        allowed_local_media_path=local_media.resolve() if local_media else None,
-        fetch_timeout_seconds=params["media_fetch_timeout"],
-    )
-    server_config = ServerConfig(
-        host=params["host"],
-        port=params["port"],
-        api_keys=tuple(params["api_key"] or ()),
-        max_request_bytes=params["max_request_bytes"],
-        cors_origins=tuple(params["cors_origin"] or ()),
-        media=media,
-    )
-    engine_config = EngineConfig(
-        model=params["model"],
-        served_model_name=params["served_model_name"] or params["model"].name,
-        max_concurrency=params["max_concurrency"],
-        max_queue=params["max_queue"],
-        max_model_len=params["max_model_len"],
-        max_n=params["max_n"],
-        dtype=params["dtype"],
-        device=params["device"],
-        engine_args=_parse_engine_args(params["engine_arg"] or []),
-    )
-    return engine_config, server_config
-
-
-def values_for(argv: list[str], **kwargs: Any) -> dict[str, Any]:
-    params = parse_with_cli(argv)
-    engine_config, server_config = configs_from_params(params)
-    return values_from_deploy(
-        engine_config, server_config, engine=params["engine"], log_level=params["log_level"], **kwargs
-    )
+def values_for(
+    argv: list[str], *, quant: str | None = None, gate: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Chart values for a local command, from the options object `omniserve deploy` builds from these flags."""
+    argv = [*argv, *(["--quant", quant] if quant else []), *(["--gate", gate] if gate else [])]
+    options = parse_argv(DeployOptions, [*argv, *(["--force"] if force else [])], what="deploy")
+    return values_from_deploy(options)
 
 
 def render_dumped(helm: Helm, values: dict[str, Any], tmp_path: Path) -> list[dict[str, Any]]:
@@ -241,8 +205,8 @@ def test_the_defaults_render_and_pass_the_cli(helm: Helm, tmp_path: Path) -> Non
 
 
 def test_builtin_model_is_built_in_the_pod(helm: Helm, tmp_path: Path) -> None:
-    values = values_for(["--model", str(tmp_path / "tiny-omni-v1")], builtin_model=True)
-    assert values["model"] == {"source": "builtin", "servedModelName": "tiny-omni-v1"}
+    values = values_for([])  # no --model: the built-in demo model, under its own name
+    assert values["model"] == {"source": "builtin", "servedModelName": "tiny-omni-demo"}
     docs = render_dumped(helm, values, tmp_path)
     assert "--model" not in server(docs)["args"]
 
@@ -307,7 +271,7 @@ def test_port_zero_becomes_the_chart_port(tmp_path: Path) -> None:
     [
         (["--engine-arg", "tensor_parallel_size=two"], None, "tensor_parallel_size must be a whole number"),
         (["--engine-arg", "pipeline_parallel_size=0"], None, "pipeline_parallel_size must be at least 1"),
-        ([], "int3", "unknown quantization method 'int3'"),
+        ([], "int3", "'int3' is not one of 'gptq', 'awq', 'fp8', 'fp8-static'"),
     ],
 )
 def test_options_no_pod_could_run_are_refused(argv: list[str], quant: str | None, message: str, tmp_path: Path) -> None:

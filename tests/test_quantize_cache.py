@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from omniserve.quantize.cache import ensure_quantized, entry_name, is_complete
-from omniserve.quantize.cli import model_for_deploy
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +72,13 @@ def test_already_quantized_folder_is_served_as_is(first: Path, cache_dir: Path) 
     assert not (cache_dir / "elsewhere").exists()
 
 
-def test_deploy_hook(first: Path, tiny_qwen2: Path, cache_dir: Path) -> None:
-    assert model_for_deploy(tiny_qwen2, None, cache_dir) == tiny_qwen2
-    assert model_for_deploy(tiny_qwen2, "fp8", cache_dir) == first
+def test_deploy_serves_the_cached_quantization(first: Path, tiny_qwen2: Path, cache_dir: Path, tmp_path: Path) -> None:
+    from omniserve.cli import prepared_checkpoint
+    from omniserve.config import DeployOptions
+    from omniserve.paths import Folders
+
+    folders = Folders(tmp_path / "unused")  # --quant-cache-dir wins over the default folder
+    assert prepared_checkpoint(DeployOptions(model=tiny_qwen2), folders) == tiny_qwen2
+    options = DeployOptions(model=tiny_qwen2, quant="fp8", quant_cache_dir=cache_dir)
+    assert prepared_checkpoint(options, folders) == first
+    assert not folders.root.exists()

@@ -21,25 +21,38 @@ from omniserve.eval.bench_data import Media, inspect_file, write_synthetic
 from omniserve.eval.errors import BenchError
 from omniserve.eval.report import library_versions
 from omniserve.eval.target import TargetOptions, connect
-from omniserve.eval.worker import Worker, default_eval_cache_dir, require_eval_extra
+from omniserve.eval.worker import Worker, require_eval_extra, required_cache_dir
 
 
 class BenchOptions(TargetOptions):
-    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    """Everything one ``omniserve bench`` run needs; its flags are these fields."""
+
+    concurrency: list[int] = Field(
+        default_factory=lambda: [1, 4, 16],
+        min_length=1,
+        description="Concurrency levels (default 1,4,16).",
+        json_schema_extra={"csv": True},
+    )
     requests: int = Field(32, ge=1, description="Requests per concurrency level.")
-    dataset: str = "synthetic"
-    media: Media = "none"
-    stream: bool = True
-    max_tokens: int = Field(64, ge=1)
+    dataset: str = Field(
+        "synthetic", description="synthetic (generated prompts) or a JSONL FILE: lines with 'question' or 'messages'."
+    )
+    media: Media = Field("none", description="With --dataset synthetic: media in every request.")
+    stream: bool = Field(True, description="Stream replies (needed for TTFT/ITL).")
+    max_tokens: int = Field(64, ge=1, description="Tokens generated per request.")
     ignore_eos: bool = Field(
         True,
-        description="Ask for exactly max_tokens per reply (the server's ignore_eos), so figures do not depend on "
-        "when a model happens to stop; off for servers that refuse the field.",
+        description="Generate exactly --max-tokens per reply (sends ignore_eos, as vLLM/SGLang accept), so figures "
+        "do not depend on when a model happens to stop; --no-ignore-eos for servers that refuse the field.",
     )
-    output: Path | None = None
-    tokenizer: Path | None = None
-    cache_dir: Path | None = None
-    request_timeout: int = Field(300, ge=1)
+    output: Path | None = Field(None, description="Folder for bench.json/.md/.png. Default: ./omniserve-bench/<time>.")
+    tokenizer: Path | None = Field(
+        None, description="Local tokenizer folder for token counts (default: --model's; never a hub id)."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Eval cache (EvalScope/HF caches). Default: ~/.cache/omniserve/eval."
+    )
+    request_timeout: int = Field(300, ge=1, description="Seconds per request.")
 
     @model_validator(mode="after")
     def _valid(self) -> BenchOptions:
@@ -105,7 +118,7 @@ class BenchReport(BaseModel):
 def run_bench(options: BenchOptions) -> BenchReport:
     """Run every level, write bench.json / bench.md / bench.png; raise ``BenchError`` if a level has no result."""
     require_eval_extra(charts=True)
-    cache_dir = options.cache_dir or default_eval_cache_dir()
+    cache_dir = required_cache_dir(options.cache_dir)
     folder = options.output or Path("omniserve-bench") / datetime.now().strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
     count = options.requests
@@ -117,7 +130,8 @@ def run_bench(options: BenchOptions) -> BenchReport:
         dataset = inspect_file(data_file)
     target = connect(options, log_file=folder / "server.log")
     try:
-        tokenizer = options.tokenizer or (options.model.resolve() if options.model is not None else None)
+        served = options.server.model if options.server is not None else None
+        tokenizer = options.tokenizer or served
         arguments = {
             "model": target.model,
             "url": f"{target.base_url}/chat/completions",

@@ -19,20 +19,23 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from omniserve.atomic_files import write_text_atomic
+from omniserve.config import DeployOptions
 from omniserve.eval.datasets import generator_fingerprint
 from omniserve.eval.errors import EvalError, GateRefused, GateUnavailable
 from omniserve.eval.report import library_versions
 from omniserve.eval.runner import EvalOptions, run_evaluation
 from omniserve.eval.suites import Suite, load_suite
-from omniserve.eval.worker import default_eval_cache_dir
+from omniserve.eval.target import evaluation_server
+from omniserve.eval.worker import require_eval_extra
 
 log = logging.getLogger("omniserve.eval")
 DEFAULT_MAX_DROP = 2.0
+#: Engine options that can change what a model answers (the others only schedule the same work).
+_SCORE_OPTIONS = {"dtype", "device", "max_model_len", "engine_args"}
 GATE_FOLDER = "omniserve-gate"
 
 
@@ -90,20 +93,29 @@ def parse_gate_spec(spec: str) -> GateSpec:
     return GateSpec(suite=suite.strip(), max_drop=max_drop)
 
 
+def check_gate_spec(spec: str) -> GateSpec:
+    """``spec`` parsed, its suite loaded and the eval extra present: everything that can fail before a model loads."""
+    parsed = parse_gate_spec(spec)
+    require_eval_extra()
+    load_suite(parsed.suite)
+    return parsed
+
+
 def gate_or_refuse(
     original: Path,
     quantized: Path,
     spec: str,
     force: bool,
     *,
-    engine: str = "transformers",
-    deploy_args: Sequence[str] = (),
+    cache_dir: Path,
+    server: DeployOptions | None = None,
     limit: int | None = None,
-    cache_dir: Path | None = None,
 ) -> GateResult:
     """Score both models on the gate suite (or reuse cached scores); raise ``GateRefused`` on a too-large drop.
 
-    With ``force`` a failing gate returns ``GateResult(passed=False, forced=True)`` instead of raising.
+    Both models are served as ``server`` describes (the deploy command's engine, engine options and
+    media limits; default: ``omniserve deploy``'s defaults). With ``force`` a failing gate returns
+    ``GateResult(passed=False, forced=True)`` instead of raising.
     Raises ``GateUnavailable`` when a score cannot be produced, ``UnknownSuite``/``InvalidSuite``/
     ``DatasetMissing`` for a bad suite (before any model is loaded).
     """
@@ -115,8 +127,8 @@ def gate_or_refuse(
             f"--gate compares a quantized model with its original, but {original} was served as it is "
             "(already quantized?): gate the full-precision checkpoint instead"
         )
-    cache_dir = cache_dir or default_eval_cache_dir()
-    common = _common_key(suite, limit, engine, deploy_args)
+    server = server or DeployOptions()
+    common = _common_key(suite, limit, server)
     key = _digest({**common, "original": _files(original), "quantized": _files(quantized)})
     record = _record_path(quantized, cache_dir, suite.name, key)
     cached = record.is_file()
@@ -127,8 +139,8 @@ def gate_or_refuse(
     else:
         runs = record.parent / "runs" / key
         base_key = _digest({**common, "original": _files(original)})
-        original_score = _baseline(original, suite, base_key, runs / "original", cache_dir, engine, deploy_args, limit)
-        quantized_score = _score(quantized, suite, runs / "quantized", cache_dir, engine, deploy_args, limit)
+        original_score = _baseline(original, suite, base_key, runs / "original", cache_dir, server, limit)
+        quantized_score = _score(quantized, suite, runs / "quantized", cache_dir, server, limit)
         write_text_atomic(
             record,
             json.dumps(
@@ -139,7 +151,7 @@ def gate_or_refuse(
                     "original_model": str(original),
                     "quantized_model": str(quantized),
                     "limit": limit,
-                    "engine": engine,
+                    "engine": server.engine,
                     "runs": str(runs),
                 },
                 indent=2,
@@ -163,30 +175,25 @@ def _baseline(
     key: str,
     run: Path,
     cache_dir: Path,
-    engine: str,
-    deploy_args: Sequence[str],
+    server: DeployOptions,
     limit: int | None,
 ) -> float:
     """The original's score, shared through the eval cache by every quantization of it."""
     file = cache_dir / "gate-baselines" / f"{suite.name}-{key}.json"
     if file.is_file():
         return float(json.loads(file.read_text("utf-8"))["score"])
-    score = _score(model, suite, run, cache_dir, engine, deploy_args, limit)
+    score = _score(model, suite, run, cache_dir, server, limit)
     write_text_atomic(file, json.dumps({"model": str(model), "suite": suite.name, "score": score}) + "\n")
     return score
 
 
-def _score(
-    model: Path, suite: Suite, run: Path, cache_dir: Path, engine: str, deploy_args: Sequence[str], limit: int | None
-) -> float:
+def _score(model: Path, suite: Suite, run: Path, cache_dir: Path, server: DeployOptions, limit: int | None) -> float:
     log.info("quality gate %s: evaluating %s", suite.name, model)
     options = EvalOptions(
         suites=[str(suite.path)],
-        model=model,
+        server=evaluation_server(server, model),
         output=run,
         limit=limit,
-        engine=engine,
-        deploy_args=list(deploy_args),
         cache_dir=cache_dir,
     )
     report = run_evaluation(options)
@@ -211,15 +218,18 @@ def _record_path(quantized: Path, cache_dir: Path, suite: str, key: str) -> Path
     raise GateUnavailable(f"cannot write the gate's results next to {quantized} nor into {cache_dir}")
 
 
-def _common_key(suite: Suite, limit: int | None, engine: str, deploy_args: Sequence[str]) -> dict[str, object]:
+def _common_key(suite: Suite, limit: int | None, server: DeployOptions) -> dict[str, object]:
+    """What decides the scores besides the models; scheduling limits (concurrency, queue) do not."""
     versions = library_versions()
+    scored = evaluation_server(server, Path("."))
     return {
-        "format": 1,
+        "format": 2,
         "suite": suite.model_dump(mode="json"),
         "data": _data_fingerprint(suite),
         "limit": limit,
-        "engine": engine,
-        "deploy_args": list(deploy_args),
+        "engine": scored.engine,
+        "engine_options": scored.engine_options.model_dump(mode="json", include=_SCORE_OPTIONS),
+        "media": scored.server.media.model_dump(mode="json"),
         "versions": {k: versions.get(k) for k in ("omniserve", "evalscope", "torch", "transformers", "vllm")},
     }
 

@@ -21,8 +21,8 @@ from omniserve.eval.progress import SuiteProgress
 from omniserve.eval.report import RunReport, SampleCounts, SuiteResult
 from omniserve.eval.results import SAMPLE_METRIC, answered, collect, review_lines, running_score
 from omniserve.eval.suites import load_suite
-from omniserve.eval.target import Target, TargetOptions, connect
-from omniserve.eval.worker import Worker, default_eval_cache_dir, require_eval_extra
+from omniserve.eval.target import SECRETS, Target, TargetOptions, connect
+from omniserve.eval.worker import Worker, require_eval_extra, required_cache_dir
 
 _POLL_SECONDS = 0.5
 _HEALTH_EVERY = 2.0
@@ -34,19 +34,26 @@ _WRAP_UP_SECONDS = 30.0
 class EvalOptions(TargetOptions):
     """Everything one ``omniserve eval`` run needs; built from CLI flags (or by the quality gate)."""
 
-    suites: list[str] = Field(min_length=1, description="Built-in suite names or suite YAML files.")
-    output: Path | None = Field(None, description="Run folder (report.json, report.md, EvalScope outputs).")
+    suites: list[str] = Field(
+        min_length=1,
+        description="Suite name (see eval/) or suite YAML file.",
+        json_schema_extra={"flag": "suite", "csv": True},
+    )
+    output: Path | None = Field(None, description="Run folder. Default: ./omniserve-eval/<model>-<time>.")
     limit: int | None = Field(None, ge=1, description="Items per subset (default: the suite's own, else all).")
-    cache_dir: Path | None = Field(None, description="omniserve's eval cache (generated data, hub caches).")
+    cache_dir: Path | None = Field(
+        None, description="Eval cache (generated data, EvalScope/HF caches). Default: ~/.cache/omniserve/eval."
+    )
     concurrency: int = Field(4, ge=1, le=256, description="Requests EvalScope keeps in flight.")
-    request_timeout: float = Field(300, gt=0)
+    request_timeout: float = Field(300, gt=0, description="Seconds per request.")
+    progress: bool = Field(True, description="Show live progress.")
 
 
 def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = None) -> RunReport:
     """Run every suite and write ``report.json`` / ``report.md`` into the run folder; return the report."""
     require_eval_extra()
     suites = [load_suite(ref) for ref in options.suites]
-    cache_dir = options.cache_dir or default_eval_cache_dir()
+    cache_dir = required_cache_dir(options.cache_dir)
     output = options.output or _default_output(options)
     output.mkdir(parents=True, exist_ok=True)
     staged = [
@@ -160,13 +167,14 @@ def _not_run(staged: StagedSuite, reason: str) -> SuiteResult:
 
 
 def _default_output(options: EvalOptions) -> Path:
-    name = options.model.name if options.model is not None else "url"
-    if options.quant:
-        name += f"-{options.quant}"
+    server = options.server
+    name = server.model.name if server is not None and server.model is not None else "url"
+    if server is not None and server.quant:
+        name += f"-{server.quant}"
     return Path("omniserve-eval") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _recorded_options(options: EvalOptions, output: Path) -> dict[str, object]:
-    data = options.model_dump(mode="json", exclude={"api_key"})
+    data = options.model_dump(mode="json", exclude=SECRETS)
     data["output"] = str(output)
     return data

@@ -9,13 +9,13 @@ deploy; it is stopped with Ctrl-C's signal when the run ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,10 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from omniserve.atomic_files import write_text_atomic
+from omniserve.config import DeployOptions, QuantMethod, ServerConfig
 from omniserve.eval.errors import EndpointError, ServerStartError
+from omniserve.flags import OptionError, parse_argv
 
 
 @dataclass
@@ -55,49 +58,88 @@ class Target:
             self.server.stop()
 
 
+#: What a run's recorded options must never contain (``model_dump(exclude=SECRETS)``).
+SECRETS: dict[str, object] = {"api_key": True, "server": {"server": {"api_keys"}}}
+
+
 class TargetOptions(BaseModel):
     """Which server a run talks to: one it starts (``--model``) or one already running (``--url``).
 
     Shared by ``omniserve eval`` and ``omniserve bench`` (and the quality gate), so both accept the
-    same ways to name a server and start it the same way.
+    same ways to name a server and start it the same way. A started server is ``server``, an
+    ``omniserve deploy`` configuration: the flags below build it (``--deploy-arg`` read by the deploy
+    command's own parser), or the quality gate gives it directly.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     model: Path | None = Field(None, description="Checkpoint to serve on a free loopback port for the run.")
-    url: str | None = Field(None, description="An already running OpenAI-compatible server (its /v1 URL).")
-    api_key: str | None = None
-    served_model_name: str | None = None
-    engine: str = "transformers"
-    quant: str | None = None
-    quant_cache_dir: Path | None = None
-    deploy_args: list[str] = Field(default_factory=list, description="Extra `omniserve deploy` flags.")
-    startup_timeout: float = Field(600, gt=0)
+    url: str | None = Field(None, description="Score an already running OpenAI-compatible server (…/v1).")
+    api_key: str | None = Field(None, description="Key for --url servers that need one.")
+    served_model_name: str | None = Field(
+        None, description="With --url: the model id to ask for (default: the first listed)."
+    )
+    engine: str = Field("transformers", description="With --model: inference engine.")
+    quant: QuantMethod | None = Field(None, description="With --model: quantize first, as deploy --quant does.")
+    quant_cache_dir: Path | None = Field(None, description="With --quant: its cache folder.")
+    deploy_args: list[str] = Field(
+        default_factory=list,
+        description="With --model: extra `omniserve deploy` flag, e.g. --deploy-arg=--dtype=bfloat16.",
+        json_schema_extra={"flag": "deploy-arg"},
+    )
+    server: DeployOptions | None = Field(
+        None,
+        description="The server to start, as deploy options (instead of --model).",
+        json_schema_extra={"cli": False},
+    )
+    startup_timeout: float = Field(
+        600, gt=0, description="Seconds a started server may take to become healthy.", json_schema_extra={"cli": False}
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> TargetOptions:
-        if (self.model is None) == (self.url is None):
+        started = self.model is not None or self.server is not None
+        if started == (self.url is not None) or (self.model is not None and self.server is not None):
             raise ValueError("give exactly one of --model (start a server) or --url (a running one)")
         if self.url is not None and (self.quant or self.deploy_args):
             raise ValueError("--quant and --deploy-arg apply to --model only")
+        if self.model is not None:
+            self.server = self._server_from_flags(self.model)
         return self
+
+    def _server_from_flags(self, model: Path) -> DeployOptions:
+        """``omniserve deploy`` options: ``--deploy-arg`` parsed by deploy's own parser, then these flags."""
+        try:
+            deploy = parse_argv(DeployOptions, self.deploy_args, what="--deploy-arg")
+        except OptionError as exc:
+            raise ValueError(str(exc)) from None
+        update = {"model": Path(model).resolve(), "engine": self.engine, "quant": self.quant}
+        if self.quant_cache_dir is not None:
+            update["quant_cache_dir"] = self.quant_cache_dir
+        return DeployOptions.model_validate({**deploy.model_dump(), **update})
+
+
+def evaluation_server(deploy: DeployOptions, model: Path) -> DeployOptions:
+    """The server an evaluation of ``model`` runs on: ``deploy``'s engine, engine options and media limits only.
+
+    What only matters to the deployed server (address, keys, the quantization and gate steps) is left
+    out: the evaluation scores a checkpoint as that server would answer, on a private loopback port.
+    """
+    return DeployOptions(
+        model=Path(model).resolve(),
+        engine=deploy.engine,
+        engine_options=deploy.engine_options,
+        server=ServerConfig(media=deploy.server.media),
+        log_level=deploy.log_level,
+    )
 
 
 def connect(options: TargetOptions, *, log_file: Path) -> Target:
     """The running server ``options`` name, or a fresh ``omniserve deploy`` logging to ``log_file``."""
     if options.url is not None:
         return connect_url(options.url, api_key=options.api_key, model=options.served_model_name)
-    assert options.model is not None
-    return start_model(
-        options.model,
-        log_file=log_file,
-        engine=options.engine,
-        served_model_name=options.served_model_name,
-        quant=options.quant,
-        quant_cache_dir=options.quant_cache_dir,
-        deploy_args=options.deploy_args,
-        startup_timeout=options.startup_timeout,
-    )
+    assert options.server is not None  # the validator built it
+    return start_model(options.server, log_file=log_file, startup_timeout=options.startup_timeout)
 
 
 def connect_url(url: str, *, api_key: str | None = None, model: str | None = None, timeout: float = 10) -> Target:
@@ -132,29 +174,12 @@ def connect_url(url: str, *, api_key: str | None = None, model: str | None = Non
     )
 
 
-def start_model(
-    model: Path,
-    *,
-    log_file: Path,
-    engine: str = "transformers",
-    served_model_name: str | None = None,
-    quant: str | None = None,
-    quant_cache_dir: Path | None = None,
-    deploy_args: Sequence[str] = (),
-    startup_timeout: float = 600,
-) -> Target:
-    """``omniserve deploy`` on a free loopback port, returned once ``/health`` answers 200."""
-    model = Path(model).resolve()
-    name = served_model_name or model.name
-    server = ManagedServer.start(
-        model,
-        name=name,
-        engine=engine,
-        quant=quant,
-        quant_cache_dir=quant_cache_dir,
-        deploy_args=deploy_args,
-        log_file=log_file,
-    )
+def start_model(deploy: DeployOptions, *, log_file: Path, startup_timeout: float = 600) -> Target:
+    """``omniserve deploy`` with ``deploy``'s options on a free loopback port, returned once ``/health`` answers 200."""
+    if deploy.model is None:
+        raise ServerStartError("a server started for a run needs a checkpoint folder (model)")
+    name = deploy.served_model_name or deploy.model.name
+    server = ManagedServer.start(deploy.model_copy(update={"served_model_name": name}), log_file=log_file)
     try:
         server.wait_healthy(startup_timeout)
     except BaseException:
@@ -162,11 +187,11 @@ def start_model(
         raise
     identity = {
         "mode": "model",
-        "model_path": str(model),
+        "model_path": str(deploy.model),
         "model": name,
-        "engine": engine,
-        "quant": quant,
-        "deploy_args": list(deploy_args),
+        "engine": deploy.engine,
+        "quant": deploy.quant,
+        "deploy": deploy.model_dump(mode="json", exclude_defaults=True, exclude={"model", "served_model_name"}),
         "url": server.base_url,
     }
     return Target(base_url=server.base_url, model=name, api_key="EMPTY", identity=identity, server=server)
@@ -184,25 +209,15 @@ class ManagedServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     @classmethod
-    def start(
-        cls,
-        model: Path,
-        *,
-        name: str,
-        engine: str,
-        quant: str | None,
-        quant_cache_dir: Path | None,
-        deploy_args: Sequence[str],
-        log_file: Path,
-    ) -> ManagedServer:
+    def start(cls, deploy: DeployOptions, *, log_file: Path) -> ManagedServer:
+        """``omniserve deploy --config FILE`` where FILE holds ``deploy`` bound to a free loopback port."""
         port = free_port()
-        command = [sys.executable, "-m", "omniserve.cli", "deploy", "--model", str(model), "--host", "127.0.0.1"]
-        command += ["--port", str(port), "--engine", engine, "--served-model-name", name]
-        if quant is not None:
-            command += ["--quant", quant]
-            if quant_cache_dir is not None:
-                command += ["--quant-cache-dir", str(quant_cache_dir)]
-        command += list(deploy_args)
+        bound = deploy.model_copy(
+            update={"server": deploy.server.model_copy(update={"host": "127.0.0.1", "port": port})}
+        )
+        config = log_file.with_name(f"{log_file.stem}-deploy.json")
+        write_text_atomic(config, json.dumps(bound.model_dump(mode="json", exclude_defaults=True), indent=2) + "\n")
+        command = [sys.executable, "-m", "omniserve.cli", "deploy", "--config", str(config)]
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omniserve.eval.errors import MissingExtra
+from omniserve.eval.errors import EvalError, MissingExtra
 
 #: Nothing listens on the discard port of loopback: a hub request is refused immediately.
 UNREACHABLE_HUB = "http://127.0.0.1:9"
@@ -42,11 +42,11 @@ def require_eval_extra(*, evalscope: bool = True, charts: bool = False) -> None:
         )
 
 
-def default_eval_cache_dir() -> Path:
-    """``~/.cache/omniserve/eval`` (beside the built-in models' and quantization caches)."""
-    from omniserve.models.tiny import default_cache_dir
-
-    return default_cache_dir().parent / "eval"
+def required_cache_dir(cache_dir: Path | None) -> Path:
+    """The run's cache folder; the CLI fills in the default (``Folders.eval``), library callers pass one."""
+    if cache_dir is None:
+        raise EvalError("no eval cache folder was given (cache_dir); the CLI's default is ~/.cache/omniserve/eval")
+    return cache_dir
 
 
 def evalscope_env(cache_dir: Path) -> dict[str, str]:

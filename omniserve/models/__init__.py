@@ -8,7 +8,6 @@ from omniserve.models.tiny import (
     build_tiny_omni,
     build_tiny_qwen2,
     build_tiny_qwen2_vl,
-    default_cache_dir,
     ensure_tiny_omni,
     omni_videos_kwargs,
 )
@@ -19,7 +18,6 @@ __all__ = [
     "build_tiny_omni",
     "build_tiny_qwen2",
     "build_tiny_qwen2_vl",
-    "default_cache_dir",
     "ensure_tiny_omni",
     "omni_videos_kwargs",
     "train_tiny_tokenizer",

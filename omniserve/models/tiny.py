@@ -116,21 +116,14 @@ def build_tiny_qwen2(output: Path, *, seed: int = 0) -> Path:
     return _build_atomically(Path(output), lambda folder: _write_qwen2(folder, seed))
 
 
-def ensure_tiny_omni(cache_dir: Path | None = None) -> Path:
-    """Return the built-in model's folder, building it on first use.
+def ensure_tiny_omni(cache_dir: Path) -> Path:
+    """Return the built-in model's folder under ``cache_dir`` (``Folders.models``), building it on first use.
 
     Concurrent callers may both build; the first rename wins and the others discard their copy, so
     the folder is complete whenever it exists.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_dir / f"tiny-omni-{TINY_OMNI_VERSION}"
+    final = Path(cache_dir) / f"tiny-omni-{TINY_OMNI_VERSION}"
     return _build_atomically(final, lambda folder: _write_omni(folder, seed=0), reuse=True)
-
-
-def default_cache_dir() -> Path:
-    """Where built-in models live: ``$XDG_CACHE_HOME/omniserve/models`` (``~/.cache`` by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "omniserve" / "models"
 
 
 def omni_videos_kwargs(processor: ProcessorMixin) -> dict[str, Any]:

@@ -33,13 +33,6 @@ log = logging.getLogger("omniserve.quantize")
 CACHE_FORMAT = "1"
 
 
-def default_quant_cache_dir() -> Path:
-    """``~/.cache/omniserve/quantized`` (beside the built-in models' cache)."""
-    from omniserve.models.tiny import default_cache_dir
-
-    return default_cache_dir().parent / "quantized"
-
-
 def ensure_quantized(
     model: Path,
     method: str,

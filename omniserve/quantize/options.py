@@ -31,4 +31,9 @@ class QuantizeOptions(BaseModel):
     overwrite: bool = Field(False, description="Replace an existing output folder.")
     device: str = Field("auto", description="Where calibration runs: auto (cuda if present, else cpu), cpu, cuda...")
     progress: bool = Field(True, description="Show progress bars.")
-    media: MediaLimits = Field(default_factory=MediaLimits, description="Limits for decoding calibration media.")
+    media: MediaLimits = Field(
+        default_factory=MediaLimits,
+        description="Limits for decoding calibration media.",
+        json_schema_extra={"cli": False},
+    )
+    log_level: str = Field("info", description="Log level.")

@@ -20,10 +20,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from omniserve.config import QUANT_METHODS
 from omniserve.quantize.errors import InvalidQuantizeOption, RecipeError
 
-#: ``--method`` values, each with its recipe file ``quantize/<method>.yaml``.
-METHODS: tuple[str, ...] = ("gptq", "awq", "fp8", "fp8-static")
+#: ``--method`` values, each with its recipe file ``quantize/<method>.yaml`` (declared with the options).
+METHODS: tuple[str, ...] = QUANT_METHODS
 
 #: Modifiers that quantize (they take ``targets``, ``scheme`` and ``ignore``); exactly one per recipe.
 _QUANTIZING = {"GPTQModifier", "QuantizationModifier"}
@@ -112,7 +113,7 @@ class Recipe(BaseModel):
                 kwargs.setdefault("targets", ["Linear"])
                 kwargs["scheme"] = scheme
                 kwargs["ignore"] = [*ignore, *self.ignore]
-            modifiers.append(_modifier_class(name)(**kwargs))
+            modifiers.append(modifier_class(name)(**kwargs))
         return modifiers
 
     def needs_calibration(self, scheme: str) -> bool:
@@ -122,7 +123,8 @@ class Recipe(BaseModel):
         )
 
 
-def _modifier_class(name: str) -> type:
+def modifier_class(name: str) -> type:
+    """The llm-compressor modifier class a recipe entry names, imported only when asked (llm-compressor is slow)."""
     if name == "GPTQModifier":
         from llmcompressor.modifiers.gptq import GPTQModifier
 

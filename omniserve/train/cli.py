@@ -14,28 +14,12 @@ from typing import Annotated
 
 import typer
 
-from omniserve.config import MediaLimits
-from omniserve.train.options import TrainOptions
+from omniserve.flags import options_command
+from omniserve.train.options import ParityOptions, TrainOptions
 
 EXIT_DIFFERENCES = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-
-
-def _help(name: str) -> str:
-    return str(TrainOptions.model_fields[name].description)
-
-
-def _default(name: str) -> object:
-    return TrainOptions.model_fields[name].default
-
-
-def _media_help(name: str) -> str:
-    return f"{MediaLimits.model_fields[name].description} Use the server's setting."
-
-
-def _media(video_fps: float, max_video_frames: int) -> MediaLimits:
-    return MediaLimits(video_fps=video_fps, max_video_frames=max_video_frames)
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -43,77 +27,12 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def train(
-    model: Annotated[Path, typer.Option(help=_help("model"))],
-    data: Annotated[Path, typer.Option(help=_help("data"))],
-    output: Annotated[Path, typer.Option(help=_help("output"))],
-    lora: Annotated[bool, typer.Option(help=_help("lora"))] = False,
-    lora_rank: Annotated[int, typer.Option(help=_help("lora_rank"))] = _default("lora_rank"),  # type: ignore[assignment]
-    lora_alpha: Annotated[int, typer.Option(help=_help("lora_alpha"))] = _default("lora_alpha"),  # type: ignore[assignment]
-    merge_lora: Annotated[bool, typer.Option(help=_help("merge_lora"))] = True,
-    packing: Annotated[bool, typer.Option(help=_help("packing"))] = False,
-    max_length: Annotated[int, typer.Option(help=_help("max_length"))] = _default("max_length"),  # type: ignore[assignment]
-    too_long: Annotated[str, typer.Option(help=f"{_help('too_long')} skip | fail")] = "skip",
-    epochs: Annotated[float, typer.Option(help=_help("epochs"))] = _default("epochs"),  # type: ignore[assignment]
-    max_steps: Annotated[int | None, typer.Option(help=_help("max_steps"))] = None,
-    batch_size: Annotated[int, typer.Option(help=_help("batch_size"))] = _default("batch_size"),  # type: ignore[assignment]
-    grad_accum: Annotated[int, typer.Option(help=_help("grad_accum"))] = _default("grad_accum"),  # type: ignore[assignment]
-    learning_rate: Annotated[float, typer.Option(help=_help("learning_rate"))] = _default("learning_rate"),  # type: ignore[assignment]
-    tower_learning_rate: Annotated[float | None, typer.Option(help=_help("tower_learning_rate"))] = None,
-    lr_scheduler: Annotated[str, typer.Option(help=_help("lr_scheduler"))] = _default("lr_scheduler"),  # type: ignore[assignment]
-    warmup_steps: Annotated[int, typer.Option(help=_help("warmup_steps"))] = _default("warmup_steps"),  # type: ignore[assignment]
-    weight_decay: Annotated[float, typer.Option(help=_help("weight_decay"))] = _default("weight_decay"),  # type: ignore[assignment]
-    save_steps: Annotated[int, typer.Option(help=_help("save_steps"))] = _default("save_steps"),  # type: ignore[assignment]
-    save_total_limit: Annotated[int, typer.Option(help=_help("save_total_limit"))] = _default("save_total_limit"),  # type: ignore[assignment]
-    logging_steps: Annotated[int, typer.Option(help=_help("logging_steps"))] = _default("logging_steps"),  # type: ignore[assignment]
-    seed: Annotated[int, typer.Option(help=_help("seed"))] = 0,
-    resume: Annotated[bool, typer.Option(help=_help("resume"))] = False,
-    save_dtype: Annotated[str | None, typer.Option(help=f"{_help('save_dtype')} float32 | bfloat16 | float16")] = None,
-    video_fps: Annotated[float, typer.Option(help=_media_help("video_fps"))] = MediaLimits().video_fps,
-    max_video_frames: Annotated[
-        int, typer.Option(help=_media_help("max_video_frames"))
-    ] = MediaLimits().max_video_frames,
-    progress: Annotated[bool, typer.Option(help=_help("progress"))] = True,
-) -> None:
+@options_command(TrainOptions)
+def train(options: TrainOptions) -> None:
     """Fine-tune a checkpoint on JSONL conversations, with prompts rendered exactly as the server renders them."""
-    from pydantic import ValidationError
-
     from omniserve.errors import ModelLoadError
     from omniserve.train.checkpoints import last_checkpoint
     from omniserve.train.data import DataError
-
-    try:
-        options = TrainOptions(
-            model=model,
-            data=data,
-            output=output,
-            lora=lora,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            merge_lora=merge_lora,
-            packing=packing,
-            max_length=max_length,
-            too_long=too_long,  # type: ignore[arg-type]
-            epochs=epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            learning_rate=learning_rate,
-            tower_learning_rate=tower_learning_rate,
-            lr_scheduler=lr_scheduler,
-            warmup_steps=warmup_steps,
-            weight_decay=weight_decay,
-            save_steps=save_steps,
-            save_total_limit=save_total_limit,
-            logging_steps=logging_steps,
-            seed=seed,
-            resume=resume,
-            save_dtype=save_dtype,  # type: ignore[arg-type]
-            progress=progress,
-            media=_media(video_fps, max_video_frames),
-        )
-    except ValidationError as exc:
-        raise _fail(f"invalid option: {exc}") from None
     from omniserve.train.sft import TrainSetupError, run_training
 
     try:
@@ -128,8 +47,8 @@ def train(
         lines = ", ".join(str(n) for n in result.skipped_too_long[:10])
         more = " ..." if len(result.skipped_too_long) > 10 else ""
         typer.echo(
-            f"skipped {len(result.skipped_too_long)} conversation(s) longer than --max-length {max_length} "
-            f"({data} lines {lines}{more})",
+            f"skipped {len(result.skipped_too_long)} conversation(s) longer than --max-length {options.max_length} "
+            f"({options.data} lines {lines}{more})",
             err=True,
         )
     losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
@@ -139,18 +58,12 @@ def train(
     )
     if result.adapter is not None:
         typer.echo(f"LoRA adapter: {result.adapter}")
-    if result.adapter is None or merge_lora:
+    if result.adapter is None or options.merge_lora:
         typer.echo(f"model: {result.output} (serve it with: omniserve deploy --model {result.output})")
 
 
-def check_parity(
-    model: Annotated[Path, typer.Option(help="Checkpoint folder whose processor and chat template are checked.")],
-    data: Annotated[Path, typer.Option(help=_help("data"))],
-    video_fps: Annotated[float, typer.Option(help=_media_help("video_fps"))] = MediaLimits().video_fps,
-    max_video_frames: Annotated[
-        int, typer.Option(help=_media_help("max_video_frames"))
-    ] = MediaLimits().max_video_frames,
-) -> None:
+@options_command(ParityOptions)
+def check_parity(options: ParityOptions) -> None:
     """Check that every training prompt is token-for-token the prompt the server builds; exit 1 if not."""
     from omniserve.errors import ModelLoadError
     from omniserve.templates.render import PromptRenderer
@@ -160,10 +73,10 @@ def check_parity(
     from omniserve.train.parity import check_parity as run_check
 
     try:
-        check_model_folder(model)
-        conversations = read_conversations(data)
-        renderer = PromptRenderer.from_pretrained(model)
-        report = run_check(renderer, conversations, limits_for(data, _media(video_fps, max_video_frames)))
+        check_model_folder(options.model)
+        conversations = read_conversations(options.data)
+        renderer = PromptRenderer.from_pretrained(options.model)
+        report = run_check(renderer, conversations, limits_for(options.data, options.media))
     except (DataError, ModelLoadError) as exc:
         raise _fail(str(exc)) from None
     for difference in report.differences:

@@ -47,8 +47,26 @@ class TrainOptions(BaseModel):
         None, description="Store the final weights in this dtype (default: as trained)."
     )
     progress: bool = Field(True, description="Show a progress bar.")
-    media: MediaLimits = Field(default_factory=MediaLimits, description="Media decoding settings, as the server's.")
+    media: MediaLimits = Field(
+        default_factory=MediaLimits,
+        description="Media decoding settings: use the server's.",
+        json_schema_extra={"flags": ["video_fps", "max_video_frames"]},
+    )
 
     @property
     def checkpoints_dir(self) -> Path:
         return self.output / "checkpoints"
+
+
+class ParityOptions(BaseModel):
+    """What ``omniserve check-parity`` compares: a checkpoint's serving prompts against its training encoding."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Path = Field(description="Checkpoint folder whose processor and chat template are checked.")
+    data: Path = Field(description="JSONL file of OpenAI-style conversations; media paths relative to it.")
+    media: MediaLimits = Field(
+        default_factory=MediaLimits,
+        description="Media decoding settings: use the server's.",
+        json_schema_extra={"flags": ["video_fps", "max_video_frames"]},
+    )
