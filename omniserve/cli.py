@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import typer
 from omniserve.cli_errors import exit_on
 from omniserve.config import DeployOptions, EngineConfig, ServerConfig
 from omniserve.flags import OptionError, options_command
+from omniserve.logs import configure_logging
 from omniserve.paths import Folders
 
 app = typer.Typer(
@@ -34,7 +34,7 @@ def deploy(options: DeployOptions) -> None:
     from omniserve.eval.errors import EvalError
     from omniserve.quantize.errors import QuantizeError
 
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(options.log_level)
     with exit_on(ModelLoadError, QuantizeError, EvalError, OptionError):
         options = _with_key_file(options)
         if options.print_k8s:  # describes the command: the built-in model is built by the pod, not here

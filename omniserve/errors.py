@@ -58,6 +58,16 @@ class MediaFetchForbidden(MediaError):
     default_code = "media_url_forbidden"
 
 
+class UnsupportedMediaEncoding(MediaError):
+    """A media server answered with a compressed body (``Content-Encoding`` other than identity).
+
+    Refused rather than inflated: a few hundred bytes of nested gzip can inflate to gigabytes in one
+    decoder call, before any byte cap sees them.
+    """
+
+    default_code = "unsupported_media_encoding"
+
+
 class RequestTooLarge(OmniServeError):
     status_code = 413
     default_code = "request_too_large"

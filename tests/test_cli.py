@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from tests.conftest import free_port
 
@@ -63,7 +64,10 @@ def test_deploy_builtin_model_end_to_end(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     assert proc.returncode in (0, 130)  # a graceful stop on Ctrl-C (uvicorn re-raises the signal)
-    assert "Finished server process" in (proc.stdout.read() if proc.stdout else "")
+    output = proc.stdout.read() if proc.stdout else ""
+    assert "Finished server process" in output
+    # a clean first start: omniserve's own lines, not transformers' advice about the demo's talker config
+    assert "[transformers]" not in output and "Model config:" not in output, output
 
 
 def test_deploy_refuses_a_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
@@ -174,3 +178,28 @@ def test_a_checkpoint_missing_weights_is_refused_in_one_message_with_exit_1(tmp_
     assert out.returncode == 1, out.stderr[-2000:]
     assert f"{broken} lacks weights the model needs ({removed})" in out.stderr
     assert "Traceback" not in out.stderr, "the message alone, not a traceback around it"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "holds no API key"),
+        ("# team keys, to be filled in\n\n   \n", "holds no API key"),
+        (None, "cannot read it"),
+    ],
+)
+def test_an_api_key_file_without_keys_refuses_to_start(tmp_path: Path, content: str | None, message: str) -> None:
+    """An empty Secret must not turn authentication off: deploy exits 2 before loading anything."""
+    keyfile = tmp_path / "keys.txt"
+    if content is not None:
+        keyfile.write_text(content)
+    out = subprocess.run(
+        [*CLI, "deploy", "--port", str(free_port()), "--api-key-file", str(keyfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path / "cache"),
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"error: --api-key-file {keyfile}" in out.stderr and message in out.stderr
+    assert "Traceback" not in out.stderr

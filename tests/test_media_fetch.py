@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import gzip
 import http.server
 import ipaddress
+import logging
 import os
+import re
 import shutil
 import ssl
 import subprocess
 import threading
 import time
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,17 +27,32 @@ import pytest
 
 import omniserve.media.fetch as fetch_module
 from omniserve.config import MediaLimits
-from omniserve.errors import MediaError, MediaFetchForbidden, MediaTooLarge
+from omniserve.errors import MediaError, MediaFetchForbidden, MediaTooLarge, UnsupportedMediaEncoding
 from omniserve.media import fetch_media_bytes
 
 BODY = b"media-bytes"
 BIG = b"x" * 5000
 PARAM = "messages[0].content[1].image_url"
+BOMB_INFLATED = 200 * 2**20
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """200 MiB of zeros gzipped twice: under a kilobyte on the wire (``Content-Encoding: gzip, gzip``).
+
+    Built a mebibyte at a time so the test itself never holds the inflated size.
+    """
+    inner = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    zeros = bytes(2**20)
+    layer = b"".join(inner.compress(zeros) for _ in range(BOMB_INFLATED // len(zeros))) + inner.flush()
+    return gzip.compress(layer, 9)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Routes: /ok, /redirect?to=URL, /chain/N (N redirects then /ok), /loop, /sleep, /trickle,
-    /big (with Content-Length), /big-unsized (no Content-Length), anything else 404."""
+    /big (with Content-Length), /big-unsized (no Content-Length), /bomb (Content-Encoding: gzip, gzip),
+    /bomb-unlabelled (the same bytes, no Content-Encoding), /encoded?ce=X (BODY labelled
+    Content-Encoding: X), /transfer-encoded (Transfer-Encoding: gzip, chunked), anything else 404."""
 
     server: _Server
 
@@ -88,6 +109,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _route_big_unsized(self, url: Any) -> None:
         self._send(200, BIG, sized=False)  # HTTP/1.0: the body ends when the connection closes
+
+    def _route_bomb(self, url: Any) -> None:
+        self._send(200, gzip_bomb(), headers={"Content-Encoding": "gzip, gzip", "Content-Type": "image/png"})
+
+    def _route_bomb_unlabelled(self, url: Any) -> None:
+        self._send(200, gzip_bomb())
+
+    def _route_encoded(self, url: Any) -> None:
+        """BODY labelled with the coding the query names, ignoring Accept-Encoding as a careless server would."""
+        self._send(200, BODY, headers={"Content-Encoding": parse_qs(url.query, keep_blank_values=True)["ce"][0]})
+
+    def _route_transfer_encoded(self, url: Any) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "gzip, chunked")
+        self.end_headers()
+        packed = gzip.compress(BODY)
+        self.wfile.write(f"{len(packed):x}\r\n".encode() + packed + b"\r\n0\r\n\r\n")
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -178,12 +216,19 @@ def test_http_fetch_when_private_addresses_allowed(base: str) -> None:
     assert local(base.replace("127.0.0.1", "localhost") + "/ok") == BODY
 
 
-def test_loopback_refused_by_default_without_any_request(base: str, server: _Server) -> None:
+def test_loopback_refused_by_default_without_any_request(
+    base: str, server: _Server, caplog: pytest.LogCaptureFixture
+) -> None:
     error = refused(MediaFetchForbidden, f"{base}/ok")
     assert "loopback" in error.message
     # A host NAME is only caught where the connection is made, after resolving: same refusal.
-    error = refused(MediaFetchForbidden, base.replace("127.0.0.1", "localhost") + "/ok")
-    assert "resolves to" in error.message
+    with caplog.at_level(logging.WARNING, logger=fetch_module.__name__):
+        error = refused(MediaFetchForbidden, base.replace("127.0.0.1", "localhost") + "/ok")
+    assert "'localhost' resolves to a loopback address" in error.message
+    # The address a name resolves to is the server's business: logged, never told to the client.
+    assert "127.0.0.1" not in error.message and "::1" not in error.message
+    assert any("localhost" in r.getMessage() and ("127.0.0.1" in r.getMessage() or "::1" in r.getMessage())
+               for r in caplog.records if r.levelno == logging.WARNING)  # fmt: skip
     assert server.paths == []
 
 
@@ -274,8 +319,9 @@ def test_redirect_to_private_address_refused_at_connection(
     monkeypatch.setattr(fetch_module, "_resolve", resolve)
     port = server.server_address[1]
     assert fetch(f"{base}/ok") == BODY  # the first hop's host is acceptable
-    with pytest.raises(MediaFetchForbidden, match=r"'rebind\.test' resolves to 10\.1\.2\.3, a private address"):
+    with pytest.raises(MediaFetchForbidden, match=r"'rebind\.test' resolves to a private address") as info:
         fetch(f"{base}/redirect?to=http://rebind.test:{port}/ok")
+    assert "10.1.2.3" not in info.value.message
     assert server.paths == ["/ok", f"/redirect?to=http://rebind.test:{port}/ok"]
 
 
@@ -342,6 +388,98 @@ def test_body_over_limit_refused(base: str, route: str) -> None:
     with pytest.raises(MediaTooLarge, match="limit is 1000 bytes"):
         local(f"{base}/{route}", max_media_bytes=1000)
     assert local(f"{base}/{route}", max_media_bytes=len(BIG)) == BIG
+
+
+def test_compression_bomb_refused_before_inflating(base: str) -> None:
+    """Issue 12.1: ~500 bytes labelled ``Content-Encoding: gzip, gzip`` used to inflate to 200 MiB in
+    one chunk before the byte cap looked. Now the label alone refuses it, before any body byte is read."""
+    bomb = gzip_bomb()
+    assert len(bomb) < 1000
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(UnsupportedMediaEncoding) as info:
+            local(f"{base}/bomb")
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.param == PARAM and info.value.code == "unsupported_media_encoding"
+    assert "sent a gzip-encoded body" in info.value.message
+    assert "accepts only identity" in info.value.message
+    assert peak < 8 * 2**20, f"peak {peak} bytes: the body was inflated"  # vs. BOMB_INFLATED = 200 MiB
+    assert elapsed < 0.5, f"took {elapsed:.3f} s"
+
+
+def test_compressed_looking_body_without_a_label_is_returned_raw(base: str) -> None:
+    """Bytes are read raw: nothing in the fetch path inflates, whatever the body looks like."""
+    assert local(f"{base}/bomb-unlabelled") == gzip_bomb()
+
+
+@pytest.mark.parametrize(
+    ("coding", "named"),
+    [
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("br", "br"),
+        ("zstd", "zstd"),
+        ("GZIP", "gzip"),
+        ("x-gzip", "x-gzip"),
+        ("compress", "compress"),
+        ("identity, gzip", "gzip"),
+        ("gzip, deflate, br, zstd", "gzip+deflate+br+zstd"),
+    ],
+)
+def test_content_encodings_other_than_identity_refused(base: str, coding: str, named: str) -> None:
+    with pytest.raises(
+        UnsupportedMediaEncoding, match=f"sent a {re.escape(named)}-encoded body.*accepts only identity"
+    ):
+        local(f"{base}/encoded?ce={coding}")
+
+
+@pytest.mark.parametrize("coding", ["identity", "Identity", ""])
+def test_identity_content_encoding_accepted(base: str, coding: str) -> None:
+    assert local(f"{base}/encoded?ce={coding}") == BODY
+
+
+def test_compressed_transfer_encoding_refused(base: str) -> None:
+    """Transfer codings other than chunked never reach the body reader: h11 refuses them."""
+    with pytest.raises(MediaError, match="Could not fetch"):
+        local(f"{base}/transfer-encoded")
+
+
+def test_url_user_info_refused(base: str, server: _Server) -> None:
+    """Issue 12.10c: httpx would send ``user:pass@`` as Basic auth to whatever host the client names."""
+    port = server.server_address[1]
+    for userinfo in ("user:s3cret@", "user@", ":s3cret@", "%75ser:s3cret@"):
+        error = refused(
+            MediaFetchForbidden, f"http://{userinfo}127.0.0.1:{port}/ok", allow_private_media_addresses=True
+        )
+        assert "user name or password" in error.message
+        assert "s3cret" not in error.message
+    assert server.paths == []
+
+
+def test_redirect_to_url_with_user_info_refused(base: str, server: _Server) -> None:
+    port = server.server_address[1]
+    target = f"http://user:s3cret@127.0.0.1:{port}/ok"
+    error = refused(MediaFetchForbidden, f"{base}/redirect?to={target}", allow_private_media_addresses=True)
+    assert "user name or password" in error.message and "s3cret" not in error.message
+    assert server.paths == [f"/redirect?to={target}"]  # the hop carrying credentials was never requested
+
+
+def test_https_to_http_redirect_refused(
+    base: str, server: _Server, tls_server: tuple[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12.10b: a redirect may not downgrade https to http; https->https and http->https are fine."""
+    port, cert = tls_server
+    monkeypatch.setattr(fetch_module, "_ssl_context", lambda: ssl.create_default_context(cafile=str(cert)))
+    secure = f"https://localhost:{port}"
+    error = refused(MediaFetchForbidden, f"{secure}/redirect?to={base}/ok", allow_private_media_addresses=True)
+    assert "from https to http" in error.message
+    assert server.paths == []  # the plain-http hop was never requested
+    assert local(f"{secure}/redirect?to={secure}/ok") == BODY
+    assert local(f"{base}/redirect?to={secure}/ok") == BODY
 
 
 def test_http_error_status_refused(base: str) -> None:

@@ -10,9 +10,16 @@ The defences:
   host name that resolves to a public address at check time and a private one at connect time
   (DNS rebinding) gets nowhere; a custom httpcore network backend does it for every connection,
   including each redirect hop;
-- redirects are followed by hand so every hop's scheme and domain are checked again;
+- redirects are followed by hand so every hop's scheme and domain are checked again, and an https
+  URL may not redirect to plain http (a downgrade hands the exchange to anyone on the path);
+- URLs carrying ``user:password@`` are refused, first URL and every hop: httpx would send them as
+  Basic credentials to a host of the client's (or a redirect's) choosing;
+- bodies are read raw and any ``Content-Encoding`` but identity is refused: a decoder inflates a
+  whole chunk before a byte cap can look, and ~500 bytes of ``gzip, gzip`` become 200 MB;
 - one overall deadline and a byte cap enforced while streaming, so a slow or endless body cannot
-  hold a worker or fill memory.
+  hold a worker or fill memory;
+- messages to clients never name the addresses a host resolved to (that maps the internal network
+  for them); the server log does.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import base64
 import functools
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -34,13 +42,15 @@ import httpcore
 import httpx
 
 from omniserve.config import MediaLimits
-from omniserve.errors import MediaError, MediaFetchForbidden, MediaTooLarge
+from omniserve.errors import MediaError, MediaFetchForbidden, MediaTooLarge, UnsupportedMediaEncoding
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _HEADERS = {
     "User-Agent": "omniserve-media-fetch",
-    # Compressed bodies would be inflated by httpx chunk by chunk, past what the byte cap sees coming.
+    # Asked for politely; what actually protects us is reading raw bytes and refusing any other coding.
     "Accept-Encoding": "identity",
 }
 
@@ -126,8 +136,10 @@ async def _fetch_remote(ref: str, limits: MediaLimits, param: str | None) -> byt
             async with _client(limits) as client:
                 return await _follow(client, url, limits, param)
     except _ForbiddenAddress as exc:
+        # The address itself stays in the log: told to the client, it would map the internal network.
+        log.warning("refused media fetch: host %r resolves to %s, a %s address", exc.host, exc.address, exc.reason)
         raise MediaFetchForbidden(
-            f"Media URL host {exc.host!r} resolves to {exc.address}, a {exc.reason} address; "
+            f"Media URL host {exc.host!r} resolves to a {exc.reason} address; "
             "fetching from non-public addresses is not allowed.",
             param=param,
         ) from exc
@@ -147,7 +159,7 @@ async def _follow(client: httpx.AsyncClient, url: httpx.URL, limits: MediaLimits
     for _ in range(limits.max_redirects + 1):
         async with client.stream("GET", url) as response:
             if response.has_redirect_location:
-                url = _checked_url(url.join(response.headers["location"]), limits, param)
+                url = _checked_redirect(url, response.headers["location"], limits, param)
                 continue
             if not response.is_success:
                 status = f"{response.status_code} {response.reason_phrase}".strip()
@@ -158,17 +170,54 @@ async def _follow(client: httpx.AsyncClient, url: httpx.URL, limits: MediaLimits
     )
 
 
+def _checked_redirect(url: httpx.URL, location: str, limits: MediaLimits, param: str | None) -> httpx.URL:
+    """The next hop: checked like a first URL, and never a step down from https to http."""
+    target = _checked_url(url.join(location), limits, param)
+    if url.scheme == "https" and target.scheme == "http":
+        raise MediaFetchForbidden(
+            f"Media URL {_origin(url)} redirects from https to http ({_origin(target)}); "
+            "downgrading a redirect to plain http is not allowed.",
+            param=param,
+        )
+    return target
+
+
 async def _read_body(response: httpx.Response, url: httpx.URL, limits: MediaLimits, param: str | None) -> bytes:
-    """Stream the body, stopping at the first byte over the cap; Content-Length, when sent, refuses sooner."""
+    """Stream the raw body, stopping at the first byte over the cap; Content-Length, when sent, refuses sooner.
+
+    Raw means undecoded: a compressed body is refused on its header, before a byte of it is read.
+    """
+    _check_identity_encoding(response, url, param)
     declared = response.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > limits.max_media_bytes:
         raise _too_large(f"{_origin(url)} declares {declared} bytes", limits, param)
     body = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():
         body += chunk
         if len(body) > limits.max_media_bytes:
             raise _too_large(f"{_origin(url)} sent more than {limits.max_media_bytes} bytes", limits, param)
     return bytes(body)
+
+
+def _check_identity_encoding(response: httpx.Response, url: httpx.URL, param: str | None) -> None:
+    """Refuse a body with any Content-Encoding but identity (servers may ignore ``Accept-Encoding``).
+
+    Inflating under the cap would also work, but every decoder would need a bounded output; media
+    formats are compressed already, so a compressed transfer buys nothing worth that risk.
+    """
+    codings = [
+        coding.strip().lower()
+        for value in response.headers.get_list("content-encoding")
+        for coding in value.split(",")
+        if coding.strip()
+    ]
+    refused = list(dict.fromkeys(coding for coding in codings if coding != "identity"))
+    if refused:
+        raise UnsupportedMediaEncoding(
+            f"The media server at {_origin(url)} sent a {'+'.join(refused)}-encoded body "
+            f"(Content-Encoding: {', '.join(codings)}); omniserve accepts only identity (uncompressed) bodies.",
+            param=param,
+        )
 
 
 def _checked_url(ref: str | httpx.URL, limits: MediaLimits, param: str | None) -> httpx.URL:
@@ -183,6 +232,13 @@ def _checked_url(ref: str | httpx.URL, limits: MediaLimits, param: str | None) -
         )
     if not url.host:
         raise MediaError("Media URL has no host.", param=param)
+    if url.userinfo:
+        # Named without the credentials themselves: _origin leaves the user-info out.
+        raise MediaFetchForbidden(
+            f"Media URL {_origin(url)} carries a user name or password ('user:password@'); "
+            "omniserve does not send credentials to media servers, so such URLs are refused.",
+            param=param,
+        )
     _check_domain(url, limits, param)
     if not limits.allow_private_media_addresses:
         address = _literal_address(url.host)

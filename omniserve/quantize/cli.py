@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import typer
 
 from omniserve.cli_errors import exit_on
 from omniserve.flags import options_command
+from omniserve.logs import configure_logging
 from omniserve.quantize.errors import QuantizeError
 from omniserve.quantize.options import QuantizeOptions
 
@@ -17,7 +16,7 @@ def quantize(options: QuantizeOptions) -> None:
     """Quantize a checkpoint (GPTQ, AWQ, FP8) into a compressed-tensors folder with a verification report."""
     from omniserve.quantize.run import execute, prepare
 
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(options.log_level)
     with exit_on(QuantizeError):
         plan = prepare(options)  # every file-level check first: a bad flag costs milliseconds, not a model load
         result = execute(plan)

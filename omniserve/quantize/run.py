@@ -113,6 +113,7 @@ def prepare(options: QuantizeOptions) -> Plan:
 
 def execute(plan: Plan) -> QuantizeResult:
     """The expensive part: load, calibrate, quantize, save, verify, publish."""
+    from omniserve.logs import quiet_llmcompressor
     from omniserve.models.loading import load_checkpoint
     from omniserve.quantize.hardware import check_scheme_runs
     from omniserve.quantize.layout import find_layout
@@ -122,6 +123,7 @@ def execute(plan: Plan) -> QuantizeResult:
     options = plan.options
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
+    quiet_llmcompressor()  # before the hardware probe, which runs llm-compressor too
     device = _resolve_device(options.device)
     needs_data = plan.recipe.needs_calibration(plan.scheme)
     check_scheme_runs(plan.scheme, device, (_checkpoint_dtype(plan.info), "float32"))
@@ -285,6 +287,7 @@ def _run_oneshot(
     from llmcompressor import oneshot
     from loguru import logger
 
+    from omniserve.logs import quiet_llmcompressor
     from omniserve.quantize.patches import awq_without_accelerator
 
     seen: list[str] = []
@@ -297,6 +300,7 @@ def _run_oneshot(
     # oneshot re-reads config.json from name_or_path to refuse already-quantized models; a sub-module's
     # config (the thinker's text config) has none of its own
     scope.config._name_or_path = str(plan.info.path)
+    quiet_llmcompressor()  # its own console lines follow omniserve's --log-level; warnings still reach the report
     sink_id = logger.add(sink, level="WARNING")
     uses_awq = any("AWQModifier" in entry for entry in plan.recipe.modifiers)
     try:

@@ -8,12 +8,26 @@ from pathlib import Path
 from fastapi import Request
 
 from omniserve.errors import AuthenticationFailed
+from omniserve.flags import OptionError
 
 
 def read_key_file(path: Path) -> list[str]:
-    """One key per line; blank lines and '#' comments ignored."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    """One key per line; blank lines and '#' comments ignored.
+
+    A file that yields no key is refused (``OptionError``): the operator asked for authentication,
+    and an empty Secret or a file of comments must not quietly serve everyone.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptionError(f"--api-key-file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise OptionError(
+            f"--api-key-file {path} holds no API key (only blank or '#' lines): refusing to start without "
+            "authentication; put one key per line, or leave the flag out to serve without keys"
+        )
+    return keys
 
 
 class ApiKeyAuth:
