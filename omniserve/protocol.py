@@ -127,6 +127,8 @@ class _SamplingFields(_Strict):
     top_k: int | None = Field(None, ge=-1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    # vLLM's extra body field: token ids that end a choice like EOS does (kept even with ignore_eos)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -160,18 +162,17 @@ class _SamplingFields(_Strict):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def _sampling(
-        self, *, max_tokens: int, logprobs: bool, top_logprobs: int, default_seed: int | None
-    ) -> SamplingParams:
+    def _sampling(self, *, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k in (None, -1) else self.top_k,
-            seed=self.seed if self.seed is not None else default_seed,
+            seed=self.seed,  # OpenAI's semantics: no seed, a random draw
             n=self.n,
             stop=self._stops(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
@@ -208,13 +209,8 @@ class ChatCompletionRequest(_SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, *, max_tokens: int, default_seed: int | None = None) -> SamplingParams:
-        return self._sampling(
-            max_tokens=max_tokens,
-            logprobs=self.logprobs,
-            top_logprobs=self.top_logprobs or 0,
-            default_seed=default_seed,
-        )
+    def to_sampling_params(self, *, max_tokens: int) -> SamplingParams:
+        return self._sampling(max_tokens=max_tokens, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
 
 
 class CompletionRequest(_SamplingFields):
@@ -251,13 +247,9 @@ class CompletionRequest(_SamplingFields):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self, *, max_tokens: int, default_seed: int | None = None) -> SamplingParams:
-        return self._sampling(
-            max_tokens=max_tokens,
-            logprobs=self.logprobs is not None,
-            top_logprobs=self.logprobs or 0,
-            default_seed=default_seed,
-        )
+    def to_sampling_params(self, *, max_tokens: int) -> SamplingParams:
+        logprobs = self.logprobs is not None
+        return self._sampling(max_tokens=max_tokens, logprobs=logprobs, top_logprobs=self.logprobs or 0)
 
 
 # ---------------------------------------------------------------- responses

@@ -5,7 +5,7 @@ Protocol models convert into this (``to_sampling_params``); engines never see Op
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -17,15 +17,14 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # end a choice (finish reason "stop") even with ignore_eos
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
-    min_tokens: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
+    min_tokens: int = 0  # EOS and stop_token_ids are blocked until this many tokens
 
     @property
     def greedy(self) -> bool:

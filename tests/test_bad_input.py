@@ -74,6 +74,7 @@ CASES: list[tuple[str, Any, int, str | None, str]] = [
     ("absurd n", chat("hi", n=1000), 400, "n", "at most"),
     ("top_logprobs without logprobs", chat("hi", top_logprobs=2), 400, None, "logprobs"),
     ("too many stops", chat("hi", stop=["a", "b", "c", "d", "e"]), 400, "stop", "stop"),
+    ("negative stop token id", chat("hi", stop_token_ids=[3, -1]), 400, "stop_token_ids[1]", ""),
     ("logit_bias", chat("hi", logit_bias={"1": 5}), 400, "logit_bias", "not supported"),
     ("context too long", chat("word " * 5000), 400, "messages", "context length"),
     ("max_tokens over context", chat("hi", max_tokens=100000), 400, "max_tokens", "context length"),

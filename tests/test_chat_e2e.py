@@ -8,6 +8,7 @@ import concurrent.futures
 import http.server
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -169,6 +170,34 @@ def test_stop_string_truncates_output(client: Any) -> None:
     assert cut.choices[0].message.content == free[: free.index(stop)]
     streamed = client.chat.completions.create(stop=stop, stream=True, **kwargs)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == free[: free.index(stop)]
+
+
+def test_stop_token_ids_end_a_choice(client: Any, tiny_omni: Path) -> None:
+    """vLLM's ``stop_token_ids`` extra body field, on every engine: a choice ends at the first of these
+    ids (finish reason "stop", the id counted but its text left out) even with ignore_eos, and not
+    before ``min_tokens``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_omni))
+    kwargs = {"model": "tiny-omni", "prompt": "The quick brown", "max_tokens": 8, "temperature": 0, "logprobs": 0}
+    free = client.completions.create(**kwargs, extra_body={"ignore_eos": True})
+    tokens = free.choices[0].logprobs.tokens  # each generated token decoded alone
+    target = tokens[min(3, len(tokens) - 1)]
+    first = tokens.index(target)
+    # every id decoding to that text, so the choice stops exactly where that text first appears
+    stop_ids = [i for i in range(len(tokenizer)) if tokenizer.decode([i]) == target]
+
+    stopped = client.completions.create(**kwargs, extra_body={"ignore_eos": True, "stop_token_ids": stop_ids})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == first + 1
+    assert stopped.choices[0].logprobs.tokens == tokens[: first + 1]
+    assert free.choices[0].text.startswith(stopped.choices[0].text)
+
+    held = client.completions.create(
+        **kwargs, extra_body={"ignore_eos": True, "stop_token_ids": stop_ids, "min_tokens": first + 2}
+    )
+    assert held.usage.completion_tokens >= first + 2
+    assert target not in held.choices[0].logprobs.tokens[: first + 2]
 
 
 def test_sampling_options_are_accepted(client: Any) -> None:

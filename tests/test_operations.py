@@ -124,6 +124,8 @@ def test_queue_full_gives_429_and_disconnect_frees_slot(small_server: RunningSer
     holder = threading.Thread(target=_hold_slot, args=(small_server, started, stop))
     holder.start()
     assert started.wait(30)
+    # a sequence counts as waiting until its first token, then as running: the holder is in the batch
+    wait_until(lambda: small_server.engine.stats().running == 1)
     queued_result: dict[str, int] = {}
 
     def queued() -> None:
@@ -135,7 +137,7 @@ def test_queue_full_gives_429_and_disconnect_frees_slot(small_server: RunningSer
     waiter = threading.Thread(target=queued)
     waiter.start()
     wait_until(lambda: small_server.engine.stats().waiting == 1)
-    # one running, one waiting: the next is refused at once with Retry-After
+    # one sequence running, one waiting (--max-queue 1 counts sequences): the next is refused at once
     resp = httpx.post(small_server.base_url + "/v1/chat/completions", headers=auth(), json=body(max_tokens=2))
     assert resp.status_code == 429
     assert resp.headers["retry-after"] == "3"
@@ -187,8 +189,10 @@ def test_health_and_metrics_stay_responsive_during_generation(small_server: Runn
             t0 = time.perf_counter()
             assert httpx.get(small_server.base_url + path, timeout=5).status_code == 200
             assert time.perf_counter() - t0 < 1.0
+        wait_until(lambda: small_server.engine.stats().running == 1)
         metrics = _metrics(small_server)
-        assert metrics["omniserve_running_requests"] == 1
+        assert metrics["omniserve_running_requests"] == 1  # sequences, as the engine's stats count them
+        assert metrics["omniserve_queue_depth"] == 0
     finally:
         stop.set()
         holder.join(30)

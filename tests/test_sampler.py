@@ -49,3 +49,13 @@ def test_logprobs_are_the_model_distribution() -> None:
     pick = sample_rows(LOGITS[:1], [state(temperature=0.0, logprobs=True, top_logprobs=2)])[0]
     assert abs(pick.logprob - float(LOGITS[0, 1])) < 1e-6
     assert [t for t, _ in pick.top] == [1, 2]
+
+
+def test_min_tokens_blocks_exactly_the_ids_that_would_end_the_sequence() -> None:
+    """The engine passes EOS and ``stop_token_ids`` (EOS left out with ignore_eos); all are held off alike."""
+    eos_favoured = torch.tensor([[5.0, 4.0, 1.0, 0.0, 0.0]])
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, min_tokens=1)
+    stop_ids_only = SamplerState.create(params, 0, eos_ids=(0, 1))
+    assert sample_rows(eos_favoured, [stop_ids_only])[0].token_id == 2
+    nothing_ends = SamplerState.create(params, 0, eos_ids=())
+    assert sample_rows(eos_favoured, [nothing_ends])[0].token_id == 0

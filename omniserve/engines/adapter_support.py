@@ -1,13 +1,9 @@
-"""Pieces every adapter over an external engine (vLLM, SGLang, LMDeploy) needs, written once.
+"""What adapters over an external engine package (vLLM, SGLang, LMDeploy) share beyond ``Engine``.
 
-- ``InProcessEngine``: the lifecycle every adapter shares (the package check at construction, the
-  model info once started, readiness, stats, admission of a request into a counted stream, stop).
-- ``Admission``: the bounded queue. External engines queue without limit (or answer 503), but the
-  ``Engine`` contract is a 429 raised synchronously by ``generate`` once ``max_concurrency`` running
-  plus ``max_queue`` waiting sequences are taken, so the adapter counts what it admitted.
-- ``AdmittedStream``: gives an admission back exactly once, whether the stream ends, fails or is
-  closed, even closed before its first iteration (an async generator closed unstarted never runs
-  its ``finally``, which would leak queue places).
+- ``InProcessEngine``: an ``Engine`` whose native engine comes from a package and runs in the
+  gateway's process: the package checked at construction (a missing one fails before anything
+  loads), and a failed start turned into one ``ModelLoadError`` that quotes the engine's own error,
+  even one its child processes printed.
 - ``ChoiceDecoder``: for engines that stream token ids (SGLang, LMDeploy), the text of one choice
   made by omniserve's own detokenizer, so stop strings, held-back partial characters and
   ``skip_special_tokens`` behave exactly as with the transformers engine.
@@ -15,42 +11,43 @@
   engine's own command-line parser, so omniserve accepts exactly what ``vllm serve`` /
   ``python -m sglang.launch_server`` accept, with their types and choices, and says so before the
   engine starts.
+
+Generation, admission, readiness and stats are ``Engine``'s (``base.py``); an adapter fills in
+``launch``, ``shutdown``, ``prepare`` and ``stream``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import difflib
 import importlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from omniserve.config import EngineConfig
-from omniserve.engines.base import ChoiceDelta, Engine, EngineStats, GenerationRequest, ModelInfo, TokenLogprobs
+from omniserve.engines.base import ChoiceDelta, Engine, NativeT, TokenLogprobs
 from omniserve.engines.child_output import ChildOutputTail
 from omniserve.engines.detokenizer import IncrementalDetokenizer
-from omniserve.errors import EngineUnavailable, ModelLoadError, QueueFull
+from omniserve.errors import ModelLoadError
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-class InProcessEngine(Engine):
-    """An external engine running in the gateway's process; subclasses say how to start, stream and stop it.
+class InProcessEngine(Engine[NativeT]):
+    """An external engine package running in the gateway's process.
 
-    Subclasses set ``NAME`` (as ``--engine`` spells it), ``PACKAGE`` (imported at construction, so a
-    missing package fails before anything loads) and ``INSTALL_HINT``; ``start`` ends with
-    ``_started``; ``generate`` builds its stream and hands it to ``_admit``.
+    Subclasses set ``NAME``, ``PACKAGE`` (imported at construction) and ``INSTALL_HINT``, build the
+    native engine inside ``with self._starting():`` in ``launch``, and keep the served model's
+    tokenizer in ``_tokenizer`` (for text and logprobs made by omniserve).
     """
 
-    NAME: ClassVar[str]
     PACKAGE: ClassVar[str]
     INSTALL_HINT: ClassVar[str]
 
     def __init__(self, config: EngineConfig) -> None:
-        self._config = config
+        super().__init__(config)
         try:
             importlib.import_module(self.PACKAGE)
         except ImportError as exc:
@@ -59,46 +56,6 @@ class InProcessEngine(Engine):
                 f"({exc}); {self.INSTALL_HINT}"
             ) from exc
         self._tokenizer: Any = None
-        self._info: ModelInfo | None = None
-        self._stopping = False
-        self._admission = Admission(config.max_concurrency, config.max_queue)
-
-    @property
-    def model_info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineUnavailable("the engine has not started")
-        return self._info
-
-    def is_ready(self) -> bool:
-        return self._info is not None and not self._stopping and self._alive()
-
-    def _alive(self) -> bool:
-        """Whether the engine itself still runs; override where the engine can tell (vLLM's ``errored``)."""
-        return True
-
-    def stats(self) -> EngineStats:
-        return EngineStats(waiting=self._admission.waiting, running=self._admission.running)
-
-    async def stop(self) -> None:
-        self._stopping = True
-        await asyncio.to_thread(self._shutdown)
-
-    def _shutdown(self) -> None:
-        """Stop the engine if one was created (blocking: ``stop`` runs it in a thread)."""
-        raise NotImplementedError
-
-    def _started(self, max_model_len: int, eos_token_ids: tuple[int, ...] | None = None) -> None:
-        """Record the model info once the engine runs; the gateway fills in the modalities."""
-        cfg = self._config
-        if eos_token_ids is None:
-            eos_token_ids = tuple(t for t in [self._tokenizer.eos_token_id] if t is not None)
-        self._info = ModelInfo(
-            name=cfg.served_model_name,
-            path=str(cfg.model),
-            max_model_len=max_model_len,
-            modalities=frozenset(),
-            eos_token_ids=eos_token_ids,
-        )
 
     @contextlib.contextmanager
     def _starting(self) -> Iterator[None]:
@@ -131,87 +88,6 @@ class InProcessEngine(Engine):
                 "or use --engine transformers"
             )
         return f"the {self.NAME} engine could not start {self._config.model}: {cause}. Fix: {fix}"
-
-    def _check_ready(self) -> None:
-        if not self.is_ready():
-            raise EngineUnavailable(f"the {self.NAME} engine is not ready to generate")
-
-    def _admit(self, request: GenerationRequest, deltas: AsyncIterator[ChoiceDelta]) -> AdmittedStream:
-        """Take the request's places in the bounded queue (429 when full) and give them back with the stream."""
-        self._admission.reserve(request.sampling.n)
-        return AdmittedStream(deltas, self._admission, request.sampling.n)
-
-
-class Admission:
-    """Counts sequences admitted to an engine: ``waiting`` until their first token, then ``running``."""
-
-    def __init__(self, max_concurrency: int, max_queue: int) -> None:
-        self.capacity = max_concurrency + max_queue
-        self.max_concurrency = max_concurrency
-        self.waiting = 0
-        self.running = 0
-
-    def reserve(self, sequences: int) -> None:
-        """Take places for ``sequences`` or raise ``QueueFull`` (before any work starts)."""
-        if self.waiting + self.running + sequences > self.capacity:
-            raise QueueFull(
-                f"the server is at capacity ({self.running} sequences running, {self.waiting} waiting); retry later"
-            )
-        self.waiting += sequences
-
-    def started(self, sequences: int) -> None:
-        moved = min(sequences, self.waiting)
-        self.waiting -= moved
-        self.running += moved
-
-    def release(self, waiting: int, running: int) -> None:
-        self.waiting -= waiting
-        self.running -= running
-
-
-class AdmittedStream:
-    """An engine's delta stream that returns its admission places exactly once.
-
-    ``source`` yields the deltas; the first delta of each choice moves that choice from waiting to
-    running. Closing this stream closes ``source`` (which aborts the request in the engine).
-    """
-
-    def __init__(self, source: AsyncIterator[ChoiceDelta], admission: Admission, sequences: int) -> None:
-        self._source = source
-        self._admission = admission
-        self._waiting = sequences
-        self._running = 0
-        self._started: set[int] = set()
-        self._released = False
-
-    def __aiter__(self) -> AdmittedStream:
-        return self
-
-    async def __anext__(self) -> ChoiceDelta:
-        try:
-            delta = await self._source.__anext__()
-        except BaseException:  # StopAsyncIteration included: the request is over either way
-            self._release()
-            raise
-        if delta.index not in self._started and self._waiting:
-            self._started.add(delta.index)
-            self._waiting -= 1
-            self._running += 1
-            self._admission.started(1)
-        return delta
-
-    async def aclose(self) -> None:
-        try:
-            aclose: Callable[[], Any] | None = getattr(self._source, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._admission.release(self._waiting, self._running)
 
 
 class ChoiceDecoder:
@@ -271,6 +147,10 @@ def engine_args_from_cli_parser(
     setting never has two sources. Raises ``ModelLoadError`` naming the key, the engine and the fix.
     """
     actions: dict[str, argparse.Action] = {}
+    # argparse has no public way to list a parser's arguments; ``_actions`` is the list its own help
+    # and parsing read, which shell-completion tools (argcomplete) also rely on. Recording the
+    # actions through the public ``add_argument`` is no alternative: arguments added to groups
+    # (vLLM and SGLang use groups for almost all) go through the group, never the parser.
     for action in parser._actions:
         if action.dest in ("help", argparse.SUPPRESS):
             continue
@@ -304,7 +184,7 @@ def _convert(action: argparse.Action, value: str) -> Any:
         if word not in _TRUE | _FALSE:
             raise ValueError("expected true or false")
         flag = word in _TRUE
-        return (not flag) if isinstance(action, argparse._StoreFalseAction) else flag
+        return (not flag) if action.const is False else flag  # store_false stores const False when given
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         items = [v for v in value.replace(",", " ").split() if v]
         return [_convert_one(action, v) for v in items]

@@ -8,9 +8,10 @@ That item format is Qwen-VL's (patches plus a ``grid_thw`` per image); other pro
 audio and the TurboMind backend's embedding inputs are refused with a 400 naming the engine.
 
 What LMDeploy lacks is refused or supplied here rather than silently dropped: ``presence_penalty``
-and ``frequency_penalty`` are 400s; stop *strings* (LMDeploy only stops on token ids) are applied
-by omniserve's detokenizer, which aborts the request at the stop; ``n > 1`` (LMDeploy falls back
-to 1) runs as ``n`` requests with seeds ``seed + i``, as the transformers engine seeds its choices.
+and ``frequency_penalty`` are 400s (``UNSUPPORTED``); stop *strings* (LMDeploy only stops on token
+ids) are applied by omniserve's detokenizer, which aborts the request at the stop; ``n > 1``
+(LMDeploy falls back to 1) runs as ``n`` requests with seeds ``seed + i``, as the transformers
+engine seeds its choices, merged into one stream by the ``merge_streams`` the gateway uses.
 
 ``--engine-arg backend=pytorch|turbomind`` picks the backend (default pytorch); every other key is
 a field of that backend's config class (``PytorchEngineConfig`` / ``TurbomindEngineConfig``),
@@ -24,17 +25,20 @@ but generation was not run here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import itertools
 import json
 import typing
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from omniserve.config import EngineConfig
 from omniserve.engines.adapter_support import ChoiceDecoder, InProcessEngine
-from omniserve.engines.base import ChoiceDelta, GenerationRequest, TokenLogprobs
-from omniserve.errors import EngineError, InvalidRequest, ModelLoadError, UnsupportedParameter
+from omniserve.engines.base import ChoiceDelta, GenerationRequest, ModelInfo, TokenLogprobs, finish_reason
+from omniserve.engines.streams import merge_streams
+from omniserve.errors import EngineError, InvalidRequest, ModelLoadError
 from omniserve.sampling import SamplingParams
 
 ENGINE = "lmdeploy"
@@ -85,15 +89,12 @@ def parse_engine_args(raw: dict[str, str]) -> tuple[str, dict[str, Any]]:
 
 
 def to_generation_config(params: SamplingParams, choice: int = 0) -> Any:
-    """omniserve's sampling parameters as one LMDeploy ``GenerationConfig`` (one choice: LMDeploy has no n)."""
+    """omniserve's sampling parameters as one LMDeploy ``GenerationConfig`` (one choice: LMDeploy has no n).
+
+    The penalties LMDeploy lacks are refused before this is called (``LMDeployEngine.UNSUPPORTED``).
+    """
     from lmdeploy.messages import GenerationConfig
 
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(params, name):
-            raise UnsupportedParameter(f"the {ENGINE} engine does not support {name}", param=name)
-    if params.extra:
-        names = ", ".join(sorted(params.extra))
-        raise UnsupportedParameter(f"the {ENGINE} engine does not support {names}", param=sorted(params.extra)[0])
     return GenerationConfig(
         n=1,
         max_new_tokens=params.max_tokens,
@@ -157,12 +158,21 @@ def _runs(token_ids: list[int], token: int) -> list[tuple[int, int]]:
     return runs
 
 
-class LMDeployEngine(InProcessEngine):
+@dataclass(frozen=True)
+class LMDeployRequest:
+    """One omniserve request in LMDeploy's terms: a ``GenerationConfig`` per choice, and the image items."""
+
+    configs: list[Any]
+    multimodal: list[dict[str, Any]] | None
+
+
+class LMDeployEngine(InProcessEngine[LMDeployRequest]):
     """LMDeploy's ``AsyncEngine`` behind the ``Engine`` interface; engine args validated at construction."""
 
     NAME = ENGINE
     PACKAGE = "lmdeploy"
     INSTALL_HINT = "install it on a CUDA machine (pip install lmdeploy), or serve with --engine transformers"
+    UNSUPPORTED = ("presence_penalty", "frequency_penalty")
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
@@ -185,7 +195,7 @@ class LMDeployEngine(InProcessEngine):
             **self._engine_args,
         )
 
-    async def start(self) -> None:
+    async def launch(self) -> ModelInfo:
         from lmdeploy.serve.core import AsyncEngine
         from transformers import AutoConfig, AutoTokenizer
 
@@ -195,17 +205,15 @@ class LMDeployEngine(InProcessEngine):
             self._engine.start_loop(asyncio.get_running_loop(), use_async_api=True)
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         self._image_token_id = getattr(AutoConfig.from_pretrained(str(cfg.model)), "image_token_id", None)
-        self._started(int(self._engine.session_len))
+        return self.served(int(self._engine.session_len), [self._tokenizer.eos_token_id])
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.close()
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
-        self._check_ready()
+    def prepare(self, request: GenerationRequest) -> LMDeployRequest:
         configs = [to_generation_config(request.sampling, i) for i in range(request.sampling.n)]
-        multimodal = self._multimodal(request)
-        return self._admit(request, self._deltas(request, configs, multimodal))
+        return LMDeployRequest(configs, self._multimodal(request))
 
     def _multimodal(self, request: GenerationRequest) -> list[dict[str, Any]] | None:
         prompt = request.prompt
@@ -217,30 +225,15 @@ class LMDeployEngine(InProcessEngine):
             raise InvalidRequest(f"the {ENGINE} engine does not take {what}", param="messages")
         return image_items(list(prompt.token_ids), prompt.mm_inputs, self._image_token_id)
 
-    async def _deltas(
-        self, request: GenerationRequest, configs: list[Any], multimodal: list[dict[str, Any]] | None
-    ) -> AsyncIterator[ChoiceDelta]:
-        """One LMDeploy request per choice, merged as their deltas arrive."""
-        queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
+    async def stream(self, request: GenerationRequest, native: LMDeployRequest) -> AsyncIterator[ChoiceDelta]:
+        """One LMDeploy request per choice, merged as their deltas arrive.
 
-        async def run(index: int, gen_config: Any) -> None:
-            try:
-                async for delta in self._choice(request, index, gen_config, multimodal):
-                    await queue.put(delta)
-                await queue.put(None)
-            except BaseException as exc:
-                await queue.put(exc)
-
-        tasks = [asyncio.ensure_future(run(i, c)) for i, c in enumerate(configs)]
-        try:
-            for _ in range(len(tasks)):
-                while (item := await queue.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-        finally:
-            for task in tasks:  # cancelling a choice closes its LMDeploy generator, which ends its session
-                task.cancel()
+        Closing the merge closes every choice's generator, which ends its LMDeploy session.
+        """
+        choices = [self._choice(request, i, config, native.multimodal) for i, config in enumerate(native.configs)]
+        async with contextlib.aclosing(merge_streams(choices)) as merged:
+            async for _, delta in merged:
+                yield delta
 
     async def _choice(
         self, request: GenerationRequest, index: int, gen_config: Any, multimodal: list[dict[str, Any]] | None
@@ -268,8 +261,7 @@ class LMDeployEngine(InProcessEngine):
                     if request.sampling.logprobs
                     else None
                 )
-                finish = None if out.finish_reason is None else _FINISH.get(out.finish_reason, "stop")
-                delta = decoder.feed(new_ids, logprobs, finish)
+                delta = decoder.feed(new_ids, logprobs, finish_reason(out.finish_reason))
                 if delta is not None:
                     yield delta
                 if decoder.finished:
@@ -280,17 +272,13 @@ class LMDeployEngine(InProcessEngine):
             await outputs.aclose()
 
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
 def _logprobs(
     token_ids: list[int], positions: list[dict[int, float]] | None, tokenizer: Any, top_n: int
 ) -> list[TokenLogprobs]:
-    """LMDeploy's ``{token_id: logprob}`` per new token (its last entries) as omniserve's."""
+    """LMDeploy's ``{token_id: logprob}`` per new token (its last entries) as omniserve's: the ``top_n`` best."""
     positions = (positions or [])[-len(token_ids) :] if token_ids else []
     result = []
     for token_id, position in zip(token_ids, positions, strict=False):
         ranked = sorted(position.items(), key=lambda item: item[1], reverse=True)[:top_n]
-        top = tuple((tid, tokenizer.decode([tid]), lp) for tid, lp in ranked)
-        result.append(TokenLogprobs(token_id, tokenizer.decode([token_id]), position.get(token_id, 0.0), top))
+        result.append(TokenLogprobs.decoded(tokenizer, token_id, position.get(token_id, 0.0), ranked))
     return result

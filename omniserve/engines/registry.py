@@ -5,7 +5,11 @@ A package adds an engine by declaring, in its pyproject::
     [project.entry-points."omniserve.engines"]
     myengine = "my_package.engine:MyEngine"
 
-where ``MyEngine(config: EngineConfig)`` implements ``omniserve.engines.base.Engine``.
+where ``MyEngine`` subclasses ``omniserve.engines.base.Engine`` (constructed as
+``MyEngine(config: EngineConfig)``) and fills in its four hooks: ``launch`` (create the native
+engine, return its ``ModelInfo``), ``shutdown``, ``prepare`` (sampling parameters in the engine's
+terms) and ``stream`` (its outputs as ``ChoiceDelta`` objects). Admission, readiness, stats and
+the 400/429/503 refusals come with the base class, the same for every engine.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ class SamplerState:
     """What sampling remembers about one sequence: its generator and the tokens it produced."""
 
     params: SamplingParams
-    eos_ids: tuple[int, ...] = ()
+    eos_ids: tuple[int, ...] = ()  # the ids that end the sequence, blocked until ``min_tokens``
     generator: torch.Generator | None = None
     output_counts: dict[int, int] = field(default_factory=dict)
     generated: int = 0
@@ -50,7 +50,7 @@ class Sampled:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def _apply_penalties(row: torch.Tensor, state: SamplerState, eos_ids: tuple[int, ...]) -> torch.Tensor:
+def _apply_penalties(row: torch.Tensor, state: SamplerState) -> torch.Tensor:
     """Adjust one row in place (vLLM's semantics: only generated tokens are penalised)."""
     import torch
 
@@ -62,8 +62,8 @@ def _apply_penalties(row: torch.Tensor, state: SamplerState, eos_ids: tuple[int,
             vals = row[ids]
             row[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         row[ids] -= p.frequency_penalty * counts + p.presence_penalty
-    if state.generated < p.min_tokens and eos_ids:
-        row[list(eos_ids)] = float("-inf")
+    if state.generated < p.min_tokens and state.eos_ids:
+        row[list(state.eos_ids)] = float("-inf")
     return row
 
 
@@ -98,7 +98,7 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample
         rows = rows.clone()
         for i, state in enumerate(states):
             if _needs_penalties(state):
-                _apply_penalties(rows[i], state, () if state.params.ignore_eos else state.eos_ids)
+                _apply_penalties(rows[i], state)
     tokens = torch.argmax(rows, dim=-1)
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if sampled:
@@ -125,7 +125,7 @@ def _needs_penalties(state: SamplerState) -> bool:
     penalised = bool(state.output_counts) and (
         p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1.0
     )
-    return penalised or (state.generated < p.min_tokens and not p.ignore_eos)
+    return penalised or (state.generated < p.min_tokens and bool(state.eos_ids))
 
 
 def _draw(rows: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:

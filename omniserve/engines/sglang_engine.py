@@ -23,8 +23,7 @@ from typing import Any
 
 from omniserve.config import EngineConfig
 from omniserve.engines.adapter_support import ChoiceDecoder, InProcessEngine, engine_args_from_cli_parser
-from omniserve.engines.base import ChoiceDelta, GenerationRequest, TokenLogprobs
-from omniserve.errors import UnsupportedParameter
+from omniserve.engines.base import ChoiceDelta, GenerationRequest, ModelInfo, TokenLogprobs, finish_reason
 from omniserve.sampling import SamplingParams
 
 ENGINE = "sglang"
@@ -57,9 +56,6 @@ def parse_engine_args(raw: dict[str, str]) -> dict[str, Any]:
 
 def to_sglang_sampling(params: SamplingParams) -> dict[str, Any]:
     """omniserve's sampling parameters as SGLang's ``sampling_params`` dict (its ``SamplingParams`` fields)."""
-    if params.extra:
-        names = ", ".join(sorted(params.extra))
-        raise UnsupportedParameter(f"the {ENGINE} engine does not support {names}", param=sorted(params.extra)[0])
     return {
         "n": params.n,
         "max_new_tokens": params.max_tokens,
@@ -110,13 +106,16 @@ def choice_logprobs(meta: dict[str, Any], start: int, tokenizer: Any) -> list[To
     result = []
     for i in range(start, len(chosen)):
         logprob, token_id = chosen[i][0], chosen[i][1]
-        top = tuple((tid, tokenizer.decode([tid]), lp) for lp, tid, *_ in (tops[i] if i < len(tops) else []) or [])
-        result.append(TokenLogprobs(token_id, tokenizer.decode([token_id]), logprob, top))
+        top = ((tid, lp) for lp, tid, *_ in (tops[i] if i < len(tops) else []) or [])
+        result.append(TokenLogprobs.decoded(tokenizer, token_id, logprob, top))
     return result
 
 
-class SGLangEngine(InProcessEngine):
-    """``sglang.Engine`` behind the ``Engine`` interface; engine args validated at construction."""
+class SGLangEngine(InProcessEngine[dict[str, Any]]):
+    """``sglang.Engine`` behind the ``Engine`` interface; engine args validated at construction.
+
+    ``prepare`` is SGLang's ``sampling_params`` dict; ``stream`` reads SGLang's cumulative outputs.
+    """
 
     NAME = ENGINE
     PACKAGE = "sglang"
@@ -139,7 +138,7 @@ class SGLangEngine(InProcessEngine):
             **self._engine_args,
         }
 
-    async def start(self) -> None:
+    async def launch(self) -> ModelInfo:
         import sglang
         from transformers import AutoTokenizer
 
@@ -147,22 +146,21 @@ class SGLangEngine(InProcessEngine):
         with self._starting():
             self._engine = sglang.Engine(**self.server_args())
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-        self._started(cfg.max_model_len or int(self._engine.tokenizer_manager.context_len))
+        max_model_len = cfg.max_model_len or int(self._engine.tokenizer_manager.context_len)
+        return self.served(max_model_len, [self._tokenizer.eos_token_id])
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
-        self._check_ready()
-        sampling = to_sglang_sampling(request.sampling)
-        return self._admit(request, self._deltas(request, sampling))
+    def prepare(self, request: GenerationRequest) -> dict[str, Any]:
+        return to_sglang_sampling(request.sampling)
 
-    async def _deltas(self, request: GenerationRequest, sampling: dict[str, Any]) -> AsyncIterator[ChoiceDelta]:
+    async def stream(self, request: GenerationRequest, native: dict[str, Any]) -> AsyncIterator[ChoiceDelta]:
         params = request.sampling
         stream = await self._engine.async_generate(
             input_ids=list(request.prompt.token_ids),
-            sampling_params=sampling,
+            sampling_params=native,
             stream=True,
             rid=request.request_id,
             **processor_outputs(request.prompt.mm_inputs),
@@ -173,10 +171,10 @@ class SGLangEngine(InProcessEngine):
             async for chunk in stream:
                 decoder = decoders[int(chunk.get("index", 0)) % params.n]
                 meta = chunk.get("meta_info", {})
-                finish = (meta.get("finish_reason") or {}).get("type")
+                finish = finish_reason((meta.get("finish_reason") or {}).get("type"))
                 new_ids = list(chunk.get("output_ids", []))[decoder.consumed :]
                 logprobs = choice_logprobs(meta, decoder.consumed, self._tokenizer) if params.logprobs else None
-                delta = decoder.feed(new_ids, logprobs, _FINISH.get(finish, "stop") if finish else None)
+                delta = decoder.feed(new_ids, logprobs, finish)
                 if delta is not None:
                     yield delta
                 if all(d.finished for d in decoders.values()):
@@ -185,6 +183,3 @@ class SGLangEngine(InProcessEngine):
             if not all(d.finished and not d.stopped for d in decoders.values()):
                 # a stop string we found first, or a client gone: free the request's slots
                 self._engine.tokenizer_manager.abort_request(rid=request.request_id)
-
-
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}

@@ -1,9 +1,11 @@
 """The transformers engine: continuous batching on a worker thread, streaming into asyncio.
 
-Requests wait in a bounded queue; the worker admits them while batch slots are free (prefilling
-each alone, with its media), then decodes every running sequence in one forward pass per step.
-Sequences leave the batch as soon as they finish or their client goes away. Generation never
-runs on the event loop, so /health and /metrics answer while the model works.
+Admission (the bounded queue, counted in sequences), readiness, stats and the 400s/429s are the
+``Engine`` base class's, as for every engine; this module fills in its hooks. Admitted requests wait
+in the worker's queue; the worker takes them while batch slots are free (prefilling each alone,
+with its media), then decodes every running sequence in one forward pass per step. Sequences leave
+the batch as soon as they finish or their client goes away. Generation never runs on the event
+loop, so /health and /metrics answer while the model works.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omniserve.config import EngineConfig
-from omniserve.engines.base import ChoiceDelta, Engine, EngineStats, GenerationRequest, ModelInfo, TokenLogprobs
+from omniserve.engines.base import ChoiceDelta, Engine, GenerationRequest, ModelInfo, TokenLogprobs
 from omniserve.engines.detokenizer import IncrementalDetokenizer
 from omniserve.engines.sampler import Sampled, SamplerState, sample_rows
-from omniserve.errors import EngineError, EngineUnavailable, ModelLoadError, QueueFull
+from omniserve.errors import EngineError, EngineUnavailable, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,43 @@ class _Pending:
         self.outbox.put(self, item)
 
 
+class _Relay:
+    """One request's deltas as the worker emits them; closing it, even before the first delta, withdraws
+    the request from the worker (a queued one is never prefilled, a running one leaves the batch)."""
+
+    def __init__(self, pending: _Pending, wakeup: threading.Event) -> None:
+        self._pending = pending
+        self._wakeup = wakeup
+        self._over = False
+
+    def __aiter__(self) -> _Relay:
+        return self
+
+    async def __anext__(self) -> ChoiceDelta:
+        if self._over:
+            raise StopAsyncIteration
+        try:
+            item = await self._pending.events.get()
+        except BaseException:  # the consumer was cancelled while waiting
+            self._withdraw()
+            raise
+        if item is _DONE or isinstance(item, BaseException):
+            self._over = True
+            if item is _DONE:
+                raise StopAsyncIteration
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        self._withdraw()
+
+    def _withdraw(self) -> None:
+        if not self._over:
+            self._over = True
+            self._pending.cancelled.set()
+            self._wakeup.set()
+
+
 @dataclass
 class _Sequence:
     owner: _Pending
@@ -84,38 +123,37 @@ class _Sequence:
     finished: bool = False
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(Engine[None]):
+    """The reference engine: the checkpoint run by transformers, batched by omniserve's own worker.
+
+    ``prepare`` has nothing to map (the sampler reads ``SamplingParams`` itself); ``stream`` hands
+    the request to the worker thread and relays what it emits.
+    """
+
+    NAME = "transformers"
+
     def __init__(self, config: EngineConfig) -> None:
-        self._config = config
+        super().__init__(config)
         self._loaded: Any = None
-        self._info: ModelInfo | None = None
         self._tokenizer: Any = None
-        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._waiting: collections.deque[_Pending] = collections.deque()  # admitted, not yet in the batch
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
-        self._stopping = threading.Event()
+        self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._running: list[_Sequence] = []
-        self._running_requests = 0
         self._reserved = 0  # sequences running or being admitted
-        self._decode_steps = 0
         self._outbox = _Outbox()
-        self._decoded_tokens = 0
 
     # ------------------------------------------------------------------ lifecycle
 
-    @property
-    def model_info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineUnavailable("the engine has not started")
-        return self._info
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+    async def launch(self) -> ModelInfo:
+        info = await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._worker, name="omniserve-transformers", daemon=True)
         self._thread.start()
+        return info
 
-    def _load(self) -> None:
+    def _load(self) -> ModelInfo:
         from transformers import AutoTokenizer
 
         from omniserve.engines.hf_model import DecodeBatch, load_model
@@ -127,23 +165,9 @@ class TransformersEngine(Engine):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the tokenizer of {cfg.model}: {exc}") from exc
         max_len = cfg.max_model_len or self._loaded.max_position_embeddings
-        eos = tuple(
-            dict.fromkeys(
-                [
-                    *self._loaded.eos_token_ids,
-                    *([self._tokenizer.eos_token_id] if self._tokenizer.eos_token_id is not None else []),
-                ]
-            )
-        )
-        self._info = ModelInfo(
-            name=cfg.served_model_name,
-            path=str(cfg.model),
-            max_model_len=max_len,
-            modalities=frozenset(),  # filled by the gateway from the template layer
-            eos_token_ids=eos,
-        )
         self._batch = DecodeBatch(self._loaded)
         self._warmup()
+        return self.served(max_len, [*self._loaded.eos_token_ids, self._tokenizer.eos_token_id])
 
     def _warmup(self) -> None:
         """Run one prefill and one decode step so readiness means 'can generate', not 'loaded'."""
@@ -155,74 +179,40 @@ class TransformersEngine(Engine):
         batch.add(pre, 1)
         batch.step([int(pre.logits.argmax())])
 
-    async def stop(self) -> None:
-        self._stopping.set()
+    def shutdown(self) -> None:
+        self._halt.set()
         self._wakeup.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+            self._thread.join(30)
 
-    def is_ready(self) -> bool:
-        return (
-            self._info is not None
-            and self._thread is not None
-            and self._thread.is_alive()
-            and not self._stopping.is_set()
-        )
-
-    def stats(self) -> EngineStats:
-        with self._lock:
-            return EngineStats(
-                waiting=len(self._waiting),
-                running=self._running_requests,
-                decode_steps=self._decode_steps,
-                decoded_tokens=self._decoded_tokens,
-            )
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._halt.is_set()
 
     # ------------------------------------------------------------------ async side
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
-        # Admission is decided here, synchronously, so a full queue is reported before a
-        # streaming response has started (a 429, not an error event).
-        if not self.is_ready():
-            raise EngineUnavailable("the engine is not ready to generate")
-        n = request.sampling.n
-        if n > self._config.max_concurrency:
-            raise EngineError(f"n={n} exceeds the batch capacity {self._config.max_concurrency}")
+    def prepare(self, request: GenerationRequest) -> None:
+        """Nothing to map: the worker's sampler reads omniserve's ``SamplingParams`` as they are."""
+
+    def stream(self, request: GenerationRequest, native: None) -> AsyncIterator[ChoiceDelta]:
+        """Queue the request for the worker now (``generate`` admitted it) and relay what it emits.
+
+        Queued at once rather than at the first iteration, so the worker may prefill while the
+        gateway is still sending the response's first bytes; ``_Relay`` withdraws it when closed.
+        """
         pending = _Pending(
             request=request, loop=asyncio.get_running_loop(), events=asyncio.Queue(), outbox=self._outbox
         )
-        with self._lock:
-            demand = self._reserved + sum(p.request.sampling.n for p in self._waiting) + n
-            if len(self._waiting) >= self._config.max_queue and demand > self._config.max_concurrency:
-                raise QueueFull(
-                    f"the server is at capacity ({self._config.max_concurrency} sequences running, "
-                    f"{len(self._waiting)} requests waiting); retry later"
-                )
+        with self._lock:  # the worker fails what is queued when it exits: never queue behind its back
+            if self._halt.is_set():
+                raise EngineUnavailable(f"the {self.NAME} engine is shutting down")
             self._waiting.append(pending)
         self._wakeup.set()
-        return self._events(pending)
-
-    async def _events(self, pending: _Pending) -> AsyncIterator[ChoiceDelta]:
-        finished = False
-        try:
-            while True:
-                item = await pending.events.get()
-                if item is _DONE:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-        finally:
-            if not finished:
-                pending.cancelled.set()
-                self._wakeup.set()
+        return _Relay(pending, self._wakeup)
 
     # ------------------------------------------------------------------ worker thread
 
     def _worker(self) -> None:
-        while not self._stopping.is_set():
+        while not self._halt.is_set():
             try:
                 self._admit()
                 self._drop_cancelled()
@@ -243,7 +233,7 @@ class TransformersEngine(Engine):
     def _next_admissible(self) -> _Pending | None:
         with self._lock:
             if any(p.cancelled.is_set() for p in self._waiting):
-                # a client that left while queued must not hold a queue place (spurious 429s)
+                # a client that left while queued is never prefilled (its admission was given back on close)
                 for dropped in [p for p in self._waiting if p.cancelled.is_set()]:
                     dropped.emit(_DONE)
                 self._waiting = collections.deque(p for p in self._waiting if not p.cancelled.is_set())
@@ -253,7 +243,6 @@ class TransformersEngine(Engine):
                 return None
             pending = self._waiting.popleft()
             self._reserved += pending.request.sampling.n
-            self._running_requests += 1
             return pending
 
     def _admit(self) -> None:
@@ -287,7 +276,9 @@ class TransformersEngine(Engine):
         self._advance(seqs, sampled)
 
     def _eos_for(self, req: GenerationRequest) -> tuple[int, ...]:
-        return tuple(dict.fromkeys([*self.model_info.eos_token_ids, *req.sampling.stop_token_ids]))
+        """The ids that end this request's choices: ``stop_token_ids``, and EOS unless ``ignore_eos`` (as vLLM)."""
+        eos = () if req.sampling.ignore_eos else self.model_info.eos_token_ids
+        return tuple(dict.fromkeys([*eos, *req.sampling.stop_token_ids]))
 
     def _decode_step(self) -> None:
         logits = self._batch.step([s.next_token for s in self._running])
@@ -308,8 +299,7 @@ class TransformersEngine(Engine):
         seq.generated += 1
         seq.next_token = pick.token_id
         logprobs = self._logprobs(pick) if params.logprobs else None
-        is_eos = not params.ignore_eos and pick.token_id in seq.sampler.eos_ids
-        if is_eos:
+        if pick.token_id in seq.sampler.eos_ids:
             self._finish(seq, seq.detok.flush(), "stop", [pick.token_id], logprobs)
             return
         text, hit_stop = seq.detok.add(pick.token_id)
@@ -323,9 +313,7 @@ class TransformersEngine(Engine):
         seq.owner.emit(ChoiceDelta(index=seq.index, text=text, token_ids=[pick.token_id], logprobs=logprobs))
 
     def _logprobs(self, pick: Sampled) -> list[TokenLogprobs]:
-        decode = self._tokenizer.decode
-        top = tuple((tid, decode([tid]), lp) for tid, lp in pick.top)
-        return [TokenLogprobs(pick.token_id, decode([pick.token_id]), pick.logprob or 0.0, top)]
+        return [TokenLogprobs.decoded(self._tokenizer, pick.token_id, pick.logprob or 0.0, pick.top)]
 
     def _finish(
         self, seq: _Sequence, text: str, reason: str, token_ids: list[int], logprobs: list[TokenLogprobs] | None
@@ -348,16 +336,12 @@ class TransformersEngine(Engine):
         self._release_sequences(gone)
 
     def _release_sequences(self, gone: list[_Sequence]) -> None:
-        owners_done = {id(s.owner) for s in gone if s.owner.open_choices == 0 or s.owner.cancelled.is_set()}
         with self._lock:
             self._reserved -= len(gone)
-            still = {id(s.owner) for s in self._running}
-            self._running_requests -= len(owners_done - still)
 
     def _release(self, sequences: int) -> None:
         with self._lock:
             self._reserved -= sequences
-            self._running_requests -= 1
 
     def _drop_cancelled(self) -> None:
         for seq in self._running:

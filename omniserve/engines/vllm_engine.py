@@ -33,13 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from omniserve.config import EngineConfig
 from omniserve.engines.adapter_support import InProcessEngine, engine_args_from_cli_parser
-from omniserve.engines.base import ChoiceDelta, GenerationRequest, TokenLogprobs
-from omniserve.errors import (
-    EngineError,
-    EngineUnavailable,
-    InvalidRequest,
-    UnsupportedParameter,
-)
+from omniserve.engines.base import ChoiceDelta, GenerationRequest, ModelInfo, TokenLogprobs, finish_reason
+from omniserve.errors import EngineError, EngineUnavailable, InvalidRequest
 from omniserve.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -86,16 +81,12 @@ def to_vllm_sampling(params: SamplingParams) -> Any:
 
     vLLM refuses ``n > 1`` with greedy decoding (the choices would be identical); omniserve accepts
     it like OpenAI, so greedy requests ask vLLM for one choice and ``VllmEngine`` repeats it ``n``
-    times (see ``greedy_copies``). Raises ``UnsupportedParameter`` (400) for options vLLM cannot
-    honour and ``InvalidRequest`` for values vLLM rejects.
+    times (see ``greedy_copies``). Raises ``InvalidRequest`` (400) for values vLLM rejects.
     """
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
 
-    if params.extra:
-        names = ", ".join(sorted(params.extra))
-        raise UnsupportedParameter(f"the {ENGINE} engine does not support {names}", param=sorted(params.extra)[0])
     try:
         return VllmSamplingParams(
             n=1 if params.greedy else params.n,
@@ -159,8 +150,11 @@ def multi_modal_data(media: list[MediaItem]) -> dict[str, list[Any]]:
     return data
 
 
-class VllmEngine(InProcessEngine):
-    """``AsyncLLM`` behind the ``Engine`` interface; engine args validated at construction."""
+class VllmEngine(InProcessEngine[Any]):
+    """``AsyncLLM`` behind the ``Engine`` interface; engine args validated at construction.
+
+    ``prepare`` is vLLM's ``SamplingParams``; ``stream`` reads vLLM's delta outputs.
+    """
 
     NAME = ENGINE
     PACKAGE = "vllm"
@@ -190,7 +184,7 @@ class VllmEngine(InProcessEngine):
             **{**defaults, **self._engine_args},
         )
 
-    async def start(self) -> None:
+    async def launch(self) -> ModelInfo:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -198,8 +192,8 @@ class VllmEngine(InProcessEngine):
         with self._starting():
             self._llm = AsyncLLM.from_engine_args(self.build_engine_args())
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-        self._started(self._llm.model_config.max_model_len, _eos_token_ids(cfg, self._tokenizer))
         await self._warmup()
+        return self.served(self._llm.model_config.max_model_len, _eos_token_ids(cfg, self._tokenizer))
 
     async def _warmup(self) -> None:
         """One short generation, so readiness means 'can generate', not 'loaded'."""
@@ -215,28 +209,25 @@ class VllmEngine(InProcessEngine):
     def _start_failure(self, exc: BaseException, child_error: str | None) -> str:
         return describe_start_failure(self._config, exc, child_error)
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()
 
-    def _alive(self) -> bool:
+    def alive(self) -> bool:
         return not self._llm.errored
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
-        # Everything that can refuse the request happens here, before the first iteration.
-        self._check_ready()
-        params = to_vllm_sampling(request.sampling)
-        return self._admit(request, self._deltas(request, params))
+    def prepare(self, request: GenerationRequest) -> Any:
+        return to_vllm_sampling(request.sampling)
 
-    async def _deltas(self, request: GenerationRequest, params: Any) -> AsyncIterator[ChoiceDelta]:
+    async def stream(self, request: GenerationRequest, native: Any) -> AsyncIterator[ChoiceDelta]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         engine_input = await self.engine_input(request.prompt)
         copies = greedy_copies(request.sampling)
-        outputs = self._llm.generate(engine_input, params, request.request_id)
+        outputs = self._llm.generate(engine_input, native, request.request_id)
         try:
             async for output in outputs:
                 for completion in output.outputs:
@@ -286,26 +277,20 @@ class VllmEngine(InProcessEngine):
             text=completion.text,
             token_ids=token_ids,
             logprobs=logprobs,
-            finish_reason=None if finish is None else _FINISH.get(finish, "stop"),
+            finish_reason=finish_reason(finish),
         )
 
     def _logprobs(self, token_ids: list[int], positions: Any, top_n: int) -> list[TokenLogprobs]:
-        """vLLM's ``{token_id: Logprob}`` per position as omniserve's, decoded as the transformers engine does."""
-        decode = self._tokenizer.decode
+        """vLLM's ``{token_id: Logprob}`` per position as omniserve's: the ``top_n`` best by vLLM's rank."""
         result = []
         for token_id, position in zip(token_ids, positions or [], strict=False):
-            chosen = position[token_id]
             ranked = sorted(
                 ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= top_n),
                 key=lambda item: item[1].rank,
             )
-            top = tuple((tid, decode([tid]), lp.logprob) for tid, lp in ranked)
-            result.append(TokenLogprobs(token_id, decode([token_id]), chosen.logprob, top))
+            top = ((tid, lp.logprob) for tid, lp in ranked)
+            result.append(TokenLogprobs.decoded(self._tokenizer, token_id, position[token_id].logprob, top))
         return result
-
-
-#: vLLM's finish reasons as omniserve's ("repetition": vLLM's repetition detector stopped it).
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
 def _eos_token_ids(config: EngineConfig, tokenizer: Any) -> tuple[int, ...]:

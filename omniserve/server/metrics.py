@@ -45,8 +45,14 @@ class Metrics:
             buckets=_OVERHEAD_BUCKETS,
             registry=self.registry,
         )
-        self.queue_depth = Gauge("omniserve_queue_depth", "Requests waiting for a batch slot.", registry=self.registry)
-        self.running = Gauge("omniserve_running_requests", "Requests being generated.", registry=self.registry)
+        # Sequences (choices: a request with n=4 is four), as every engine's admission counts them and
+        # --max-queue bounds them; the names stay for the dashboards and autoscalers that read them.
+        self.queue_depth = Gauge(
+            "omniserve_queue_depth", "Sequences (choices) waiting for a batch slot.", registry=self.registry
+        )
+        self.running = Gauge(
+            "omniserve_running_requests", "Sequences (choices) being generated.", registry=self.registry
+        )
         self.info = Gauge("omniserve_model_info", "The served model.", list(labels), registry=self.registry)
         self.info.labels(**labels).set(1)
 

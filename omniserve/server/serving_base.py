@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from omniserve.config import EngineConfig, ServerConfig
 from omniserve.engines.base import ChoiceDelta, Engine, GenerationRequest
+from omniserve.engines.streams import close_stream, merge_streams
 from omniserve.errors import InvalidRequest, ModelNotFound, OmniServeError
 from omniserve.protocol import Usage
 from omniserve.server.errors import parse_body
@@ -27,6 +28,8 @@ from omniserve.server.sse import DONE, sse_error, sse_event
 from omniserve.templates.render import PromptRenderer
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+#: The status recorded for a request whose client left before the answer (nginx's convention; never sent).
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass
@@ -72,10 +75,23 @@ class Submitted:
     streams: list[AsyncIterator[ChoiceDelta]]
     timing: Timing
     completion_tokens: int = 0
+    _merged: AsyncIterator[tuple[int, ChoiceDelta]] | None = None
 
     def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
         """Every delta of every job as it arrives, with the job's index; keeps timing and counts."""
-        return self._counted(merge_streams(self.streams))
+        self._merged = merge_streams(self.streams)
+        return self._counted(self._merged)
+
+    async def close(self) -> None:
+        """End every job's stream, aborting what still runs in the engine and giving its places back.
+
+        The merge goes first: it ends the tasks that iterate the streams, and a stream cannot be
+        closed while another task is iterating it.
+        """
+        if self._merged is not None:
+            await close_stream(self._merged)
+        for stream in self.streams:  # also those never iterated: their admission is given back
+            await close_stream(stream)
 
     async def _counted(self, source: AsyncIterator[tuple[int, ChoiceDelta]]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
         async for job_index, delta in source:
@@ -135,6 +151,8 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         body = await self._until_disconnect(http_request, self.collect(request, submitted), submitted)
+        if body is None:  # the client left: nobody to answer, no latency to record
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         overhead, engine = self._observe(submitted)
         # Server-Timing lets clients and benchmarks see where the time went without scraping metrics
         return JSONResponse(
@@ -149,7 +167,7 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
                 streams.append(self.ctx.engine.generate(job))
         except OmniServeError:
             for stream in streams:  # release what was already admitted
-                asyncio.get_running_loop().create_task(_close(stream))
+                asyncio.get_running_loop().create_task(close_stream(stream))
             raise
         return Submitted(jobs=jobs, streams=streams, timing=timing)
 
@@ -164,15 +182,14 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
         except Exception as exc:  # a stream that already started must end with an error event
             yield sse_error(OmniServeError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
         finally:
-            for stream in submitted.streams:
-                await _close(stream)
+            await submitted.close()
         yield DONE
         self._observe(submitted)
 
     async def _until_disconnect(
         self, http_request: Request, work: Awaitable[dict[str, Any]], submitted: Submitted
-    ) -> dict[str, Any]:
-        """Run ``work`` but abandon it (freeing its engine slots) if the client disconnects."""
+    ) -> dict[str, Any] | None:
+        """Run ``work`` but abandon it (freeing its engine slots) if the client disconnects: then None."""
         task = asyncio.ensure_future(work)
         watcher = asyncio.ensure_future(_wait_disconnect(http_request))
         try:
@@ -181,9 +198,9 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
             watcher.cancel()
             if not task.done():
                 task.cancel()
-                for stream in submitted.streams:
-                    await _close(stream)
-        return task.result()
+                await asyncio.wait({task})  # the work unwinds first: its streams are not closed while in use
+                await submitted.close()
+        return None if task.cancelled() else task.result()
 
     def _observe(self, submitted: Submitted) -> tuple[float, float]:
         """Record the request's metrics; return (gateway overhead, engine time) in seconds."""
@@ -205,41 +222,3 @@ async def _wait_disconnect(http_request: Request) -> None:
         message = await http_request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-async def _close(stream: AsyncIterator[ChoiceDelta]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-async def merge_streams(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
-    """Interleave several engine streams as their deltas arrive, tagged with the stream's index."""
-    if len(streams) == 1:
-        async for delta in streams[0]:
-            yield 0, delta
-        return
-    queue: asyncio.Queue[tuple[int, ChoiceDelta | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[ChoiceDelta]) -> None:
-        try:
-            async for delta in stream:
-                await queue.put((i, delta))
-            await queue.put((i, None))
-        except BaseException as exc:
-            await queue.put((i, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    open_streams = len(streams)
-    try:
-        while open_streams:
-            i, item = await queue.get()
-            if item is None:
-                open_streams -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
