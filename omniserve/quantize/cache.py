@@ -4,8 +4,22 @@ An entry is keyed by everything that decides its bytes: the model's content (not
 hits, an edited file misses), the method, the recipe's content, the scheme and calibration choices,
 and the versions of omniserve, torch, transformers, llm-compressor and compressed-tensors. A hit is
 a folder whose report is present (written last, just before the atomic rename), so a crashed run
-never looks like a hit. Two processes missing at once both quantize; the first rename wins and the
-other's copy is dropped.
+never looks like a hit.
+
+Replicas share one cache folder (a Kubernetes volume) and are killed at any moment, so:
+
+- each entry has a lock file beside it (``<entry>.lock``, a ``flock``) held while checking,
+  quantizing and publishing. A second process asking for the same entry waits for the first, says
+  for whom (the holder's host and pid, written in the lock file), and then gets a hit: one
+  quantization, however many replicas start at once. The wait lasts as long as the first run: the
+  kernel releases a dead holder's lock at once, so there is no stale lock to time out.
+- a killed run's staging folders (``.<entry>.<random>.partial``, ``.<entry>.<random>.old``) and
+  half-written memo files are swept when ``ensure_quantized`` starts, each only while holding the
+  lock of what it belongs to: a folder that another process is writing right now is left alone.
+
+Every writer of a shared cache folder must take these locks (an omniserve older than them does not),
+and the folder's file system must honour ``flock`` across machines (local disks, NFSv4, CephFS and
+EFS do; object-store mounts such as s3fs or gcsfuse do not).
 
 A model folder that is already quantized (its config.json has a ``quantization_config``) is
 returned as it is, whatever method was asked: quantizing twice would only lose more.
@@ -17,13 +31,17 @@ import hashlib
 import json
 import logging
 import re
+import shutil
+import time
 from pathlib import Path
 
+from omniserve.atomic_files import exclusive_lock, lock_holder, try_exclusive_lock
 from omniserve.quantize.calibration import read_calibration
-from omniserve.quantize.checkpoint import content_fingerprint, inspect_checkpoint
+from omniserve.quantize.checkpoint import content_fingerprint, inspect_checkpoint, memo_lock
 from omniserve.quantize.default_set import default_calibration_file
 from omniserve.quantize.errors import OutputExists
 from omniserve.quantize.options import QuantizeOptions
+from omniserve.quantize.publish import sibling_owner
 from omniserve.quantize.recipes import load_recipe
 from omniserve.quantize.report import REPORT_JSON, library_versions
 
@@ -31,6 +49,10 @@ log = logging.getLogger("omniserve.quantize")
 
 #: Bumped when omniserve's quantization pipeline changes its output for the same inputs.
 CACHE_FORMAT = "1"
+#: Per-file content digests of the models seen, so a big checkpoint is not re-read on every start.
+MEMO_FILE = ".fingerprints.json"
+#: What a killed memo write leaves: ``atomic_files``' temporary name, or the pid-named one of older versions.
+_MEMO_LEFTOVER = re.compile(rf"^{re.escape(MEMO_FILE)}\.[A-Za-z0-9_]+\.(?:partial\.json|tmp)$")
 
 
 def ensure_quantized(
@@ -50,6 +72,8 @@ def ensure_quantized(
     """The folder to serve for ``model`` quantized with ``method``: cached, freshly made, or ``model`` itself.
 
     ``model`` itself when it is already quantized. Raises the package's ``QuantizeError`` types.
+    A hit is answered without taking the lock (a published entry never changes), so a cache volume
+    mounted read-only still serves its entries.
     """
     model = Path(model)
     info = inspect_checkpoint(model)
@@ -73,32 +97,110 @@ def ensure_quantized(
         max_length=max_length,
         quantize_towers=quantize_towers,
     )
+    sweep_stale(cache_dir)
     if is_complete(entry):
         log.info("quantization cache hit: %s", entry)
         return entry
-    log.info("quantization cache miss: quantizing %s with %s into %s", model, method, entry)
-    from omniserve.quantize.run import quantize
+    started = time.monotonic()
+    waited_for: list[str] = []
 
-    options = QuantizeOptions(
-        model=model,
-        method=method,
-        output=entry,
-        scheme=scheme,
-        recipe=recipe,
-        calibration=calibration,
-        num_samples=num_samples,
-        max_length=max_length,
-        quantize_towers=quantize_towers,
-        overwrite=entry.exists() and not is_complete(entry),  # a leftover without a report is replaced
-        device=device,
-        progress=progress,
-    )
-    try:
-        return quantize(options).output
-    except OutputExists:
-        if is_complete(entry):  # another process published the same entry meanwhile
+    def say_whom(holder: str) -> None:
+        waited_for.append(holder)
+        log.info("quantization cache: %s is being written by %s; waiting for that run to finish", entry.name, holder)
+
+    with exclusive_lock(entry_lock(entry), on_wait=say_whom):
+        if waited_for:
+            log.info("quantization cache: waited %.1f s for %s", time.monotonic() - started, waited_for[0])
+        if is_complete(entry):
+            log.info("quantization cache hit: %s", entry)
             return entry
-        raise
+        # leftovers of this entry that appeared while we waited (its writer was killed): ours to remove now
+        for leftover in _leftovers(cache_dir).get(entry_lock(entry), []):
+            _remove(leftover)
+        log.info("quantization cache miss: quantizing %s with %s into %s", model, method, entry)
+        from omniserve.quantize.run import quantize
+
+        options = QuantizeOptions(
+            model=model,
+            method=method,
+            output=entry,
+            scheme=scheme,
+            recipe=recipe,
+            calibration=calibration,
+            num_samples=num_samples,
+            max_length=max_length,
+            quantize_towers=quantize_towers,
+            overwrite=entry.exists(),  # not complete (checked above): an empty or legacy leftover, replaced
+            device=device,
+            progress=progress,
+        )
+        try:
+            return quantize(options).output
+        except OutputExists:
+            if is_complete(entry):  # published meanwhile by a writer that ignores the lock (an older omniserve)
+                return entry
+            raise
+
+
+def entry_lock(entry: Path) -> Path:
+    """``<entry>.lock`` beside the entry; never deleted (see ``atomic_files``)."""
+    return entry.with_name(entry.name + ".lock")
+
+
+def sweep_stale(cache_dir: Path) -> list[Path]:
+    """Delete what killed runs left in ``cache_dir``; return what was removed.
+
+    A leftover is removed only while holding the lock of the entry (or memo) it belongs to, taken
+    without waiting: whoever holds it may be writing that very folder, so it is left for a later sweep.
+    Errors (a read-only volume, a folder removed by another sweeper) leave things as they are.
+    """
+    if not Path(cache_dir).is_dir():
+        return []
+    removed: list[Path] = []
+    for lock, paths in sorted(_leftovers(Path(cache_dir)).items()):
+        with try_exclusive_lock(lock) as held:
+            if not held:
+                log.info(
+                    "quantization cache: left %s alone: %s holds %s",
+                    ", ".join(p.name for p in paths),
+                    lock_holder(lock),
+                    lock.name,
+                )
+                continue
+            removed.extend(path for path in paths if _remove(path))
+    return removed
+
+
+def _leftovers(cache_dir: Path) -> dict[Path, list[Path]]:
+    """Staging / set-aside folders and temporary memo files, grouped by the lock that guards them."""
+    found: dict[Path, list[Path]] = {}
+    try:
+        names = sorted(p.name for p in cache_dir.iterdir())
+    except OSError:
+        return found
+    for name in names:
+        owner = sibling_owner(name)
+        if owner is not None:
+            found.setdefault(entry_lock(cache_dir / owner), []).append(cache_dir / name)
+        elif _MEMO_LEFTOVER.match(name):
+            found.setdefault(memo_lock(cache_dir / MEMO_FILE), []).append(cache_dir / name)
+    return found
+
+
+def _remove(path: Path) -> bool:
+    """Delete a leftover file or folder (its lock held); False if it was already gone or cannot go."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("quantization cache: could not remove %s: %s", path, exc)
+        return False
+    log.info("quantization cache: removed %s, left by a run that was killed", path.name)
+    return True
 
 
 def entry_name(
@@ -118,7 +220,7 @@ def entry_name(
     calibration_file = Path(calibration) if calibration is not None else default_calibration_file()
     key = {
         "format": CACHE_FORMAT,
-        "model": content_fingerprint(model, cache_dir / ".fingerprints.json"),
+        "model": content_fingerprint(model, cache_dir / MEMO_FILE),
         "method": method,
         "recipe_sha256": loaded.sha256,
         "scheme": loaded.resolve_scheme(scheme),

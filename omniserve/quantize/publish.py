@@ -2,7 +2,12 @@
 
 The checkpoint is written to a hidden sibling (``.<name>.<random>.partial``, same filesystem, so the
 final rename is atomic), verified there, and renamed into place. ``--overwrite`` moves the old folder
-aside first and deletes it only once the new one is in; if the rename fails the old one comes back.
+aside first (``.<name>.<random>.old``) and deletes it only once the new one is in; if the rename fails
+the old one comes back. The random parts come from ``mkdtemp`` and ``uuid4``, never from the process
+id, which is 1 in every container: replicas sharing a volume must not pick the same name.
+
+A run killed by a signal (SIGKILL, or SIGTERM, whose default action skips ``finally``) leaves these
+siblings behind; ``sibling_owner`` recognises them so the quantization cache can sweep them.
 """
 
 from __future__ import annotations
@@ -10,12 +15,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from omniserve.quantize.errors import InvalidQuantizeOption, NotEnoughDisk, OutputExists
+
+#: ``.<output name>.<random>.partial`` (staging) or ``.<output name>.<random>.old`` (set aside).
+_SIBLING = re.compile(r"^\.(?P<output>.+)\.[A-Za-z0-9_]+\.(?:partial|old)$")
+
+
+def sibling_owner(name: str) -> str | None:
+    """The output folder name a staging or set-aside sibling called ``name`` belongs to; None otherwise."""
+    match = _SIBLING.match(name)
+    return match.group("output") if match else None
 
 
 def check_output(output: Path, model: Path, *, overwrite: bool) -> None:
