@@ -100,12 +100,18 @@ def _builtin_model() -> Path:
 
 
 def serve(engine_name: str, engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
-    """Run the server until interrupted; return the process exit code."""
+    """Run the server until interrupted; return the process exit code.
+
+    SIGTERM or SIGINT drains (``server/drain.py``: 503s while the socket stays open for
+    ``--drain-delay``, running requests get ``--drain-timeout``) and then exits 0; a second signal
+    stops at once.
+    """
     import uvicorn
 
     from omniserve.engines.registry import create_engine
     from omniserve.errors import ModelLoadError
     from omniserve.server.app import build_app
+    from omniserve.server.drain import DrainingServer
 
     if not (engine_config.model / "config.json").is_file():
         typer.echo(f"error: {engine_config.model} is not a checkpoint folder (no config.json)", err=True)
@@ -125,18 +131,18 @@ def serve(engine_name: str, engine_config: EngineConfig, server_config: ServerCo
         host=server_config.host,
         port=server_config.port,
         log_level=log_level.lower(),
-        timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app_.state.drain)
     try:
         server.run()
     except SystemExit:
         # uvicorn exits with its own code (3) when the app fails to start; a model that did not load is
         # exit 1 like every other load failure (3 means a refused quality gate), and it was reported
-        if getattr(app_.state, "start_failure", None) is None:
+        failure = getattr(app_.state, "start_failure", None)
+        if failure is None:
             raise
-        return 1
+        return int(getattr(failure, "exit_code", 1))  # 2 for a missing extra, 1 for any other load failure
     return 0 if server.started else 1
 
 

@@ -7,9 +7,12 @@ these server-side caps, never allowed to exceed them.
 
 from __future__ import annotations
 
+import math
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -61,12 +64,121 @@ class MediaLimits(BaseModel):
     max_redirects: int = Field(
         3, ge=0, description="Most HTTP redirects followed (each hop is re-checked).", json_schema_extra={"cli": False}
     )
+    # One request's share. Counted before anything is fetched or decoded: a request of 1,520 tiny audio
+    # clips once made the server allocate 23 GB (the feature extractor pads every clip to 30 s).
+    limit_media_per_request: dict[str, int] = Field(
+        default_factory=dict,
+        description="Most media parts of one kind in one request (KIND=COUNT for image, video, audio; also "
+        "comma-separated); 0 refuses the kind. Defaults: image=16, video=2, audio=4.",
+    )
+    max_pixels_per_request: int = Field(
+        100_000_000,
+        gt=0,
+        description="Most pixels one request may decode, images and video frames together (3 bytes each as "
+        "RGB); refused from the headers, before decoding.",
+    )
+    max_audio_seconds_per_request: float = Field(
+        600.0, gt=0, description="Most seconds of audio one request may decode, all its clips together."
+    )
+    # The whole process's share: decoding waits (up to media_wait_timeout_seconds, then 503) for both.
+    max_concurrent_decodes: int = Field(
+        4, gt=0, description="Most media items decoded at once across all requests (each takes a CPU thread)."
+    )
+    max_decoded_media_bytes: int = Field(
+        1024**3,
+        gt=0,
+        description="Most bytes of decoded media held at once across all requests, reserved from the headers "
+        "before decoding; at least one request's worth (--max-pixels-per-request x 3 + "
+        "--max-audio-seconds-per-request x 64,000 for 16 kHz float32 samples).",
+    )
+    media_wait_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a request waits for a decode slot or decoded-media memory before a 503 with Retry-After.",
+        json_schema_extra={"flag": "media-wait-timeout"},
+    )
+    media_decode_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest one media item may take to read and decode (checked between packets and frames); "
+        "beyond it: 400.",
+        json_schema_extra={"flag": "media-decode-timeout"},
+    )
+    # FFmpeg's own container limits, set explicitly: its defaults fit every real file, so they are
+    # config-file settings, not flags.
+    media_probe_bytes: int = Field(
+        5_000_000,
+        ge=32,
+        description="Bytes FFmpeg may read to identify a container's streams (its probesize).",
+        json_schema_extra={"cli": False},
+    )
+    media_probe_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Media time FFmpeg may analyse to identify a container's streams (its analyzeduration).",
+        json_schema_extra={"cli": False},
+    )
+    max_media_streams: int = Field(
+        32, gt=0, description="Most streams a video or audio container may have.", json_schema_extra={"cli": False}
+    )
+
+    #: ``limit_media_per_request`` for the kinds it does not name.
+    DEFAULT_MEDIA_PER_REQUEST: ClassVar[Mapping[str, int]] = MappingProxyType({"image": 16, "video": 2, "audio": 4})
 
     @field_validator("allowed_local_media_path")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         """Checked against resolved request paths, so it must be resolved itself (``..``, links)."""
         return path.expanduser().resolve() if path is not None else None
+
+    @field_validator("limit_media_per_request", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``image=16,video=2`` in one flag arrives as ``{"image": "16,video=2"}``; so does a config string."""
+        text = value if isinstance(value, str) else None
+        if isinstance(value, Mapping) and any(isinstance(v, str) and "," in v for v in value.values()):
+            text = ",".join(f"{key}={item}" for key, item in value.items())
+        if text is None:
+            return value
+        pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+        bad = [key + sep + item for key, sep, item in pairs if not sep]
+        if bad:
+            raise ValueError(f"expected KIND=COUNT, got {bad[0].strip()!r}")
+        return {key.strip(): item.strip() for key, _, item in pairs}
+
+    @field_validator("limit_media_per_request")
+    @classmethod
+    def _known_kinds(cls, limits: dict[str, int]) -> dict[str, int]:
+        for kind, count in limits.items():
+            if kind not in cls.DEFAULT_MEDIA_PER_REQUEST:
+                raise ValueError(f"unknown media kind {kind!r}; kinds: {', '.join(cls.DEFAULT_MEDIA_PER_REQUEST)}")
+            if count < 0:
+                raise ValueError(f"{kind}={count}: a count cannot be negative (0 refuses the kind)")
+        return limits
+
+    @model_validator(mode="after")
+    def _one_request_fits(self) -> MediaLimits:
+        """A request within its budgets must be able to decode at all: else it would wait, get a 503 and
+        retry forever. Refused at start-up, naming the options to change."""
+        need = self.request_bytes_bound()
+        if self.max_decoded_media_bytes < need:
+            raise ValueError(
+                f"--max-decoded-media-bytes {self.max_decoded_media_bytes} is less than one request may decode "
+                f"({need} bytes: --max-pixels-per-request {self.max_pixels_per_request} x 3 + "
+                f"--max-audio-seconds-per-request {self.max_audio_seconds_per_request:g} x "
+                f"{self.audio_sample_rate} Hz x 4); raise it or lower those"
+            )
+        return self
+
+    def media_per_request(self, kind: str) -> int:
+        """How many parts of ``kind`` one request may carry."""
+        return self.limit_media_per_request.get(kind, self.DEFAULT_MEDIA_PER_REQUEST[kind])
+
+    def request_bytes_bound(self) -> int:
+        """The most decoded bytes one request within its budgets can hold: RGB pixels and float32 samples."""
+        return (
+            self.max_pixels_per_request * 3 + math.ceil(self.max_audio_seconds_per_request * self.audio_sample_rate) * 4
+        )
 
 
 class EngineOptions(BaseModel):
@@ -75,14 +187,20 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_concurrency: int = Field(8, gt=0, description="Most sequences decoded together in one batch.")
-    max_queue: int = Field(64, ge=0, description="Most requests waiting for a batch slot; beyond it: 429.")
+    max_queue: int = Field(
+        64, ge=0, description="Most sequences (choices) waiting for a batch slot; beyond it a request gets 429."
+    )
     max_model_len: int | None = Field(
         None, gt=0, description="Context window (prompt + completion); default: the checkpoint's."
     )
     max_n: int = Field(8, gt=0, description="Largest `n` (choices per request) accepted.")
     dtype: str = Field("float32", description="Weights dtype: float32 (fast on CPU), bfloat16 or float16.")
     device: str = Field("cpu", description="torch device for the transformers engine.")
-    seed: int = Field(0, description="Seed for requests that do not give one.", json_schema_extra={"cli": False})
+    seed: int = Field(
+        0,
+        description="The engine's own global seed (vLLM, SGLang); a request without `seed` samples at random.",
+        json_schema_extra={"cli": False},
+    )
     engine_args: dict[str, str] = Field(
         default_factory=dict, description="Engine-specific option.", json_schema_extra={"flag": "engine-arg"}
     )
@@ -113,6 +231,30 @@ class ServerConfig(BaseModel):
     )
     cors_origins: tuple[str, ...] = Field(
         (), description="Origin allowed by CORS; none: CORS off.", json_schema_extra={"flag": "cors-origin"}
+    )
+    # Shutdown on SIGTERM/SIGINT (server/drain.py): refuse new work at once, keep accepting connections for
+    # the delay, let running requests finish within the timeout, then end what is left with an error.
+    # A supervisor's grace period (Kubernetes terminationGracePeriodSeconds) must exceed the two together.
+    drain_delay_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="After SIGTERM/SIGINT, keep accepting connections this long (answering 503 + Retry-After, "
+        "/health 503) so load balancers stop sending before the socket closes.",
+        json_schema_extra={"flag": "drain-delay"},
+    )
+    drain_timeout_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="After the drain delay, how long running requests may take to finish; streams still "
+        "running then end with an error event and [DONE].",
+        json_schema_extra={"flag": "drain-timeout"},
+    )
+    stall_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="/health answers 503 when the engine has had work pending without finishing a step "
+        "(prefill or decode) for this long.",
+        json_schema_extra={"flag": "stall-timeout"},
     )
     media: MediaLimits = Field(default_factory=MediaLimits)
 

@@ -110,3 +110,33 @@ class EngineError(OmniServeError):
 
 class ModelLoadError(Exception):
     """A checkpoint that cannot be loaded; raised at start-up, reported by the CLI, never over HTTP."""
+
+
+class TooManyMediaItems(MediaError):
+    """More parts of one media kind than a request may carry; decided before anything is fetched."""
+
+    default_code = "too_many_media_items"
+
+
+class MediaBudgetExceeded(MediaTooLarge):
+    """A request whose media together decode to more than its per-request budget (pixels, audio seconds)."""
+
+    default_code = "media_budget_exceeded"
+
+
+class MediaDecodeTimeout(MediaTooLarge):
+    """One media item took longer to decode than the server allows: too costly, like media over a size cap."""
+
+    default_code = "media_decode_timeout"
+
+
+class MediaBusy(QueueFull):
+    """Decoding capacity (decode slots, decoded-media memory) stayed taken for the whole bounded wait.
+
+    A ``QueueFull`` so the HTTP layer adds ``Retry-After`` as it does for a full engine queue; a 503 rather
+    than a 429 because the server is out of capacity, whatever this client's own rate.
+    """
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "media_busy"

@@ -266,6 +266,17 @@ def _convert(flag: Flag, value: Any) -> Any:
     return value
 
 
+def to_argv(flag: Flag, value: Any) -> list[str]:
+    """``value`` as the command-line words that parse back to it (for a command another machine runs)."""
+    if flag.annotation is bool or flag.annotation == bool | None:
+        return [flag.option if value else f"--no-{flag.option.removeprefix('--')}"]
+    if flag.kind == "mapping":
+        return [word for key, item in dict(value).items() for word in (flag.option, f"{key}={item}")]
+    if flag.kind in ("list", "csv"):
+        return [word for item in value for word in (flag.option, str(item))]
+    return [flag.option, str(value)]
+
+
 def parse_key_values(items: Sequence[str], option: str) -> dict[str, str]:
     """``["k=v", ...]`` as a mapping; a malformed item is an ``OptionError`` naming ``option``."""
     parsed: dict[str, str] = {}

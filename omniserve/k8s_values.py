@@ -18,13 +18,14 @@ Importing this module stays cheap (pydantic and PyYAML only), like the rest of t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
-from omniserve.config import DeployOptions, EngineOptions
-from omniserve.flags import OptionError
+from omniserve.config import DeployOptions, EngineOptions, ServerConfig
+from omniserve.flags import OptionError, flags_of, to_argv
 from omniserve.models.demo import DEMO_MODEL_NAME
 
 DEFAULT_API_KEY_SECRET = "omniserve-api-keys"
@@ -38,6 +39,65 @@ DEFAULT_MODELS_CLAIM = "omniserve-models"
 
 GPU_ENGINES = frozenset({"vllm", "sglang", "lmdeploy"})
 """Engines that only run on a GPU, so a pod for them needs at least one."""
+
+#: Deploy options with a chart value of their own (field paths of ``DeployOptions``). Every other flag
+#: travels in ``server.extraArgs`` when it differs from its default, so a new deploy option reaches the pod
+#: without an edit here; a dedicated value is for what the chart itself reads (probes, GPUs, grace period).
+CHART_VALUES = frozenset(
+    {
+        "model",
+        "served_model_name",
+        "engine",
+        "engine_options.engine_args",
+        "engine_options.dtype",
+        "engine_options.device",
+        "engine_options.max_model_len",
+        "engine_options.max_concurrency",
+        "engine_options.max_queue",
+        "engine_options.max_n",
+        "quant",
+        "gate",
+        "force",
+        "log_level",
+        "server.port",
+        "server.max_request_bytes",
+        "server.cors_origins",
+        "server.drain_delay_seconds",
+        "server.drain_timeout_seconds",
+        "server.stall_timeout_seconds",
+        "server.media.allowed_media_domains",
+        "server.media.allow_private_media_addresses",
+        "server.media.allowed_local_media_path",
+        "server.media.max_media_bytes",
+        "server.media.max_image_pixels",
+        "server.media.video_fps",
+        "server.media.max_video_frames",
+        "server.media.max_video_seconds",
+        "server.media.max_audio_seconds",
+        "server.media.fetch_timeout_seconds",
+        "server.media.limit_media_per_request",
+        "server.media.max_pixels_per_request",
+        "server.media.max_audio_seconds_per_request",
+        "server.media.max_concurrent_decodes",
+        "server.media.max_decoded_media_bytes",
+        "server.media.media_wait_timeout_seconds",
+        "server.media.media_decode_timeout_seconds",
+    }
+)
+
+#: Deploy options deliberately not carried to the pod, and what replaces each there.
+REPLACED_IN_THE_POD: dict[str, str] = {
+    "server.host": "the pod binds 0.0.0.0",
+    "server.api_keys": "a Secret mounted as --api-key-file",
+    "api_key_file": "a Secret mounted as --api-key-file",
+    "quant_cache_dir": "the chart's cache volume",
+    "print_k8s": "prints these values",
+    "quantize_only": "the chart's quantize init step passes it itself",
+}
+
+SHUTDOWN_MARGIN_SECONDS = 25
+"""Grace beyond the drain (delay + timeout): the cut-off streams' last events, the engine's stop, the exit.
+The chart refuses a margin under 10 s; with the default drain this gives the chart's default of 60 s."""
 
 
 def values_from_deploy(
@@ -79,7 +139,12 @@ def values_from_deploy(
             "maxRequestBytes": server_config.max_request_bytes,
             "corsOrigins": list(server_config.cors_origins),
             "logLevel": options.log_level.lower(),
+            "drainDelaySeconds": server_config.drain_delay_seconds,
+            "drainTimeoutSeconds": server_config.drain_timeout_seconds,
+            "stallTimeoutSeconds": server_config.stall_timeout_seconds,
         },
+        # Kubernetes kills the pod this long after SIGTERM: the whole drain, then time to stop the engine
+        "terminationGracePeriodSeconds": grace_period_seconds(server_config),
         "media": {
             "allowedDomains": list(media.allowed_media_domains or ()),
             "allowPrivateAddresses": media.allow_private_media_addresses,
@@ -91,6 +156,14 @@ def values_from_deploy(
             "maxVideoSeconds": media.max_video_seconds,
             "maxAudioSeconds": media.max_audio_seconds,
             "fetchTimeoutSeconds": media.fetch_timeout_seconds,
+            # only the kinds the command named, as the command named them: the others keep the defaults
+            "limitPerRequest": dict(media.limit_media_per_request),
+            "maxPixelsPerRequest": media.max_pixels_per_request,
+            "maxAudioSecondsPerRequest": media.max_audio_seconds_per_request,
+            "maxConcurrentDecodes": media.max_concurrent_decodes,
+            "maxDecodedBytes": media.max_decoded_media_bytes,
+            "waitTimeoutSeconds": media.media_wait_timeout_seconds,
+            "decodeTimeoutSeconds": media.media_decode_timeout_seconds,
         },
         "auth": {
             # never the keys themselves: only where the cluster keeps them
@@ -99,11 +172,38 @@ def values_from_deploy(
         },
         "accelerator": {"count": gpus, "resourceName": "nvidia.com/gpu"},
     }
+    values["server"]["extraArgs"] = extra_args(options)
     if gpus > 1:  # tensor-parallel workers exchange tensors through /dev/shm
         values["shm"] = {"enabled": True, "sizeLimit": "8Gi"}
     if options.quant:  # quantizing is slow: keep the result across restarts
         values["persistence"] = {"enabled": True}
     return values
+
+
+def extra_args(options: DeployOptions) -> list[str]:
+    """The flags of ``options`` that have no chart value of their own, where they differ from the defaults."""
+    defaults = DeployOptions()
+    args: list[str] = []
+    for flag in flags_of(DeployOptions):
+        key = ".".join(flag.path)
+        if key in CHART_VALUES or key in REPLACED_IN_THE_POD:
+            continue
+        value = _field(options, flag.path)
+        if value != _field(defaults, flag.path):
+            args += to_argv(flag, value)
+    return args
+
+
+def _field(options: DeployOptions, path: tuple[str, ...]) -> Any:
+    value: Any = options
+    for part in path:
+        value = getattr(value, part)
+    return value
+
+
+def grace_period_seconds(server: ServerConfig) -> int:
+    """``terminationGracePeriodSeconds`` for a server that drains as ``server`` says (``server/drain.py``)."""
+    return math.ceil(server.drain_delay_seconds + server.drain_timeout_seconds) + SHUTDOWN_MARGIN_SECONDS
 
 
 def dump_values_yaml(values: Mapping[str, Any]) -> str:

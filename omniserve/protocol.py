@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from omniserve.errors import UnsupportedParameter
 from omniserve.sampling import SamplingParams
 
+#: Stop strings per request: OpenAI's own limit ("up to 4 sequences").
 MAX_STOP_SEQUENCES = 4
+#: Characters in one stop string. Text that may still begin a stop is held back from the stream,
+#: so a longer stop would delay streaming by as much; real stops ("</answer>", "\nUser:") are short.
+MAX_STOP_CHARS = 256
+#: ``seed`` is a signed 64-bit integer, as OpenAI's API and vLLM define it; every engine accepts
+#: that range (the transformers engine seeds choice ``i`` with ``seed + i``, within torch's range).
+MIN_SEED = -(2**63)
+MAX_SEED = 2**63 - 1
 MAX_TOP_LOGPROBS = 20
 
 
@@ -125,7 +133,7 @@ class _SamplingFields(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     stop: str | list[str] | None = None
     # vLLM's extra body field: token ids that end a choice like EOS does (kept even with ignore_eos)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
@@ -147,6 +155,8 @@ class _SamplingFields(_Strict):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
         return value
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from omniserve.protocol import MAX_STOP_CHARS, MIN_SEED
 from tests.conftest import RunningServer
 from tests.media_factory import audio_bytes, png_bytes, png_with_declared_size, video_bytes
 
@@ -44,6 +45,12 @@ def chat(content: Any, **extra: Any) -> dict[str, Any]:
 
 def image_part(url: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
+
+
+#: JSON nested far beyond the parser's recursion limit.
+DEEP = b'{"model": "tiny-omni", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+#: Valid JSON, but ``\ud800`` alone is no Unicode character: no tokenizer can encode it.
+LONE_SURROGATE = b'{"model": "tiny-omni", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
 
 
 CASES: list[tuple[str, Any, int, str | None, str]] = [
@@ -110,7 +117,15 @@ CASES: list[tuple[str, Any, int, str | None, str]] = [
         "",
     ),
     ("stream_options without stream", chat("hi", stream_options={"include_usage": True}), 400, None, "stream"),
+    ("stop too long", chat("hi", stop=["ok", "x" * (MAX_STOP_CHARS + 1)]), 400, "stop", f"at most {MAX_STOP_CHARS}"),
+    ("seed above int64", chat("hi", seed=2**64), 400, "seed", "less than or equal"),
+    ("seed below int64", chat("hi", seed=MIN_SEED - 1), 400, "seed", "greater than or equal"),
+    ("deeply nested json", DEEP, 400, None, "nested too deeply"),
+    ("lone surrogate", LONE_SURROGATE, 400, "messages[0].content", "surrogate"),
 ]
+
+#: Requests refused with a 400 that used to be 500s after which uvicorn closed the connection.
+ONCE_500 = ["stop too long", "seed above int64", "seed below int64", "deeply nested json", "lone surrogate"]
 
 
 @pytest.mark.parametrize(("name", "body", "status", "param", "contains"), CASES, ids=[c[0] for c in CASES])
@@ -118,6 +133,25 @@ def test_bad_request(
     omni_server: RunningServer, name: str, body: Any, status: int, param: str | None, contains: str
 ) -> None:
     assert_error(post(omni_server, body), status, param=param, contains=contains)
+
+
+def test_refusals_keep_the_keep_alive_connection(omni_server: RunningServer) -> None:
+    """One client, one connection: every refusal is answered and the connection serves the next request."""
+    cases = {c[0]: c[1] for c in CASES}
+    with httpx.Client(base_url=omni_server.base_url, timeout=60) as http:
+        addresses = set()
+        for name in ONCE_500:
+            body = cases[name]
+            if isinstance(body, bytes):
+                resp = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            else:
+                resp = http.post("/v1/chat/completions", json=body)
+            assert_error(resp, 400)
+            addresses.add(resp.extensions["network_stream"].get_extra_info("client_addr"))
+        resp = http.post("/v1/chat/completions", json=chat("still there?"))
+        assert resp.status_code == 200, resp.text
+        addresses.add(resp.extensions["network_stream"].get_extra_info("client_addr"))
+    assert len(addresses) == 1  # the same connection carried every request
 
 
 def test_image_the_processor_cannot_tile(omni_server: RunningServer) -> None:

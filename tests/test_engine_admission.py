@@ -107,13 +107,13 @@ def test_the_queue_counts_sequences_and_so_do_the_metrics(server: RunningServer)
 
 
 def test_a_refused_batch_withdraws_what_it_had_already_queued(server: RunningServer) -> None:
-    """Two prompts with n=2: the first is admitted and queued, the second is a 429, so the whole
-    request is; the first prompt's sequences must then leave the worker unrun, not decode unseen."""
+    """Two prompts with n=2 need 4 sequences of an engine that admits 3: the request is a 400 (it
+    could never fit; tests/test_request_limits.py), and no prompt of it may decode unseen."""
     wait_until(lambda: idle(server))
     before = server.engine.stats().decode_steps
     body = {"model": "tiny-qwen2", "prompt": ["a", "b"], "n": 2, "max_tokens": 200, "ignore_eos": True}
     resp = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
-    assert resp.status_code == 429, resp.text
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt", resp.text
     wait_until(lambda: idle(server))
     time.sleep(1.0)  # long enough for ~200 decode steps had the first prompt run
     assert server.engine.stats().decode_steps - before < 5

@@ -17,10 +17,13 @@ with the command that installs it; nothing is skipped.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib.metadata
 import io
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -338,6 +341,9 @@ BAD_VALUES = {
     "negative GPU count": ({"accelerator": {"count": -1}}, "/accelerator/count"),
     "fractional GPU count": ({"accelerator": {"count": 1.5}}, "/accelerator/count"),
     "probe period as text": ({"probes": {"startup": {"periodSeconds": "10s"}}}, "/probes/startup/periodSeconds"),
+    "negative drain timeout": ({"server": {"drainTimeoutSeconds": -1}}, "/server/drainTimeoutSeconds"),
+    # null deletes a key in helm; the chart needs the number to check the grace period against it
+    "drain delay left to the CLI": ({"server": {"drainDelaySeconds": None}}, "missing property 'drainDelaySeconds'"),
     "both PDB bounds": ({"podDisruptionBudget": {"minAvailable": 1}}, "/podDisruptionBudget"),
     "misspelt top-level key": ({"modle": {"source": "builtin"}}, "'modle' not allowed"),
 }
@@ -370,12 +376,49 @@ def test_probes_hit_health_on_the_served_port(rendered: dict[str, list[dict[str,
     container = server(rendered[name])
     (port,) = flag_values(container["args"], "--port")
     assert container["ports"] == [{"name": "http", "containerPort": int(port), "protocol": "TCP"}]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):  # red while loading, broken or shutting down
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    # red only when a restart helps: a draining pod must not be killed before its answers finish
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60, "models take minutes to load"
     service = one(rendered[name], "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+@pytest.mark.parametrize("name", EXAMPLE_IDS)
+def test_the_grace_period_outlasts_the_drain(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
+    """SIGTERM starts the server's drain; Kubernetes kills the pod at the grace period, so it must be longer."""
+    container = server(rendered[name])
+    (delay,) = flag_values(container["args"], "--drain-delay")
+    (timeout,) = flag_values(container["args"], "--drain-timeout")
+    grace = pod_spec(rendered[name])["terminationGracePeriodSeconds"]
+    assert grace >= float(delay) + float(timeout) + 10, (grace, delay, timeout)
+    assert "lifecycle" not in container  # no preStop sleep: the drain delay keeps the socket open itself
+
+
+def test_a_grace_period_shorter_than_the_drain_is_refused(helm: Helm) -> None:
+    error = helm.template_error({"server": {"drainTimeoutSeconds": 120}})  # the default grace is 60 s
+    assert "terminationGracePeriodSeconds 60 is too short for the drain" in error and "= 135" in error, error
+    docs = helm.template(
+        {"server": {"drainDelaySeconds": 2.5, "drainTimeoutSeconds": 120}, "terminationGracePeriodSeconds": 133}
+    )
+    args = server(docs)["args"]
+    assert flag_values(args, "--drain-delay") == ["2.5"] and flag_values(args, "--drain-timeout") == ["120"]
+    assert parse_with_cli(args)["drain_timeout"] == 120
+
+
+def test_a_long_local_drain_raises_the_grace_period_in_the_values(helm: Helm, tmp_path: Path) -> None:
+    from omniserve.config import DeployOptions
+    from omniserve.flags import parse_argv
+    from omniserve.k8s_values import values_from_deploy
+
+    options = parse_argv(DeployOptions, ["--drain-delay", "10", "--drain-timeout", "600"], what="deploy")
+    values = values_from_deploy(options)
+    assert values["terminationGracePeriodSeconds"] == 10 + 600 + 25
+    docs = helm.template(values)
+    assert pod_spec(docs)["terminationGracePeriodSeconds"] == 635
+    assert parse_with_cli(server(docs)["args"])["drain_timeout"] == 600
 
 
 @pytest.mark.parametrize(("name", "gpus"), [("cpu-demo", 0), ("gpu-awq", 1), ("gpu-tp", 4)])
@@ -480,26 +523,55 @@ def test_model_sources(helm: Helm, rendered: dict[str, list[dict[str, Any]]]) ->
     assert flag_values(server(on_node)["args"], "--model") == ["/models/m"]
 
 
-def test_quantization_on_start_and_as_an_init_step(helm: Helm, rendered: dict[str, list[dict[str, Any]]]) -> None:
-    on_start = rendered["gpu-awq"]
+def test_quantization_on_start_and_as_an_init_step(helm: Helm) -> None:
+    """On the CPU image the mode chooses; the CUDA image's server cannot quantize (vLLM's environment)."""
+    on_start = helm.template({"quantization": {"method": "gptq"}, "persistence": {"enabled": True}})
     args = server(on_start)["args"]
-    assert flag_values(args, "--quant") == ["awq"]
+    assert flag_values(args, "--quant") == ["gptq"]
     (cache_dir,) = flag_values(args, "--quant-cache-dir")
     assert cache_dir.startswith(CACHE_DIR + "/")
     assert "persistentVolumeClaim" in volume(on_start, "cache"), "quantized weights survive a restart"
-    assert not [c for c in pod_spec(on_start)["initContainers"] if c["name"] == "quantize"]
+    assert "initContainers" not in pod_spec(on_start)
 
-    as_init = helm.template(EXAMPLES[EXAMPLE_IDS.index("gpu-awq")], sets=["quantization.mode=initContainer"])
+    as_init = helm.template({"quantization": {"method": "gptq", "mode": "initContainer"}})
     step = init_container(as_init, "quantize")
-    assert step["image"] == server(as_init)["image"] and step["command"] == ["omniserve"]
+    assert step["image"] == server(as_init)["image"] == "omniserve:0.1.0-cpu" and step["command"] == ["omniserve"]
     assert step["args"][:2] == ["deploy", "--quantize-only"]
-    assert flag_values(step["args"], "--quant") == ["awq"]
+    assert flag_values(step["args"], "--quant") == ["gptq"]
     assert flag_values(step["args"], "--quant-cache-dir") == [cache_dir]
-    assert flag_values(step["args"], "--model") == flag_values(server(as_init)["args"], "--model")
-    assert step["resources"]["limits"]["nvidia.com/gpu"] == 1
-    names = [c["name"] for c in pod_spec(as_init)["initContainers"]]
-    assert names == ["fetch-model", "quantize"], "the checkpoint is fetched before it is quantized"
-    assert flag_values(server(as_init)["args"], "--quant") == ["awq"], "the server then finds them cached"
+    assert flag_values(server(as_init)["args"], "--quant") == ["gptq"], "the server then finds them cached"
+
+    for mode in ("onStart", "initContainer"):  # CUDA: always the init step, in the quantization environment
+        gpu = helm.template(EXAMPLES[EXAMPLE_IDS.index("gpu-awq")], sets=[f"quantization.mode={mode}"])
+        step = init_container(gpu, "quantize")
+        assert step["image"] == server(gpu)["image"] == "omniserve:0.1.0-cuda"
+        assert step["command"] == ["/opt/omniserve-quantize/bin/omniserve"]
+        assert step["args"][:2] == ["deploy", "--quantize-only"]
+        assert flag_values(step["args"], "--quant") == ["awq"]
+        assert flag_values(step["args"], "--model") == flag_values(server(gpu)["args"], "--model")
+        assert step["resources"]["limits"]["nvidia.com/gpu"] == 1
+        names = [c["name"] for c in pod_spec(gpu)["initContainers"]]
+        assert names == ["fetch-model", "quantize"], "the checkpoint is fetched before it is quantized"
+        assert flag_values(server(gpu)["args"], "--quant") == ["awq"], "the server then finds them cached"
+
+    custom = helm.template(
+        EXAMPLES[EXAMPLE_IDS.index("gpu-awq")],
+        {
+            "quantization": {
+                "initContainer": {"image": "registry.example/quantizer:1", "command": ["/venv/bin/omniserve"]}
+            }
+        },
+    )
+    step = init_container(custom, "quantize")
+    assert (step["image"], step["command"]) == ("registry.example/quantizer:1", ["/venv/bin/omniserve"])
+
+
+def test_quality_gate_is_refused_in_the_cuda_image(helm: Helm) -> None:
+    """The gate serves both models with the server's engine beside EvalScope; vLLM cannot join that environment."""
+    error = helm.template_error(EXAMPLES[EXAMPLE_IDS.index("gpu-awq")], sets=["quantization.gate=omni-synth"])
+    assert "quantization.gate does not work in the CUDA image" in error
+    cpu = helm.template({"quantization": {"method": "gptq", "gate": "omni-synth"}})
+    assert flag_values(server(cpu)["args"], "--gate") == ["omni-synth"]
 
 
 def test_autoscaling_metric_is_selectable(helm: Helm, rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -611,9 +683,344 @@ def test_images_are_what_the_chart_expects(dockerfile: str) -> None:
     assert stage["VOLUME"] == [f'["{CACHE_DIR}"]'], "the model cache is a volume"
     assert f"XDG_CACHE_HOME={CACHE_DIR}" in stage["ENV"][0]
     assert stage["EXPOSE"] == [str(defaults["server"]["port"])]
-    build = (DEPLOY / dockerfile).read_text(encoding="utf-8")
-    extra = "[vllm]" if dockerfile.endswith("cuda") else ""
-    assert re.search(rf"/opt/omniserve/bin/pip install \"?\.{re.escape(extra)}\"?\n", build)
+    image = image_contents(DEPLOY / dockerfile)
+    assert image.executable("omniserve") == image.environments["/opt/omniserve"], "the server's omniserve on PATH"
+    expected = {
+        "Dockerfile.cpu": {"/opt/omniserve": {"quantize", "eval"}},
+        "Dockerfile.cuda": {"/opt/omniserve": {"vllm"}, "/opt/omniserve-quantize": {"quantize"}},
+    }[dockerfile]
+    assert {prefix: set(env.extras) for prefix, env in image.environments.items()} == expected
+
+
+# --- every command the chart renders exists in the image it renders it for --------------------------------
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A virtual environment of an image with omniserve installed, and the omniserve extras installed with it."""
+
+    prefix: str
+    extras: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ImageContents:
+    """What a Dockerfile's final stage holds, read from the file: its omniserve environments, PATH, entrypoint."""
+
+    environments: dict[str, Environment]
+    path: tuple[str, ...]
+    entrypoint: tuple[str, ...]
+
+    def executable(self, name: str) -> Environment | None:
+        """The environment whose ``bin/omniserve`` ``name`` runs (absolute, or found on PATH); None if none."""
+        candidates = [name] if name.startswith("/") else [f"{folder}/{name}" for folder in self.path]
+        for candidate in candidates:
+            for env in self.environments.values():
+                if candidate == f"{env.prefix}/bin/omniserve":
+                    return env
+        return None
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(KEYWORD, rest) per instruction, continuation lines joined, comments dropped."""
+    lines = [line for line in dockerfile.read_text(encoding="utf-8").splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
+    found = []
+    for line in text.splitlines():
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword:
+            found.append((keyword.upper(), rest.strip()))
+    return found
+
+
+def _stages(dockerfile: Path) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(stage name, its instructions) per FROM; unnamed stages get their index."""
+    stages: list[tuple[str, list[tuple[str, str]]]] = []
+    for keyword, rest in _instructions(dockerfile):
+        if keyword == "FROM":
+            words = rest.split()
+            stages.append((words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages)), []))
+        elif stages:
+            stages[-1][1].append((keyword, rest))
+    return stages
+
+
+def _commands(run: str) -> list[list[str]]:
+    """The simple commands of a RUN line (split at &&), as words."""
+    return [shlex.split(part) for part in run.split("&&") if part.strip()]
+
+
+def _environments_built(instructions: list[tuple[str, str]]) -> dict[str, Environment]:
+    """Virtual environments a stage creates (python -m venv / uv venv) and the omniserve extras pip installs there.
+
+    Only ``pip install .`` / ``".[a,b]"`` of the build context counts as omniserve; an environment without it
+    is not listed.
+    """
+    created: list[str] = []
+    extras: dict[str, set[str]] = {}
+    for keyword, rest in instructions:
+        if keyword != "RUN":
+            continue
+        for words in _commands(rest):
+            if "venv" in words[:3] and (words[0] == "uv" or words[1:3] == ["-m", "venv"]):
+                created.append(words[-1])
+            for prefix in created:
+                if words[:2] == [f"{prefix}/bin/pip", "install"]:
+                    for requirement in (word for word in words[2:] if not word.startswith("-")):
+                        match = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", requirement)
+                        if match:
+                            extras.setdefault(prefix, set()).update(filter(None, (match.group(1) or "").split(",")))
+    return {prefix: Environment(prefix, frozenset(names)) for prefix, names in extras.items()}
+
+
+def image_contents(dockerfile: Path) -> ImageContents:
+    stages = _stages(dockerfile)
+    built = {name: _environments_built(instructions) for name, instructions in stages}
+    final = stages[-1][1]
+    environments = dict(built[stages[-1][0]])
+    path: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    for keyword, rest in final:
+        if keyword == "COPY" and rest.startswith("--from="):
+            source_stage, source, target = rest.split()[0].removeprefix("--from="), *rest.split()[1:]
+            env = built.get(source_stage, {}).get(source)
+            if env is not None:
+                environments[target] = Environment(target, env.extras)
+        elif keyword == "ENV":
+            for assignment in shlex.split(rest):
+                name, _, value = assignment.partition("=")
+                if name == "PATH":
+                    path = tuple(folder for folder in value.split(":") if not folder.startswith("$"))
+        elif keyword == "ENTRYPOINT":
+            entrypoint = tuple(json.loads(rest))
+    return ImageContents(environments, path, entrypoint)
+
+
+#: What `omniserve deploy --engine NAME` imports beyond omniserve's own dependencies: the extra named after
+#: the engine (pyproject.toml); sglang and lmdeploy have none, so no image provides them.
+ENGINE_EXTRAS = {"transformers": frozenset(), "vllm": frozenset({"vllm"})}
+
+
+def extras_needed(args: list[str], quantized_before: bool) -> set[str]:
+    """The omniserve extras `omniserve deploy ARGS` needs, the way the CLI decides it.
+
+    ``--quantize-only`` and a ``--quant`` server with no init step before it run llm-compressor (quantize
+    extra); a server whose init step quantized the same model into the same cache reads the entry. ``--gate``
+    scores with EvalScope (eval) and serves both models with the engine; serving needs the engine.
+    """
+    engine = (flag_values(args, "--engine") or ["transformers"])[-1]
+    engine_extras = set(ENGINE_EXTRAS.get(engine, {f"<{engine}: not an extra of omniserve>"}))
+    needed: set[str] = set()
+    quantize_only = "--quantize-only" in args
+    if flag_values(args, "--quant") and (quantize_only or not quantized_before):
+        needed.add("quantize")
+    if flag_values(args, "--gate"):
+        needed |= {"eval", *engine_extras}
+    if not quantize_only:
+        needed |= engine_extras
+    return needed
+
+
+def _quant_target(args: list[str]) -> tuple[list[str], ...]:
+    return tuple(flag_values(args, flag) for flag in ("--model", "--quant", "--quant-cache-dir"))
+
+
+def _mounted(container: dict[str, Any], path: str) -> bool:
+    return any(
+        path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/") for m in container["volumeMounts"]
+    )
+
+
+def unavailable(docs: list[dict[str, Any]], images: dict[str, ImageContents]) -> list[str]:
+    """Every omniserve container of the pod, in start order, whose command its image cannot run; one line each."""
+    problems: list[str] = []
+    quantized: list[tuple[list[str], ...]] = []
+    spec = pod_spec(docs)
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        repository, _, tag = container["image"].rpartition(":")
+        if repository != "omniserve":
+            continue  # the user's own tool (fetch-model)
+        image = images[tag.rpartition("-")[2]]
+        argv = [*(container.get("command") or image.entrypoint), *container.get("args", [])]
+        where = f"{container['name']} ({container['image']}): {' '.join(argv[:3])} ..."
+        env = image.executable(argv[0])
+        if env is None:
+            problems.append(f"{where}: {argv[0]} is no omniserve of the image")
+            continue
+        args = argv[2:] if argv[1] == "deploy" else []
+        assert argv[1] == "deploy", f"{where}: the chart renders only `omniserve deploy`"
+        missing = extras_needed(args, _quant_target(args) in quantized) - env.extras
+        if missing:
+            problems.append(f"{where}: {env.prefix} lacks omniserve[{','.join(sorted(missing))}]")
+        for flag in ("--model", "--api-key-file", "--quant-cache-dir"):
+            problems += [
+                f"{where}: {flag} {p} is on no volume of the container"
+                for p in flag_values(args, flag)
+                if not _mounted(container, p)
+            ]
+        if "--quantize-only" in args:
+            quantized.append(_quant_target(args))
+    return problems
+
+
+#: Pods the chart renders for each image, quantization off and on (both modes), with and without the gate.
+RUN_SCENARIOS: dict[str, tuple[list[Path | dict[str, Any]], list[str]]] = {
+    "cpu-defaults": ([], []),
+    "cpu-demo": ([EXAMPLES[EXAMPLE_IDS.index("cpu-demo")]], []),
+    "cpu-quant-on-start": ([{"quantization": {"method": "gptq"}}], []),
+    "cpu-quant-init-step": (
+        [{"quantization": {"method": "awq", "mode": "initContainer"}, "auth": {"existingSecret": "keys"}}],
+        [],
+    ),
+    "cpu-quant-gate": ([{"quantization": {"method": "fp8", "gate": "omni-synth", "mode": "initContainer"}}], []),
+    "cuda-tp": ([EXAMPLES[EXAMPLE_IDS.index("gpu-tp")]], []),
+    "cuda-awq-on-start": ([EXAMPLES[EXAMPLE_IDS.index("gpu-awq")]], []),
+    "cuda-awq-init-step": ([EXAMPLES[EXAMPLE_IDS.index("gpu-awq")]], ["quantization.mode=initContainer"]),
+}
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, ImageContents]:
+    return {flavour: image_contents(DEPLOY / f"Dockerfile.{flavour}") for flavour in ("cpu", "cuda")}
+
+
+@pytest.mark.parametrize("scenario", list(RUN_SCENARIOS))
+def test_every_rendered_command_runs_in_its_image(helm: Helm, images: dict[str, ImageContents], scenario: str) -> None:
+    values, sets = RUN_SCENARIOS[scenario]
+    docs = helm.template(*values, sets=sets)
+    assert unavailable(docs, images) == []
+
+
+def test_the_command_check_refuses_what_an_image_lacks(helm: Helm, images: dict[str, ImageContents]) -> None:
+    """The check above is no rubber stamp: images without the extras, and a wrong executable, are caught."""
+    bare = {
+        flavour: ImageContents(
+            {p: Environment(p, frozenset(e.extras) & {"vllm"}) for p, e in image.environments.items()},
+            image.path,
+            image.entrypoint,
+        )
+        for flavour, image in images.items()
+    }
+    on_start = helm.template({"quantization": {"method": "gptq"}})
+    assert unavailable(on_start, bare) == [
+        "omniserve (omniserve:0.1.0-cpu): omniserve deploy --host ...: /opt/omniserve lacks omniserve[quantize]"
+    ]
+    gpu = helm.template(EXAMPLES[EXAMPLE_IDS.index("gpu-awq")])
+    assert unavailable(gpu, bare) == [
+        "quantize (omniserve:0.1.0-cuda): /opt/omniserve-quantize/bin/omniserve deploy --quantize-only ...: "
+        "/opt/omniserve-quantize lacks omniserve[quantize]"
+    ]
+    server_env = helm.template(
+        EXAMPLES[EXAMPLE_IDS.index("gpu-awq")], {"quantization": {"initContainer": {"command": ["omniserve"]}}}
+    )
+    assert unavailable(server_env, images) == [
+        "quantize (omniserve:0.1.0-cuda): omniserve deploy --quantize-only ...: "
+        "/opt/omniserve lacks omniserve[quantize]"
+    ]
+    sglang = helm.template(
+        EXAMPLES[EXAMPLE_IDS.index("gpu-tp")], {"engine": {"name": "sglang", "args": {"tensor_parallel_size": 4}}}
+    )
+    assert unavailable(sglang, images) == [
+        "omniserve (omniserve:0.1.0-cuda): omniserve deploy --host ...: /opt/omniserve lacks "
+        "omniserve[<sglang: not an extra of omniserve>]"
+    ]
+
+
+# --- the build context holds what `pip install .` in the images reads ---------------------------------------
+
+
+def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Whether the build context leaves ``path`` out: the last matching pattern decides (``!`` re-includes).
+
+    A pattern matches a path or any folder above it; ``**`` spans any number of folders (Docker's rules).
+    """
+
+    def match(pattern: list[str], parts: list[str]) -> bool:
+        if not pattern:
+            return not parts
+        if pattern[0] == "**":
+            return any(match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+        return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and match(pattern[1:], parts[1:])
+
+    excluded = False
+    parts = path.split("/")
+    for raw in patterns:
+        include = raw.startswith("!")
+        pattern = raw.removeprefix("!").strip("/").split("/")
+        if any(match(pattern, parts[:end]) for end in range(1, len(parts) + 1)):
+            excluded = not include
+    return excluded
+
+
+def build_context(dockerfile: Path) -> list[str]:
+    """The checkout's files (tracked or not, minus .gitignore'd) that the Dockerfile's .dockerignore lets in."""
+    ignore = Path(f"{dockerfile}.dockerignore").read_text(encoding="utf-8").splitlines()
+    patterns = [line.strip() for line in ignore if line.strip() and not line.lstrip().startswith("#")]
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    return [path for path in listed if (ROOT / path).is_file() and not _dockerignore_excludes(patterns, path)]
+
+
+def build_stage_sources(dockerfile: Path, dest: Path) -> None:
+    """Lay out in ``dest`` what the build stage's own COPY instructions put in its WORKDIR (/src)."""
+    context = build_context(dockerfile)
+    name, instructions = next((n, i) for n, i in _stages(dockerfile) if any(k == "WORKDIR" for k, _ in i))
+    assert ("WORKDIR", "/src") in instructions, f"{dockerfile.name}: stage {name} builds in /src"
+    for keyword, rest in instructions:
+        if keyword != "COPY" or rest.startswith("--"):
+            continue
+        *sources, target = shlex.split(rest)
+        for source in sources:
+            inside = [p for p in context if p == source or p.startswith(source.rstrip("/") + "/")]
+            for path in inside:
+                relative = Path(path).name if path == source else Path(path).relative_to(source)
+                copy_to = dest / target / relative
+                copy_to.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / path, copy_to)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_the_images_build_stage_has_what_pip_install_reads(dockerfile: str, tmp_path: Path) -> None:
+    """`pip install .` in /src builds omniserve with its recipes, calibration set and eval suites."""
+    source = tmp_path / "src"
+    build_stage_sources(DEPLOY / dockerfile, source)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
+    [wheel] = tmp_path.glob("omniserve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {name.split("/share/omniserve/", 1)[1] for name in names if "/share/omniserve/" in name}
+    assert {"quantize/gptq.yaml", "quantize/calibration/default.jsonl", "eval/omni-synth.yaml"} <= shipped
+    assert "omniserve/models/demo/tiny-omni-demo/model.safetensors" in names
+    assert not [name for name in names if "__pycache__" in name]
+
+
+def test_dockerignore_rules() -> None:
+    patterns = ["*", "!omniserve/", "**/__pycache__"]
+    assert _dockerignore_excludes(patterns, "tests/test_helm.py")
+    assert not _dockerignore_excludes(patterns, "omniserve/cli.py")
+    assert _dockerignore_excludes(patterns, "omniserve/eval/__pycache__/cli.cpython-311.pyc")
+    assert _dockerignore_excludes(patterns, "quantize/gptq.yaml"), "what no pattern re-includes stays out"
 
 
 def test_compose_file_is_valid_and_prometheus_scrapes_omniserve() -> None:

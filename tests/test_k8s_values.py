@@ -16,14 +16,16 @@ import pytest
 import yaml
 
 from omniserve.config import DeployOptions
-from omniserve.flags import parse_argv
+from omniserve.flags import flags_of, parse_argv
 from omniserve.k8s_values import (
     API_KEY_SECRET_KEY,
+    CHART_VALUES,
     DEFAULT_API_KEY_SECRET,
     DEFAULT_MODELS_CLAIM,
     dump_values_yaml,
     values_from_deploy,
 )
+from omniserve.k8s_values import REPLACED_IN_THE_POD as REPLACED_FIELDS
 from tests.test_helm import (
     KUBE_VERSIONS,
     Helm,
@@ -40,44 +42,14 @@ from tests.test_helm import (
 
 SECRET_KEY_TEXT = "sk-live-abcdef123456"
 
-# Every `omniserve deploy` parameter either travels to the pod as a chart value, or is replaced there on
-# purpose. A new flag fails test_every_deploy_flag_is_accounted_for until it is placed in one of these.
-TRAVELS = {
-    "engine",
-    "port",
-    "served_model_name",
-    "max_concurrency",
-    "max_queue",
-    "max_model_len",
-    "max_n",
-    "dtype",
-    "device",
-    "engine_arg",
-    "allowed_media_domains",
-    "allow_private_media_addresses",
-    "allowed_local_media_path",
-    "max_media_bytes",
-    "max_image_pixels",
-    "video_fps",
-    "max_video_frames",
-    "max_video_seconds",
-    "max_audio_seconds",
-    "media_fetch_timeout",
-    "max_request_bytes",
-    "cors_origin",
-    "log_level",
-    "quant",
-    "gate",
-    "force",
-}
+# Every `omniserve deploy` flag travels to the pod as a chart value of its own (k8s_values.CHART_VALUES), is
+# replaced there on purpose (k8s_values.REPLACED_IN_THE_POD), or travels in server.extraArgs.
+DEPLOY_FLAGS = flags_of(DeployOptions)
+TRAVELS = {flag.name for flag in DEPLOY_FLAGS if ".".join(flag.path) in CHART_VALUES} - {"model"}
 REPLACED_IN_THE_POD = {
-    "host": "the pod binds 0.0.0.0",
+    flag.name: REPLACED_FIELDS[".".join(flag.path)] for flag in DEPLOY_FLAGS if ".".join(flag.path) in REPLACED_FIELDS
+} | {
     "model": "/models/<folder> on a volume, or the built-in model",
-    "api_key": "a Secret mounted as --api-key-file",
-    "api_key_file": "a Secret mounted as --api-key-file",
-    "quant_cache_dir": "the chart's cache volume",
-    "print_k8s": "prints these values",
-    "quantize_only": "the chart's quantize init step passes it itself",
     "config": "the chart passes every option as a flag",
 }
 
@@ -144,8 +116,36 @@ def test_every_deploy_flag_is_accounted_for() -> None:
 
     command = typer.main.get_command(app).commands["deploy"]  # type: ignore[attr-defined]
     names = {param.name for param in command.params}
-    unplaced = names - TRAVELS - set(REPLACED_IN_THE_POD)
-    assert not unplaced, f"map these deploy flags in omniserve/k8s_values.py and the chart: {sorted(unplaced)}"
+    assert names == {flag.name for flag in DEPLOY_FLAGS} | {"config"}, "deploy's flags are DeployOptions' fields"
+    paths = {".".join(flag.path) for flag in DEPLOY_FLAGS}
+    assert CHART_VALUES | set(REPLACED_FIELDS) <= paths, "k8s_values names an option that no longer exists"
+
+
+def test_a_flag_without_a_chart_value_travels_in_extra_args(
+    helm: Helm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new deploy option reaches the pod with no edit to k8s_values or the chart: as server.extraArgs.
+
+    Simulated by taking chart values away from a few options of each kind (scalar, bool, mapping); the
+    dedicated values are still written, and the pod's later extraArgs flag must win over them.
+    """
+    import omniserve.k8s_values as k8s
+
+    generic = {
+        "engine_options.max_n": ["--max-n", "3"],
+        "server.max_request_bytes": ["--max-request-bytes", "4096"],
+        "server.media.allow_private_media_addresses": ["--allow-private-media-addresses"],
+        "server.media.limit_media_per_request": ["--limit-media-per-request", "image=2,audio=1"],
+        "server.drain_timeout_seconds": ["--drain-timeout", "12.5"],
+    }
+    monkeypatch.setattr(k8s, "CHART_VALUES", k8s.CHART_VALUES - set(generic))
+    argv = ["--model", str(tmp_path / "m"), *(word for words in generic.values() for word in words)]
+    local = parse_argv(DeployOptions, argv, what="deploy")
+    values = values_from_deploy(local)
+    assert values["server"]["extraArgs"], "the options without a chart value went to extraArgs"
+    pod = parse_argv(DeployOptions, server(render_dumped(helm, values, tmp_path))["args"], what="pod")
+    for path in generic:
+        assert k8s._field(pod, tuple(path.split("."))) == k8s._field(local, tuple(path.split("."))), path
 
 
 def test_local_command_runs_unchanged_in_the_pod(helm: Helm, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import struct
 import time
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,8 +15,12 @@ from PIL import Image
 import omniserve.media.audio as audio_module
 import omniserve.media.video as video_module
 from omniserve.config import MediaLimits
-from omniserve.errors import MediaError, MediaTooLarge
+from omniserve.errors import MediaBudgetExceeded, MediaDecodeTimeout, MediaError, MediaTooLarge
 from omniserve.media import SUPPORTED_AUDIO_FORMATS, decode_audio, decode_image, decode_video
+from omniserve.media.audio import probe_audio
+from omniserve.media.budget import DecodeControl, RequestBudget
+from omniserve.media.image import probe_image
+from omniserve.media.video import probe_video
 from tests.media_factory import (
     animated_gif_bytes,
     audio_bytes,
@@ -274,3 +279,111 @@ def test_wav_header_lying_about_length() -> None:
         data[chunk + 4 : chunk + 8] = struct.pack("<I", claimed)
         audio = decode_audio(bytes(data), MediaLimits(max_audio_seconds=5))
         assert audio.duration == pytest.approx(1.0, abs=0.01)
+
+
+# --- deadlines, container limits and budgets (issue 12, items 2 and 8) --------------------------------
+
+
+def _timed(decode: Any, *args: Any, **kwargs: Any) -> float:
+    started = time.monotonic()
+    decode(*args, **kwargs)
+    return time.monotonic() - started
+
+
+def test_video_decode_stops_at_its_deadline() -> None:
+    """A long video (3,000 frames) with a deadline a tenth of its decoding time stops near the deadline."""
+    data = video_bytes("avi", seconds=120, fps=25, width=160, height=120)
+    limits = MediaLimits(max_video_seconds=600, video_fps=2, max_video_frames=240)
+    whole = _timed(decode_video, data, limits)
+    tight = limits.model_copy(update={"media_decode_timeout_seconds": whole / 10})
+    started = time.monotonic()
+    with pytest.raises(MediaDecodeTimeout) as info:
+        decode_video(data, tight, param=PARAM)
+    stopped = time.monotonic() - started
+    assert info.value.param == PARAM and "--media-decode-timeout" in info.value.message
+    assert f"{whole / 10:g} s" in info.value.message
+    assert stopped < whole / 2, f"stopped after {stopped:.3f} s; the whole decode takes {whole:.3f} s"
+
+
+def test_video_without_duration_is_measured_within_the_deadline() -> None:
+    """The demuxing pass that measures a streamed file's duration is bounded by the same deadline."""
+    data = video_bytes("mkv", seconds=120, fps=25, width=32, height=32, streamed=True)
+    limits = MediaLimits(max_video_seconds=600, media_decode_timeout_seconds=0.002)
+    with pytest.raises(MediaDecodeTimeout):
+        decode_video(data, limits, param=PARAM)
+
+
+def test_audio_decode_stops_at_its_deadline() -> None:
+    data = audio_bytes("flac", seconds=240, sample_rate=16_000)
+    limits = MediaLimits(max_audio_seconds=300)
+    whole = _timed(decode_audio, data, limits)
+    tight = limits.model_copy(update={"media_decode_timeout_seconds": whole / 10})
+    started = time.monotonic()
+    with pytest.raises(MediaDecodeTimeout, match="--media-decode-timeout"):
+        decode_audio(data, tight, param=PARAM)
+    assert time.monotonic() - started < whole / 2
+
+
+def _video_with_streams(count: int) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as output:
+        streams = [output.add_stream("mpeg4", rate=4) for _ in range(count)]
+        for stream in streams:
+            stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for index in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), index * 40, dtype=np.uint8), format="rgb24")
+            for stream in streams:
+                output.mux(stream.encode(frame))
+        for stream in streams:
+            output.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_containers_with_too_many_streams_are_refused() -> None:
+    data = _video_with_streams(3)
+    error = refused(MediaTooLarge, decode_video, data, MediaLimits(max_media_streams=2))
+    assert "more than 2 streams" in error.message
+    assert decode_video(data, MediaLimits(max_media_streams=3)).frames.shape[1:] == (32, 32, 3)
+
+
+def test_containers_open_with_probe_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FFmpeg's probesize / analyzeduration / max_streams come from MediaLimits, with an open timeout."""
+    seen: list[dict[str, Any]] = []
+    real_open = av.open
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real_open(*args, **kwargs)
+
+    clip, video = audio_bytes("wav", 0.5), video_bytes("mp4", 1, 4)
+    monkeypatch.setattr(av, "open", spy)
+    limits = MediaLimits(media_probe_bytes=123_456, media_probe_seconds=2.5, max_media_streams=4)
+    decode_audio(clip, limits)
+    decode_video(video, limits)
+    assert len(seen) == 2
+    for kwargs in seen:
+        options = kwargs["container_options"]
+        assert (options["probesize"], options["analyzeduration"], options["max_streams"]) == ("123456", "2500000", "5")
+        assert 0 < kwargs["timeout"][0] <= limits.media_decode_timeout_seconds
+
+
+def test_decoders_charge_the_request_budget() -> None:
+    """The decoders charge what they decode to the request's budget, so headers that lie cannot pass it."""
+    limits = MediaLimits(max_pixels_per_request=10_000)
+    control = DecodeControl(limits, param=PARAM, budget=RequestBudget(limits))
+    decode_image(png_bytes(64, 64), limits, control=control)  # 4,096 pixels
+    with pytest.raises(MediaBudgetExceeded, match="--max-pixels-per-request"):
+        decode_video(video_bytes("mp4", 2, 4), limits, fps=2, control=control)  # 4 frames x 4,096 more
+    audio_limits = MediaLimits(max_audio_seconds_per_request=1)
+    control = DecodeControl(audio_limits, param=PARAM, budget=RequestBudget(audio_limits))
+    with pytest.raises(MediaBudgetExceeded, match="--max-audio-seconds-per-request"):
+        decode_audio(audio_bytes("wav", 3.0), audio_limits, control=control)
+
+
+def test_probes_read_headers_only() -> None:
+    assert probe_image(png_with_declared_size(3000, 2000), LIMITS).pixels == 6_000_000
+    plan = probe_video(video_bytes("mp4", seconds=3, fps=10, width=64, height=48), VIDEO_LIMITS, fps=2)
+    assert plan.pixels == 6 * 64 * 48, "the frames decode_video samples: 3 s at 2 fps"
+    assert probe_video(video_bytes("webm", 3, 10, streamed=True), VIDEO_LIMITS).pixels == 32 * 64 * 64, "no duration"
+    audio = probe_audio(audio_bytes("wav", 2.0), LIMITS)
+    assert audio.audio_seconds == pytest.approx(2.0, abs=0.01) and audio.audio_bound_seconds > LIMITS.max_audio_seconds

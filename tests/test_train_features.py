@@ -72,7 +72,8 @@ def test_expand_mask_follows_media_runs_and_refuses_disagreeing_readings() -> No
         expand_mask([1, 9, 2], [0, 1, 1], [1, 9, 9, 2], media)
 
 
-def test_a_template_without_generation_markers_is_refused(tiny_qwen2: Path, tmp_path: Path) -> None:
+def test_markers_asked_for_on_a_template_without_them_is_refused(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """Without markers the prefix strategy is used (tests/test_prefix_masks.py); asking for markers is refused."""
     import json
     import shutil
 
@@ -90,10 +91,11 @@ def test_a_template_without_generation_markers_is_refused(tiny_qwen2: Path, tmp_
         config_path.write_text(json.dumps(config))
     data = write_jsonl(tmp_path / "d.jsonl", [MIXED_CONVERSATIONS["text"]])
 
-    result = run_cli("check-parity", "--model", model, "--data", data)
+    result = run_cli("check-parity", "--model", model, "--data", data, "--mask-strategy", "markers")
 
     assert result.exit_code == 2
     assert "{% generation %}" in result.output
+    assert run_cli("check-parity", "--model", model, "--data", data).exit_code == 0
 
 
 # --------------------------------------------------------------------------- bad input, by file and line

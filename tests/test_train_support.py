@@ -2,13 +2,15 @@
 
 ``write_mixed_dataset`` writes a JSONL file covering every modality mix the issue names: text,
 image, video, audio (file and inline), mixed, multi-turn, with and without a system prompt, and
-media given as paths relative to the file as well as data URLs.
+media given as paths relative to the file as well as data URLs. ``with_chat_template`` copies a
+checkpoint with another chat template, e.g. a published one from ``tests/fixtures/chat_templates``.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,27 @@ def write_mixed_dataset(folder: Path) -> Path:
     """Media files plus ``data.jsonl`` with every conversation of ``MIXED_CONVERSATIONS``."""
     write_media(folder)
     return write_jsonl(folder / "data.jsonl", list(MIXED_CONVERSATIONS.values()))
+
+
+#: Published chat templates, verbatim (sources and licences in the folder's README.md).
+CHAT_TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+
+
+def published_template(name: str) -> str:
+    """The text of ``tests/fixtures/chat_templates/NAME.jinja``, byte for byte."""
+    return (CHAT_TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def with_chat_template(model: Path, output: Path, template: str) -> Path:
+    """A copy of the checkpoint ``model`` at ``output`` whose chat template is ``template``.
+
+    The tiny checkpoints keep their template only in ``chat_template.jinja`` (the file processors and
+    tokenizers read first), so replacing that file is the whole swap.
+    """
+    shutil.copytree(model, output)
+    assert not any("chat_template" in json.loads(f.read_text()) for f in output.glob("*_config.json"))
+    (output / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return output
 
 
 def run_cli(*args: str | Path) -> Any:

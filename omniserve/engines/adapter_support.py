@@ -110,17 +110,20 @@ class ChoiceDecoder:
         """Take the new tokens; return the delta to emit (None when there is nothing to say yet)."""
         if self.finished:
             return None
-        text, taken = "", 0
+        pieces: list[str] = []  # joined once: an engine may hand over many tokens at a time
+        taken = 0
         for token_id in token_ids:
             piece, hit = self._detok.add(token_id)
-            text, taken = text + piece, taken + 1
+            pieces.append(piece)
+            taken += 1
             if hit:
                 self.stopped = True
                 finish_reason = "stop"
                 break
         self.consumed += taken
         if finish_reason is not None and not self.stopped:
-            text += self._detok.flush()
+            pieces.append(self._detok.flush())
+        text = "".join(pieces)
         self.finished = finish_reason is not None
         if not taken and not self.finished:
             return None

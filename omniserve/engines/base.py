@@ -8,7 +8,8 @@ The gateway knows engines only through this module.
 ``Engine`` owns the flow, as ``server/serving_base.py`` does for endpoints: ``start``/``stop``,
 readiness, stats, and ``generate`` (refuse what cannot run, with a 503, a 400 or a 429 before any
 iteration; admit the request's sequences into the shared bounded queue; give them back however the
-stream ends). Adding an engine is one file with one subclass filling in four hooks:
+stream ends), and ``generate_all``, the same for a batch of prompts, admitted all at once or not at
+all. Adding an engine is one file with one subclass filling in four hooks:
 
 - ``launch``: create the native engine (load, warm up) and say what it serves (``ModelInfo``);
 - ``shutdown``: stop it (blocking; ``stop`` runs it in a thread);
@@ -16,9 +17,11 @@ stream ends). Adding an engine is one file with one subclass filling in four hoo
   so an unsupported or invalid value is a 400 before the stream starts;
 - ``stream``: the engine's native outputs as ``ChoiceDelta`` objects; closing it aborts the request.
 
-Optionally ``alive`` (whether the native engine still runs) and ``UNSUPPORTED`` (sampling fields
-the engine cannot honour: a non-default value is refused with a 400 naming the engine). What every
-engine converts the same way is here once: ``finish_reason`` and ``TokenLogprobs.decoded``.
+Optionally ``alive`` (whether the native engine still runs), ``stalled_for`` (how long it has had
+work without finishing a step; ``/health`` turns red past ``--stall-timeout``) and ``UNSUPPORTED``
+(sampling fields the engine cannot honour: a non-default value is refused with a 400 naming the
+engine). What every engine converts the same way is here once: ``finish_reason`` and
+``TokenLogprobs.decoded``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -149,6 +153,14 @@ class Engine(abc.ABC, Generic[NativeT]):
         """Whether the native engine still runs; override where the engine can tell."""
         return True
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work pending without finishing a step (0.0 when idle).
+
+        A live thread is not a working engine: a wedged kernel or a deadlock leaves ``alive`` true while
+        every request waits. Override where the engine can tell; the default says it cannot (0.0).
+        """
+        return 0.0
+
     # ---------------------------------------------------------------- template methods
 
     @property
@@ -163,7 +175,12 @@ class Engine(abc.ABC, Generic[NativeT]):
 
     async def stop(self) -> None:
         self._stopping = True
-        await asyncio.to_thread(self.shutdown)
+        # a thread of its own, not the loop's default pool: media work stuck there must not delay shutdown
+        pool = ThreadPoolExecutor(1, thread_name_prefix="omniserve-engine-stop")
+        try:
+            await asyncio.get_running_loop().run_in_executor(pool, self.shutdown)
+        finally:
+            pool.shutdown(wait=False)
 
     def is_ready(self) -> bool:
         """True only while the engine can generate right now."""
@@ -185,18 +202,47 @@ class Engine(abc.ABC, Generic[NativeT]):
         ``n`` larger than the batch or an unsupported parameter (400), ``QueueFull`` (429). Closing
         the iterator early (client gone) aborts the request and frees its places.
         """
+        return self.generate_all([request])[0]
+
+    def generate_all(self, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[ChoiceDelta]]:
+        """``generate`` for the requests that make up one client request (a batch of prompts): all or none.
+
+        Every request is checked and the places of all their sequences are reserved at once, before
+        any stream exists, so a refused batch leaves nothing queued or running: admitting the
+        prompts one by one let the first start (the transformers engine queues a request as its
+        stream is made) while a later one was refused, and it then decoded for nobody.
+        """
         if not self.is_ready():
             raise EngineUnavailable(f"the {self.NAME} engine is not ready to generate")
-        n, batch = request.sampling.n, self._config.max_concurrency
-        if n > batch:  # it could never run: a 429 would be retried forever
+        batch, capacity = self._config.max_concurrency, self._admission.capacity
+        for request in requests:
+            n = request.sampling.n
+            if n > batch:  # it could never run: a 429 would be retried forever
+                raise InvalidRequest(
+                    f"n={n} is more than the {batch} sequences the {self.NAME} engine decodes at once "
+                    "(--max-concurrency)",
+                    param="n",
+                )
+            refuse_unsupported(request.sampling, self.UNSUPPORTED, self.NAME)
+        total = sum(request.sampling.n for request in requests)
+        if total > capacity:  # never admissible either, even on an idle engine
             raise InvalidRequest(
-                f"n={n} is more than the {batch} sequences the {self.NAME} engine decodes at once (--max-concurrency)",
-                param="n",
+                f"the request needs {total} sequences ({len(requests)} prompts, n={requests[0].sampling.n} each), "
+                f"more than the {capacity} the {self.NAME} engine admits at once (--max-concurrency + --max-queue)",
+                param="prompt",
             )
-        refuse_unsupported(request.sampling, self.UNSUPPORTED, self.NAME)
-        native = self.prepare(request)
-        self._admission.reserve(n)
-        return AdmittedStream(self.stream(request, native), self._admission, n)
+        natives = [self.prepare(request) for request in requests]
+        self._admission.reserve(total)
+        streams: list[AdmittedStream] = []
+        try:
+            for request, native in zip(requests, natives, strict=True):
+                streams.append(AdmittedStream(self.stream(request, native), self._admission, request.sampling.n))
+        except BaseException:  # e.g. the engine began shutting down: withdraw what was already handed over
+            self._admission.release(total - sum(stream.sequences for stream in streams), 0)
+            for stream in streams:
+                stream.abandon()
+            raise
+        return list(streams)
 
     def served(self, max_model_len: int, eos_token_ids: Iterable[int | None]) -> ModelInfo:
         """The ``ModelInfo`` for ``launch`` to return: the configured name and path, ``eos`` ids deduplicated."""

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from omniserve.engines.base import ChoiceDelta
 
 
+#: Closes started by ``AdmittedStream.abandon``, kept until they finish.
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
 class Admission:
     """Counts sequences admitted to an engine: ``waiting`` until their first token, then ``running``.
 
@@ -72,6 +76,7 @@ class AdmittedStream:
     def __init__(self, source: AsyncIterator[ChoiceDelta], admission: Admission, sequences: int) -> None:
         self._source = source
         self._admission = admission
+        self.sequences = sequences  # the places this stream holds until it ends
         self._waiting = sequences
         self._started: set[int] = set()
         self._running: set[int] = set()
@@ -101,6 +106,17 @@ class AdmittedStream:
             await close_stream(self._source)
         finally:
             self._release()
+
+    def abandon(self) -> None:
+        """Give the places back now and close the source soon, for a caller that cannot await.
+
+        ``Engine.generate_all`` uses it when a later request of the same batch cannot be handed to
+        the engine: this stream was never iterated, so closing it only withdraws queued work.
+        """
+        self._release()
+        task = asyncio.get_running_loop().create_task(close_stream(self._source))
+        _CLOSING.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(_CLOSING.discard)
 
     def _release(self) -> None:
         if not self._released:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,8 +143,11 @@ class TransformersEngine(Engine[None]):
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._running: list[_Sequence] = []
+        self._prefilling: _Pending | None = None  # taken from the queue, not yet in the batch
         self._reserved = 0  # sequences running or being admitted
         self._outbox = _Outbox()
+        # when the worker last finished a step (prefill, decode, idle wait): for ``stalled_for``
+        self._progress_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,6 +192,12 @@ class TransformersEngine(Engine[None]):
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._halt.is_set()
 
+    def stalled_for(self) -> float:
+        """Seconds since the worker last finished a step, while requests are queued or running."""
+        if not (self._running or self._waiting or self._prefilling):
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress_at)
+
     # ------------------------------------------------------------------ async side
 
     def prepare(self, request: GenerationRequest) -> None:
@@ -212,23 +222,37 @@ class TransformersEngine(Engine[None]):
     # ------------------------------------------------------------------ worker thread
 
     def _worker(self) -> None:
-        while not self._halt.is_set():
-            try:
-                self._admit()
-                self._drop_cancelled()
-                if not self._running:
-                    self._outbox.flush()  # before sleeping: a request may have finished at its first token
-                    self._wakeup.wait(0.5)
-                    self._wakeup.clear()
-                    continue
-                self._decode_step()
-            except Exception as exc:  # a failure must fail the requests, never the worker
-                log.exception("decode step failed")
-                self._fail_running(EngineError(f"generation failed: {exc}"))
-            finally:
-                self._outbox.flush()
-        self._fail_all(EngineUnavailable("the engine is shutting down"))
-        self._outbox.flush()
+        ending: Exception = EngineUnavailable("the engine is shutting down")
+        try:
+            while not self._halt.is_set():
+                try:
+                    self._admit()
+                    self._drop_cancelled()
+                    if not self._running:
+                        self._outbox.flush()  # before sleeping: a request may have finished at its first token
+                        self._wakeup.wait(0.5)
+                        self._wakeup.clear()
+                        continue
+                    self._decode_step()
+                except Exception as exc:  # a failure must fail the requests, never the worker
+                    log.exception("decode step failed")
+                    self._fail_running(EngineError(f"generation failed: {exc}"))
+                finally:
+                    self._progress_at = time.monotonic()
+                    self._outbox.flush()
+        except BaseException as exc:
+            # Ended by something that is not an Exception (SystemExit from a library, an exception injected
+            # into the thread): the thread is gone either way. Say so loudly and fail its requests rather
+            # than leave them waiting forever; ``alive`` keeps /health red from here on.
+            log.critical("the %s engine's worker thread died: %r", self.NAME, exc, exc_info=exc)
+            ending = EngineUnavailable(
+                f"the {self.NAME} engine stopped ({type(exc).__name__}: {exc}); retry on another replica"
+            )
+        finally:
+            with self._lock:  # ``stream`` checks it under the lock: nothing is queued behind our back
+                self._halt.set()
+            self._abandon_all(ending)
+            self._outbox.flush()
 
     def _next_admissible(self) -> _Pending | None:
         with self._lock:
@@ -247,12 +271,15 @@ class TransformersEngine(Engine[None]):
 
     def _admit(self) -> None:
         while (pending := self._next_admissible()) is not None:
+            self._prefilling = pending
             try:
                 self._start_sequences(pending)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._release(pending.request.sampling.n)
                 pending.emit(EngineError(f"could not process the prompt: {exc}"))
+            self._prefilling = None
+            self._progress_at = time.monotonic()  # each prefill is a step: a burst of them is no stall
 
     def _start_sequences(self, pending: _Pending) -> None:
         from omniserve.engines.hf_model import prefill
@@ -361,9 +388,17 @@ class TransformersEngine(Engine[None]):
         for owner in owners.values():
             owner.emit(error)
 
-    def _fail_all(self, error: Exception) -> None:
-        self._fail_running(error)
+    def _abandon_all(self, error: Exception) -> None:
+        """Fail every request queued, being prefilled or running, as the worker ends.
+
+        The batch is left alone: a worker that died may have died half-way through a step.
+        """
+        owners = {id(s.owner): s.owner for s in self._running if not s.finished}
+        if self._prefilling is not None:
+            owners[id(self._prefilling)] = self._prefilling
+        self._running, self._prefilling = [], None
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
-        for pending in waiting:
-            pending.emit(error)
+            self._reserved = 0
+        for owner in [*owners.values(), *waiting]:
+            owner.emit(error)

@@ -129,7 +129,8 @@ def evaluation_server(deploy: DeployOptions, model: Path) -> DeployOptions:
         model=Path(model).resolve(),
         engine=deploy.engine,
         engine_options=deploy.engine_options,
-        server=ServerConfig(media=deploy.server.media),
+        # a private server stopped by the run itself: no load balancer to warn, so no drain delay
+        server=ServerConfig(media=deploy.server.media, drain_delay_seconds=0),
         log_level=deploy.log_level,
     )
 

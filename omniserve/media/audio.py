@@ -9,6 +9,7 @@ mixed by libswresample, whose stereo-to-mono matrix sums at -3 dB and can exceed
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import av
@@ -19,13 +20,14 @@ import numpy as np
 from omniserve.config import MediaLimits
 from omniserve.errors import MediaError, MediaTooLarge
 from omniserve.media._pyav import (
-    DECODE_ERRORS,
     DECODE_SLACK_SECONDS,
+    corrupt_as_media_error,
     declared_over,
     declared_seconds,
-    describe,
+    decoded_frames,
     open_input,
 )
+from omniserve.media.budget import DecodeControl, MediaPlan
 
 # The `format` names accepted in OpenAI `input_audio` parts; each one is decoded in the tests.
 SUPPORTED_AUDIO_FORMATS: frozenset[str] = frozenset({"wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "aac"})
@@ -44,30 +46,62 @@ class DecodedAudio:
         return len(self.samples) / self.sample_rate
 
 
+def probe_audio(
+    data: bytes,
+    limits: MediaLimits,
+    *,
+    format: str | None = None,
+    param: str | None = None,
+    control: DecodeControl | None = None,
+) -> MediaPlan:
+    """The clip's declared length (0 when the header does not say) and the most it may decode to."""
+    _check_format_name(format, param)
+    control = control or DecodeControl(limits, param=param, kind="audio")
+    with control.running(), corrupt_as_media_error("Audio", param), _open(data, limits, param, control) as container:
+        declared = _declared(container, _audio_stream(container, param), limits, param)
+    return MediaPlan(audio_seconds=declared or 0.0, audio_bound_seconds=limits.max_audio_seconds + DECODE_SLACK_SECONDS)
+
+
 def decode_audio(
-    data: bytes, limits: MediaLimits, *, format: str | None = None, param: str | None = None
+    data: bytes,
+    limits: MediaLimits,
+    *,
+    format: str | None = None,
+    param: str | None = None,
+    control: DecodeControl | None = None,
 ) -> DecodedAudio:
     """Decode ``data`` to mono at ``limits.audio_sample_rate``.
 
     ``format`` is only checked against SUPPORTED_AUDIO_FORMATS: the container is detected from the
-    bytes, so a client that labels an MP3 as "wav" still gets it decoded.
+    bytes, so a client that labels an MP3 as "wav" still gets it decoded. ``control`` carries the
+    item's deadline, cancellation and request budget (by default: the deadline of ``limits``, no budget).
     """
     _check_format_name(format, param)
-    accepted = ", ".join(sorted(SUPPORTED_AUDIO_FORMATS))
-    try:
-        with open_input(data, _AUDIO_DEMUXERS, "audio", accepted, param) as container:
-            stream = _audio_stream(container, param)
-            declared = declared_seconds(container, stream)
-            if declared is not None and declared_over(declared, limits.max_audio_seconds):
-                raise _too_long(declared, limits, param)
-            samples = _decode_mono(container, stream, limits, param)
-    except MediaError:
-        raise
-    except DECODE_ERRORS as exc:
-        raise MediaError(f"Audio data is corrupt or truncated ({describe(exc)}).", param=param) from exc
+    control = control or DecodeControl(limits, param=param, kind="audio")
+    with control.running(), corrupt_as_media_error("Audio", param), _open(data, limits, param, control) as container:
+        stream = _audio_stream(container, param)
+        _declared(container, stream, limits, param)
+        samples = _decode_mono(container, stream, limits, param, control)
     if samples.size == 0:
         raise MediaError("The audio has no decodable samples (empty or truncated).", param=param)
     return DecodedAudio(samples=samples, sample_rate=limits.audio_sample_rate)
+
+
+def _open(
+    data: bytes, limits: MediaLimits, param: str | None, control: DecodeControl
+) -> AbstractContextManager[av.container.InputContainer]:
+    accepted = ", ".join(sorted(SUPPORTED_AUDIO_FORMATS))
+    return open_input(data, _AUDIO_DEMUXERS, "audio", accepted, param, limits, control)
+
+
+def _declared(
+    container: av.container.InputContainer, stream: av.audio.AudioStream, limits: MediaLimits, param: str | None
+) -> float | None:
+    """The declared length, refused at once when metadata alone proves the clip too long."""
+    declared = declared_seconds(container, stream)
+    if declared is not None and declared_over(declared, limits.max_audio_seconds):
+        raise _too_long(declared, limits, param)
+    return declared
 
 
 def _check_format_name(format: str | None, param: str | None) -> None:
@@ -85,21 +119,31 @@ def _audio_stream(container: av.container.InputContainer, param: str | None) -> 
 
 
 def _decode_mono(
-    container: av.container.InputContainer, stream: av.audio.AudioStream, limits: MediaLimits, param: str | None
+    container: av.container.InputContainer,
+    stream: av.audio.AudioStream,
+    limits: MediaLimits,
+    param: str | None,
+    control: DecodeControl,
 ) -> np.ndarray:
-    """Decode, resample and average channels chunk by chunk, stopping as soon as the clip is too long."""
+    """Decode, resample and average channels chunk by chunk, stopping as soon as the clip (or the request's
+    audio, charged chunk by chunk) is too long."""
     rate = limits.audio_sample_rate
     max_samples = math.ceil((limits.max_audio_seconds + DECODE_SLACK_SECONDS) * rate)
     resampler = _Resampler(rate)
     chunks: list[np.ndarray] = []
     total = 0
-    for frame in container.decode(stream):
+    for frame in decoded_frames(container, stream, control):
+        if not isinstance(frame, av.AudioFrame):
+            continue
         for chunk in resampler.push(frame):
             chunks.append(chunk)
             total += chunk.size
+            control.charge_audio_samples(chunk.size)
         if total > max_samples:
             raise _too_long(total / rate, limits, param)
-    chunks.extend(resampler.flush())
+    for chunk in resampler.flush():
+        chunks.append(chunk)
+        control.charge_audio_samples(chunk.size)
     if not chunks:
         return np.zeros(0, dtype=np.float32)
     samples = np.concatenate(chunks)

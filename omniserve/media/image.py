@@ -12,12 +12,15 @@ from __future__ import annotations
 import functools
 import io
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from omniserve.config import MediaLimits
 from omniserve.errors import MediaError, MediaTooLarge
+from omniserve.media.budget import DecodeControl, MediaPlan
 
 # Formats a client may send. Pillow can open more (EPS runs Ghostscript, for one), and each extra
 # parser is attack surface, so anything else is refused as "not a supported image".
@@ -26,14 +29,46 @@ _ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP",
 _WHITE = (255, 255, 255)
 
 
-def decode_image(data: bytes, limits: MediaLimits, *, param: str | None = None) -> Image.Image:
-    """Decode ``data`` into a fully loaded RGB image (first frame of animations)."""
-    try:
+def probe_image(
+    data: bytes, limits: MediaLimits, *, param: str | None = None, control: DecodeControl | None = None
+) -> MediaPlan:
+    """The pixels ``decode_image`` will produce, from the header alone."""
+    control = control or DecodeControl(limits, param=param, kind="image")
+    with control.running(), _pillow_errors(limits, param):
         image = _open(data, param)
         _check_pixels(image.size, limits, param)
+        return MediaPlan(pixels=image.width * image.height)
+
+
+def decode_image(
+    data: bytes, limits: MediaLimits, *, param: str | None = None, control: DecodeControl | None = None
+) -> Image.Image:
+    """Decode ``data`` into a fully loaded RGB image (first frame of animations).
+
+    The pixels are charged to ``control``'s request budget from the header, before decompressing. Pillow
+    decompresses in one call that cannot be interrupted, so the deadline is checked before and after it
+    (the pixel caps bound how long it takes).
+    """
+    control = control or DecodeControl(limits, param=param, kind="image")
+    with control.running(), _pillow_errors(limits, param):
+        image = _open(data, param)
+        _check_pixels(image.size, limits, param)
+        declared = image.width * image.height
+        control.charge_pixels(declared)
+        control.check()
         _load(image, param)
         _check_pixels(image.size, limits, param)  # a few formats pick their final size while loading
+        if image.width * image.height > declared:
+            control.charge_pixels(image.width * image.height - declared)
+        control.check()
         return _to_rgb(ImageOps.exif_transpose(image))
+
+
+@contextmanager
+def _pillow_errors(limits: MediaLimits, param: str | None) -> Iterator[None]:
+    """Pillow's errors on malformed or oversized input, each as a MediaError (400), never a 500."""
+    try:
+        yield
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

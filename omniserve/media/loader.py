@@ -1,23 +1,33 @@
 """Turn the media references of one request into decoded media, concurrently and within limits.
 
 Fetching is async (network); decoding is CPU work, so it runs in worker threads and the event
-loop keeps serving /health and /metrics while a large video decodes.
+loop keeps serving /health and /metrics while a large video decodes. The order is chosen so that
+the cheap checks come first (see ``budget``): count the parts (nothing fetched yet), fetch, read
+every header (nothing decoded yet) and check the request's budget, reserve the decoded bytes from the
+process's gate, and only then decode, each item under a decode slot, a deadline and the request's
+cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from PIL import Image
 
 from omniserve.config import MediaLimits
 from omniserve.errors import MediaError
-from omniserve.media.audio import SUPPORTED_AUDIO_FORMATS, DecodedAudio, decode_audio
+from omniserve.media.audio import SUPPORTED_AUDIO_FORMATS, DecodedAudio, decode_audio, probe_audio
+from omniserve.media.budget import DecodeControl, MediaGate, MediaPlan, RequestBudget, check_counts
 from omniserve.media.fetch import fetch_media_bytes
-from omniserve.media.image import decode_image
-from omniserve.media.video import DecodedVideo, decode_video
+from omniserve.media.image import decode_image, probe_image
+from omniserve.media.video import DecodedVideo, decode_video, probe_video
+
+T = TypeVar("T")
 
 MediaKind = Literal["image", "video", "audio"]
 MediaData = Image.Image | DecodedVideo | DecodedAudio
@@ -82,34 +92,85 @@ async def _raw_bytes(source: MediaSource, limits: MediaLimits) -> bytes:
     return await fetch_media_bytes(source.url, limits, param=source.param)
 
 
-async def load_one(source: MediaSource, limits: MediaLimits, options: MediaOptions) -> MediaItem:
+def _probe(
+    source: MediaSource, data: bytes, limits: MediaLimits, options: MediaOptions, control: DecodeControl
+) -> Callable[[], MediaPlan]:
+    """Reading ``source``'s header, as work for a decode slot."""
+    probe = {"image": probe_image, "video": probe_video, "audio": probe_audio}[source.kind]
+    return functools.partial(probe, data, limits, **_options_for(source, options, control))
+
+
+def _decoder(
+    source: MediaSource, data: bytes, limits: MediaLimits, options: MediaOptions, control: DecodeControl
+) -> Callable[[], MediaData]:
+    """Decoding ``source``, as work for a decode slot."""
+    decode = {"image": decode_image, "video": decode_video, "audio": decode_audio}[source.kind]
+    return functools.partial(decode, data, limits, **_options_for(source, options, control))
+
+
+def _options_for(source: MediaSource, options: MediaOptions, control: DecodeControl) -> dict[str, Any]:
+    """The keyword arguments the probe and the decoder of ``source``'s kind take."""
+    common: dict[str, Any] = {"param": source.param, "control": control}
+    if source.kind == "video":
+        return {**common, "fps": options.fps, "max_frames": options.max_frames}
     if source.kind == "audio":
-        check_audio_format(source)
-    data = await _raw_bytes(source, limits)
-    if source.kind == "image":
-        decoded: MediaData = await asyncio.to_thread(decode_image, data, limits, param=source.param)
-    elif source.kind == "video":
-        decoded = await asyncio.to_thread(
-            decode_video, data, limits, fps=options.fps, max_frames=options.max_frames, param=source.param
-        )
-    else:
-        decoded = await asyncio.to_thread(decode_audio, data, limits, format=source.audio_format, param=source.param)
-    return MediaItem(kind=source.kind, data=decoded)
+        return {**common, "format": source.audio_format}
+    return common
 
 
-async def load_media(
-    sources: list[MediaSource], limits: MediaLimits, options: MediaOptions | None = None
-) -> list[MediaItem]:
-    """Fetch and decode every item; the first failure cancels the rest and is raised."""
+async def _all(coroutines: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently; the first failure cancels the rest (their threads stop) and is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+@asynccontextmanager
+async def loaded_media(
+    sources: Sequence[MediaSource],
+    limits: MediaLimits,
+    options: MediaOptions | None = None,
+    gate: MediaGate | None = None,
+) -> AsyncIterator[list[MediaItem]]:
+    """Fetch and decode every item; the decoded media count against ``gate`` until the block ends.
+
+    ``gate`` is the app's (one per process); without one the call gets its own, so the per-request
+    limits still hold for offline callers (training). End the block as soon as the media have been
+    turned into the model's inputs.
+    """
     if not sources:
-        return []
+        yield []
+        return
     opts = options or MediaOptions()
+    gate = gate or MediaGate(limits)
+    check_counts(sources, limits)  # before anything is fetched
     for source in sources:
         if source.kind == "audio":
             check_audio_format(source)
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(load_one(s, limits, opts)) for s in sources]
-    except BaseExceptionGroup as group_error:
-        raise group_error.exceptions[0] from None
-    return [t.result() for t in tasks]
+    budget = RequestBudget(limits)
+    controls = [DecodeControl(limits, param=s.param, kind=s.kind, budget=budget) for s in sources]
+    data = await _all([_raw_bytes(source, limits) for source in sources])
+    plans = await _all(
+        [gate.run(_probe(s, d, limits, opts, c), c) for s, d, c in zip(sources, data, controls, strict=True)]
+    )
+    reserve = budget.plan(plans, [source.param for source in sources])  # refused here: nothing decoded yet
+    async with gate.reserve(reserve):
+        decoded = await _all(
+            [gate.run(_decoder(s, d, limits, opts, c), c) for s, d, c in zip(sources, data, controls, strict=True)]
+        )
+        del data  # the encoded bytes are not needed any more; the decoded media are held until the block ends
+        yield [MediaItem(kind=source.kind, data=item) for source, item in zip(sources, decoded, strict=True)]
+
+
+async def load_media(
+    sources: Sequence[MediaSource],
+    limits: MediaLimits,
+    options: MediaOptions | None = None,
+    gate: MediaGate | None = None,
+) -> list[MediaItem]:
+    """``loaded_media`` for callers that keep the media afterwards: the gate's reservation ends on return."""
+    async with loaded_media(sources, limits, options, gate) as media:
+        return media

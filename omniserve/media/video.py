@@ -4,12 +4,14 @@ Models see a handful of frames per second, not every frame, so sampling is by ti
 ``k`` is whatever the video shows at ``k / fps`` seconds. Limits are checked from metadata first
 (fast refusal without decoding) and again while decoding, because metadata can be missing or lie.
 Decoding is sequential and stops after the last needed timestamp; only the sampled frames are
-converted to RGB, which is the expensive part for large frames.
+converted to RGB, which is the expensive part for large frames. :func:`probe_video` tells from the
+header alone how many pixels a video will decode to, so a request's budget is checked before decoding.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -21,7 +23,14 @@ import numpy as np
 
 from omniserve.config import MediaLimits
 from omniserve.errors import MediaError, MediaTooLarge
-from omniserve.media._pyav import DECODE_ERRORS, declared_seconds, describe, open_input, start_seconds
+from omniserve.media._pyav import (
+    corrupt_as_media_error,
+    declared_seconds,
+    decoded_frames,
+    open_input,
+    start_seconds,
+)
+from omniserve.media.budget import DecodeControl, MediaPlan
 
 # FFmpeg demuxers accepted for video: mp4/mov/m4v/3gp, mkv/webm, gif, avi, MPEG-TS/PS, flv, ogg.
 _VIDEO_DEMUXERS = "mov,matroska,gif,avi,mpegts,mpeg,flv,ogg"
@@ -47,6 +56,36 @@ class DecodedVideo:
     duration: float  # seconds of the source
 
 
+def probe_video(
+    data: bytes,
+    limits: MediaLimits,
+    *,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    param: str | None = None,
+    control: DecodeControl | None = None,
+) -> MediaPlan:
+    """The pixels ``decode_video`` will produce, from the header: sampled frames x frame size.
+
+    Exact when the container declares its duration; otherwise the frame cap (an upper bound), since
+    measuring the duration means demuxing the whole file.
+    """
+    rate = _requested_fps(fps, limits, param)
+    cap = _requested_max_frames(max_frames, limits, param)
+    control = control or DecodeControl(limits, param=param, kind="video")
+    with control.running(), corrupt_as_media_error("Video", param), _open(data, limits, param, control) as container:
+        stream = _video_stream(container, param)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        _check_frame_size(width, height, limits, param)
+        if width <= 0 or height <= 0:
+            raise MediaError("The video stream does not declare its frame size.", param=param)
+        declared = declared_seconds(container, stream)
+        if declared is not None and declared > limits.max_video_seconds:
+            raise _too_long(declared, limits, param)
+        frames = len(_plan(declared, rate, cap)[1]) if declared is not None else cap
+        return MediaPlan(pixels=frames * width * height)
+
+
 def decode_video(
     data: bytes,
     limits: MediaLimits,
@@ -54,29 +93,33 @@ def decode_video(
     fps: float | None = None,
     max_frames: int | None = None,
     param: str | None = None,
+    control: DecodeControl | None = None,
 ) -> DecodedVideo:
-    """Sample ``data`` at ``fps`` (default ``limits.video_fps``), at most ``max_frames`` frames, spread evenly."""
+    """Sample ``data`` at ``fps`` (default ``limits.video_fps``), at most ``max_frames`` frames, spread evenly.
+
+    ``control`` carries the item's deadline, cancellation and request budget (by default: the deadline
+    of ``limits`` from now, no budget).
+    """
     rate = _requested_fps(fps, limits, param)
     cap = _requested_max_frames(max_frames, limits, param)
-    try:
-        with _open(data, param) as container:
+    control = control or DecodeControl(limits, param=param, kind="video")
+    with control.running(), corrupt_as_media_error("Video", param):
+        with _open(data, limits, param, control) as container:
             stream = _video_stream(container, param)
             _check_frame_size(stream.codec_context.width, stream.codec_context.height, limits, param)
             declared = declared_seconds(container, stream)
             if declared is not None:
-                return _decode(container, stream, declared, rate, cap, limits, param)
-            duration = _measure_duration(container, stream, limits, param)
+                return _decode(container, stream, declared, rate, cap, limits, param, control)
+            duration = _measure_duration(container, stream, limits, param, control)
         # Demuxing used up the first container; decode from a fresh one.
-        with _open(data, param) as container:
-            return _decode(container, _video_stream(container, param), duration, rate, cap, limits, param)
-    except MediaError:
-        raise
-    except DECODE_ERRORS as exc:
-        raise MediaError(f"Video data is corrupt or truncated ({describe(exc)}).", param=param) from exc
+        with _open(data, limits, param, control) as container:
+            return _decode(container, _video_stream(container, param), duration, rate, cap, limits, param, control)
 
 
-def _open(data: bytes, param: str | None) -> AbstractContextManager[av.container.InputContainer]:
-    return open_input(data, _VIDEO_DEMUXERS, "video", _ACCEPTED, param)
+def _open(
+    data: bytes, limits: MediaLimits, param: str | None, control: DecodeControl
+) -> AbstractContextManager[av.container.InputContainer]:
+    return open_input(data, _VIDEO_DEMUXERS, "video", _ACCEPTED, param, limits, control)
 
 
 def _decode(
@@ -87,15 +130,14 @@ def _decode(
     cap: int,
     limits: MediaLimits,
     param: str | None,
+    control: DecodeControl,
 ) -> DecodedVideo:
     if duration > limits.max_video_seconds:
         raise _too_long(duration, limits, param)
     effective_fps, targets = _plan(duration, rate, cap)
-    frames = _sample(container, stream, targets, limits, param)
+    frames = _sample(container, stream, targets, limits, param, control)
     _check_not_truncated(targets, len(frames), duration, param)
-    return DecodedVideo(
-        frames=np.stack(frames), fps=effective_fps, timestamps=tuple(targets[: len(frames)]), duration=duration
-    )
+    return DecodedVideo(frames=frames, fps=effective_fps, timestamps=tuple(targets[: len(frames)]), duration=duration)
 
 
 def _requested_fps(fps: float | None, limits: MediaLimits, param: str | None) -> float:
@@ -139,12 +181,19 @@ def _check_frame_size(width: int, height: int, limits: MediaLimits, param: str |
 
 
 def _measure_duration(
-    container: av.container.InputContainer, stream: av.video.VideoStream, limits: MediaLimits, param: str | None
+    container: av.container.InputContainer,
+    stream: av.video.VideoStream,
+    limits: MediaLimits,
+    param: str | None,
+    control: DecodeControl,
 ) -> float:
     """Without metadata, the packets' timestamps give the duration; demuxing does not decode, so it is cheap."""
     start = start_seconds(stream)
     end = 0.0
-    for packet in container.demux(stream):
+    for packet in container.demux():  # every stream's packets, so the deadline is checked at each
+        control.check()
+        if packet.stream_index != stream.index:
+            continue
         timestamp = packet.pts if packet.pts is not None else packet.dts
         if timestamp is None or packet.time_base is None:
             continue
@@ -164,25 +213,50 @@ def _plan(duration: float, rate: float, cap: int) -> tuple[float, list[float]]:
 
 
 class _Picker:
-    """Collects the RGB picture showing at each target time, converting each decoded frame at most once."""
+    """Collects the RGB picture showing at each target time, converting each decoded frame at most once.
 
-    def __init__(self, targets: list[float]) -> None:
+    The pictures go straight into one array sized for every target, allocated (and charged to the
+    request's pixel budget) at the first frame: no list of frames stacked into a second copy at the end.
+    """
+
+    def __init__(self, targets: list[float], control: DecodeControl, param: str | None) -> None:
         self.targets = targets
-        self.frames: list[np.ndarray] = []
+        self.count = 0
+        self._out: np.ndarray | None = None
         self._converted: tuple[av.VideoFrame, np.ndarray] | None = None
+        self._control = control
+        self._param = param
 
     @property
     def done(self) -> bool:
-        return len(self.frames) == len(self.targets)
+        return self.count == len(self.targets)
 
     @property
     def next_target(self) -> float:
-        return self.targets[len(self.frames)]
+        return self.targets[self.count]
+
+    @property
+    def frames(self) -> np.ndarray:
+        """(count, H, W, 3) uint8: the pictures taken so far."""
+        if self._out is None:
+            return np.zeros((0, 0, 0, 3), dtype=np.uint8)
+        return self._out if self.count == len(self._out) else self._out[: self.count]
 
     def take(self, frame: av.VideoFrame) -> None:
         if self._converted is None or self._converted[0] is not frame:
             self._converted = (frame, frame.to_ndarray(format="rgb24"))
-        self.frames.append(self._converted[1])
+        picture = self._converted[1]
+        if self._out is None:
+            self._control.charge_pixels(len(self.targets) * frame.width * frame.height)
+            self._out = np.empty((len(self.targets), *picture.shape), dtype=np.uint8)
+        elif picture.shape != self._out.shape[1:]:
+            raise MediaError(
+                f"Video frame size changes mid-stream (from {self._out.shape[2]}x{self._out.shape[1]} to "
+                f"{frame.width}x{frame.height}); such videos are not supported.",
+                param=self._param,
+            )
+        self._out[self.count] = picture
+        self.count += 1
 
 
 def _sample(
@@ -191,16 +265,17 @@ def _sample(
     targets: list[float],
     limits: MediaLimits,
     param: str | None,
-) -> list[np.ndarray]:
+    control: DecodeControl,
+) -> np.ndarray:
     """Decode in order, keeping for each target the last frame that started at or before it."""
     stream.thread_type = "AUTO"
     start = start_seconds(stream)
     frame_step = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
     max_decoded = math.ceil(limits.max_video_seconds * _MAX_DECODED_FRAMES_PER_SECOND)
-    picker = _Picker(targets)
+    picker = _Picker(targets, control, param)
     previous: av.VideoFrame | None = None
     previous_time = -frame_step
-    for decoded, frame in enumerate(container.decode(stream), start=1):
+    for decoded, frame in enumerate(_video_frames(container, stream, control), start=1):
         time = frame.time - start if frame.time is not None else previous_time + frame_step
         _check_decoded(frame, time, decoded, max_decoded, limits, param)
         while not picker.done and time > picker.next_target + _EPSILON:
@@ -212,16 +287,24 @@ def _sample(
         previous, previous_time = frame, time
     if previous is not None and not picker.done:
         _finish(picker, previous, previous_time, frame_step)
-    if not picker.frames:
+    if not picker.count:
         raise MediaError("The video has no decodable frames (empty or truncated).", param=param)
     return picker.frames
+
+
+def _video_frames(
+    container: av.container.InputContainer, stream: av.video.VideoStream, control: DecodeControl
+) -> Iterator[av.VideoFrame]:
+    for frame in decoded_frames(container, stream, control):
+        if isinstance(frame, av.VideoFrame):
+            yield frame
 
 
 def _finish(picker: _Picker, last: av.VideoFrame, last_time: float, frame_step: float) -> None:
     """At end of stream the last frame still shows until its own end; targets past that are dropped
     (metadata promised more video than the file holds) rather than filled with a frozen picture."""
     shown_for = float(last.duration * last.time_base) if last.duration and last.time_base else frame_step
-    while not picker.done and (picker.next_target < last_time + shown_for - _EPSILON or not picker.frames):
+    while not picker.done and (picker.next_target < last_time + shown_for - _EPSILON or not picker.count):
         picker.take(last)
 
 

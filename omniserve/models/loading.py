@@ -8,7 +8,8 @@ quantize`` is not the model ``deploy`` serves. So this module alone:
 - resolves the dtype name (``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``, and
   ``auto`` where a caller allows it: the checkpoint's own dtype);
 - dequantizes compressed-tensors checkpoints at load (``omniserve quantize``, llm-compressor), see
-  ``load_checkpoint``;
+  ``load_checkpoint``; where the compressed-tensors package is missing it refuses in one line that names
+  the extra (``omniserve.extras``) before loading any weight;
 - captures transformers' LOAD REPORT and parses it into rows (MISSING / UNEXPECTED / MISMATCH /
   CONVERSION). transformers logs that table and carries on with random or dropped weights;
   ``from_pretrained(..., output_loading_info=True)`` would return the same facts but breaks in
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from omniserve.errors import ModelLoadError
+from omniserve.extras import COMPRESSED_TENSORS_MODULES, require_extra
 
 #: Accepted dtype names -> torch attribute names.
 DTYPES: dict[str, str] = {
@@ -227,6 +229,12 @@ def load_checkpoint(
         dequantize = is_compressed_tensors(config)
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if dequantize:
+            # without it transformers fails inside from_pretrained with a traceback; say so before loading anything
+            require_extra(
+                "quantize",
+                COMPRESSED_TENSORS_MODULES,
+                purpose=f"needed to load the compressed-tensors checkpoint {path}",
+            )
             from transformers import CompressedTensorsConfig
 
             kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from omniserve.atomic_files import exclusive_lock, lock_holder, try_exclusive_lock
+from omniserve.extras import QUANTIZE_MODULES, require_extra
 from omniserve.quantize.calibration import read_calibration
 from omniserve.quantize.checkpoint import content_fingerprint, inspect_checkpoint, memo_lock
 from omniserve.quantize.default_set import default_calibration_file
@@ -85,6 +86,7 @@ def ensure_quantized(
             method,
         )
         return model
+    require_extra("quantize", QUANTIZE_MODULES)  # naming the entry loads the recipe with llm-compressor
     cache_dir = Path(cache_dir)
     entry = cache_dir / entry_name(
         model,

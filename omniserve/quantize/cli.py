@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from omniserve.cli_errors import exit_on
+from omniserve.extras import QUANTIZE_MODULES, MissingExtra, require_extra
 from omniserve.flags import options_command
 from omniserve.logs import configure_logging
 from omniserve.quantize.errors import QuantizeError
@@ -17,7 +18,8 @@ def quantize(options: QuantizeOptions) -> None:
     from omniserve.quantize.run import execute, prepare
 
     configure_logging(options.log_level)
-    with exit_on(QuantizeError):
+    with exit_on(QuantizeError, MissingExtra):
+        require_extra("quantize", QUANTIZE_MODULES)  # before anything else: the whole command is llm-compressor
         plan = prepare(options)  # every file-level check first: a bad flag costs milliseconds, not a model load
         result = execute(plan)
     typer.echo(result.report.table())

@@ -15,17 +15,20 @@ from omniserve import __version__
 from omniserve.config import EngineConfig, ServerConfig
 from omniserve.engines.base import Engine
 from omniserve.errors import ModelLoadError
+from omniserve.media.budget import MediaGate
 from omniserve.server.auth import ApiKeyAuth
 from omniserve.server.body_limit import BodyLimitMiddleware
+from omniserve.server.drain import CloseWhileDraining, Drain
 from omniserve.server.errors import install_error_handlers
 from omniserve.server.metrics import Metrics
 from omniserve.server.routes import build_router
 from omniserve.server.serving_base import ServingContext
+from omniserve.server.threads import Rendering, media_pool
 from omniserve.templates.render import PromptRenderer
 
 log = logging.getLogger(__name__)
 
-_COUNTED_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
+_COUNTED_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/live"}
 
 
 class StartFailureReport:
@@ -80,10 +83,28 @@ class RequestCounter:
 
 
 def build_app(engine: Engine, engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
-    metrics = Metrics(engine, engine_config.served_model_name)
+    # begun by `omniserve deploy`'s signal handling (server/drain.py), read by every request and /health
+    drain = Drain(server_config.drain_delay_seconds, server_config.drain_timeout_seconds)
+    metrics = Metrics(engine, engine_config.served_model_name, drain)
+    media_gate = MediaGate(server_config.media)  # one per app: decoding is bounded across all its requests
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The loop's default pool (asyncio.to_thread: media decoding) is the app's, sized for it, from
+        # the start; rendering and the engine have threads of their own (server/threads.py).
+        pool = media_pool(server_config.media)
+        asyncio.get_running_loop().set_default_executor(pool)
+        try:
+            ctx = await _start(app)
+            try:
+                yield
+            finally:
+                await engine.stop()
+                ctx.rendering.close()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _start(app: FastAPI) -> ServingContext:
         # One after the other: transformers' lazy imports are not safe from two threads at once
         # (a concurrent first import fails with "cannot import name 'AutoProcessor'").
         try:
@@ -93,23 +114,33 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
             raise
         renderer = await asyncio.to_thread(PromptRenderer.from_pretrained, engine_config.model)
         renderer.max_model_len = engine.model_info.max_model_len
+        media_renderer = renderer
+        if renderer.modalities != {"text"}:  # a second tokenizer and lock, so text never waits for media
+            media_renderer = await asyncio.to_thread(PromptRenderer.from_pretrained, engine_config.model)
+            media_renderer.max_model_len = renderer.max_model_len
         app.state.ctx = ServingContext(
-            engine=engine, renderer=renderer, server=server_config, engine_config=engine_config, metrics=metrics
+            engine=engine,
+            renderer=renderer,
+            server=server_config,
+            engine_config=engine_config,
+            metrics=metrics,
+            drain=drain,
+            rendering=Rendering(renderer, media_renderer),
+            media_gate=media_gate,
         )
         log.info("serving %s on the %s engine", engine_config.served_model_name, type(engine).__name__)
-        try:
-            yield
-        finally:
-            await engine.stop()
+        return app.state.ctx
 
     app = FastAPI(title="omniserve", version=__version__, lifespan=lifespan)
+    app.state.drain = drain
     install_error_handlers(app, retry_after=server_config.retry_after_seconds)
-    app.include_router(build_router(ApiKeyAuth(server_config.api_keys), metrics))
+    app.include_router(build_router(ApiKeyAuth(server_config.api_keys), metrics, server_config, drain))
     if server_config.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(server_config.cors_origins), allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_bytes)
     app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(CloseWhileDraining, drain=drain)
     app.add_middleware(StartFailureReport)
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,17 +44,71 @@ def from_validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest
 
 
 def parse_body(model: type[BaseModel], raw: bytes) -> Any:
-    """Validate a request body, turning every failure into a 400 that says what is wrong."""
+    """Validate a request body, turning every failure into a 400 that says what is wrong.
+
+    JSON nested deeper than the interpreter's recursion limit (a few hundred levels; no request
+    needs more than ten) makes the parser or the validator raise ``RecursionError``: that is the
+    client's error too. Left to the catch-all handler it was a 500, after which uvicorn closes the
+    connection, so the client's next request on it failed as well.
+    """
     try:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(payload, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(payload)) is not None:
+        problem = "holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair), no Unicode character"
+        raise InvalidRequest(
+            f"{where}: the text {problem}" if where else f"the request body {problem}", param=where or None
+        )
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc.errors()) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> InvalidRequest:
+    return InvalidRequest("the request body is nested too deeply", code="invalid_json")
+
+
+#: A JSON escape of a UTF-16 surrogate; the parser joins a high and a low one into one character.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(payload: Any) -> str | None:
+    """Where the first string holding a lone surrogate is (``messages[0].content``), if any.
+
+    JSON lets ``\\ud800`` through, but no tokenizer can encode it: it failed deep in the template
+    layer as a 500. Only walked when the raw body has such an escape, so other requests pay nothing.
+    A key holding one is reported by the object it is in ("" for the body): the key itself cannot
+    be written into a response.
+    """
+    stack: list[tuple[str, Any]] = [("", payload)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodable(key):
+                    return path
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _encodable(value):
+            return path
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def install_error_handlers(app: FastAPI, *, retry_after: int) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from omniserve.engines.base import Engine
+from omniserve.server.drain import Drain
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, drain: Drain | None = None) -> None:
         self.registry = CollectorRegistry()
         self._engine = engine
+        self._drain = drain
         labels = {"model_name": model_name}
         self.requests = Counter(
             "omniserve_requests",
@@ -53,6 +55,15 @@ class Metrics:
         self.running = Gauge(
             "omniserve_running_requests", "Sequences (choices) being generated.", registry=self.registry
         )
+        # why /health is red, for alerts: a stalled engine pages someone, a draining pod does not
+        self.stalled = Gauge(
+            "omniserve_engine_stalled_seconds",
+            "Seconds the engine has had work pending without finishing a step (0 when idle or progressing).",
+            registry=self.registry,
+        )
+        self.draining = Gauge(
+            "omniserve_draining", "1 once the server is shutting down (refusing new requests).", registry=self.registry
+        )
         self.info = Gauge("omniserve_model_info", "The served model.", list(labels), registry=self.registry)
         self.info.labels(**labels).set(1)
 
@@ -60,4 +71,6 @@ class Metrics:
         stats = self._engine.stats()
         self.queue_depth.set(stats.waiting)
         self.running.set(stats.running)
+        self.stalled.set(self._engine.stalled_for())
+        self.draining.set(1 if self._drain is not None and self._drain.draining else 0)
         return generate_latest(self.registry)

@@ -21,10 +21,13 @@ from omniserve.config import EngineConfig, ServerConfig
 from omniserve.engines.base import ChoiceDelta, Engine, GenerationRequest
 from omniserve.engines.streams import close_stream, merge_streams
 from omniserve.errors import InvalidRequest, ModelNotFound, OmniServeError
+from omniserve.media.budget import MediaGate
 from omniserve.protocol import Usage
+from omniserve.server.drain import Drain
 from omniserve.server.errors import parse_body
 from omniserve.server.metrics import Metrics
 from omniserve.server.sse import DONE, sse_error, sse_event
+from omniserve.server.threads import Rendering
 from omniserve.templates.render import PromptRenderer
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -39,6 +42,9 @@ class ServingContext:
     server: ServerConfig
     engine_config: EngineConfig
     metrics: Metrics
+    drain: Drain  # refuses new work once shutting down; cuts running work off at the drain timeout
+    rendering: Rendering  # renders prompts in threads media work cannot take
+    media_gate: MediaGate  # bounds concurrent decodes and decoded bytes across all of the app's requests
 
     @property
     def model_name(self) -> str:
@@ -76,6 +82,7 @@ class Submitted:
     timing: Timing
     completion_tokens: int = 0
     _merged: AsyncIterator[tuple[int, ChoiceDelta]] | None = None
+    drain: Drain | None = None  # each wait for the next delta ends at the drain timeout
 
     def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
         """Every delta of every job as it arrives, with the job's index; keeps timing and counts."""
@@ -94,7 +101,12 @@ class Submitted:
             await close_stream(stream)
 
     async def _counted(self, source: AsyncIterator[tuple[int, ChoiceDelta]]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
-        async for job_index, delta in source:
+        while True:
+            step = anext(source)
+            try:
+                job_index, delta = await (step if self.drain is None else self.drain.bounded(step))
+            except StopAsyncIteration:
+                return
             if delta.token_ids:
                 self.timing.mark_token()
                 self.completion_tokens += len(delta.token_ids)
@@ -136,13 +148,14 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
 
     async def handle(self, http_request: Request) -> Response:
         timing = Timing()
+        self.ctx.drain.check_admitting()  # shutting down: 503 + Retry-After before reading anything
         raw = await http_request.body()
         request = parse_body(self.request_model, raw)
         self.ctx.check_model(request.model)  # type: ignore[attr-defined]
         n = request.n  # type: ignore[attr-defined]
         if n > self.ctx.engine_config.max_n:
             raise InvalidRequest(f"n must be at most {self.ctx.engine_config.max_n}", param="n")
-        jobs = await self.prepare(request)
+        jobs = await self.ctx.drain.bounded(self.prepare(request))
         submitted = self._submit(jobs, timing)
         if request.stream:  # type: ignore[attr-defined]
             return StreamingResponse(
@@ -161,15 +174,9 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
 
     def _submit(self, jobs: list[GenerationRequest], timing: Timing) -> Submitted:
         timing.engine_started = time.perf_counter()
-        streams: list[AsyncIterator[ChoiceDelta]] = []
-        try:
-            for job in jobs:
-                streams.append(self.ctx.engine.generate(job))
-        except OmniServeError:
-            for stream in streams:  # release what was already admitted
-                asyncio.get_running_loop().create_task(close_stream(stream))
-            raise
-        return Submitted(jobs=jobs, streams=streams, timing=timing)
+        # all jobs (a batch of prompts) admitted at once or none: a refusal leaves nothing running
+        streams = self.ctx.engine.generate_all(jobs)
+        return Submitted(jobs=jobs, streams=streams, timing=timing, drain=self.ctx.drain)
 
     async def _sse(self, request: RequestT, submitted: Submitted) -> AsyncIterator[str]:
         try:

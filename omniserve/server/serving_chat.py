@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from omniserve.engines.base import GenerationRequest, TokenLogprobs
 from omniserve.errors import InvalidRequest
-from omniserve.media.loader import MediaOptions, load_media
+from omniserve.media.loader import MediaOptions, loaded_media
 from omniserve.protocol import (
     AssistantOut,
     ChatChoice,
@@ -60,9 +59,10 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         opts = request.mm_processor_kwargs or MultiModalOptions()
         limits = self.ctx.server.media
         media_options = MediaOptions(fps=opts.fps, max_frames=opts.max_frames).check(limits)
-        media = await load_media(sources, limits, media_options)
         render_options = RenderOptions(max_pixels=opts.max_pixels, min_pixels=opts.min_pixels)
-        prompt = await asyncio.to_thread(renderer.render_chat, messages, media, options=render_options)
+        # the decoded media count against the app's bound until the prompt holds the model's inputs
+        async with loaded_media(sources, limits, media_options, self.ctx.media_gate) as media:
+            prompt = await self.ctx.rendering.chat(messages, media, options=render_options)  # threads of its own
         max_tokens = renderer.check_length(prompt, request.requested_max_tokens)
         sampling = request.to_sampling_params(max_tokens=max_tokens)
         return [GenerationRequest(request_id=new_id("chatcmpl"), prompt=prompt, sampling=sampling)]

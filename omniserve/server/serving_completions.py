@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,7 +41,7 @@ class CompletionServing(OpenAIServing[CompletionRequest]):
         jobs = []
         prompts = request.prompts()
         for i, raw in enumerate(prompts):
-            prompt = await asyncio.to_thread(renderer.render_text, raw)
+            prompt = await self.ctx.rendering.text(raw)  # threads media work cannot take
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             max_tokens = renderer.check_length(prompt, request.max_tokens, param=param)
             sampling = request.to_sampling_params(max_tokens=max_tokens)

@@ -8,7 +8,9 @@ per-model prompt format is written here.
 
 from __future__ import annotations
 
+import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,16 @@ def _pixel_bounds(size: Any) -> dict[str, int] | None:
     return {"shortest_edge": int(get("shortest_edge", 0) or 0), "longest_edge": int(longest)}
 
 
+def _generation_eos_ids(folder: Path) -> tuple[int, ...]:
+    """The eos ids a checkpoint's ``generation_config.json`` lists (chat models often add their end-of-turn token)."""
+    try:
+        eos = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    values = eos if isinstance(eos, list) else [eos]
+    return tuple(v for v in values if isinstance(v, int))
+
+
 def _flatten_text(messages: list[HFMessage]) -> list[HFMessage]:
     """Text-only models' templates often expect string content; give them strings."""
     flat = []
@@ -87,11 +99,12 @@ def _flatten_text(messages: list[HFMessage]) -> list[HFMessage]:
 class PromptRenderer:
     """Owns a checkpoint's processor and chat template; turns conversations into model inputs."""
 
-    def __init__(self, processor: Any, *, max_model_len: int | None = None) -> None:
+    def __init__(self, processor: Any, *, max_model_len: int | None = None, stop_token_ids: Iterable[int] = ()) -> None:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.modalities = _modalities(processor)
         self.max_model_len = max_model_len
+        self._stop_token_ids = frozenset(stop_token_ids)
         # HF fast tokenizers are not safe to call from several threads at once ("Already borrowed")
         self._lock = threading.Lock()
         self._template_owner = processor if getattr(processor, "chat_template", None) else self.tokenizer
@@ -104,7 +117,7 @@ class PromptRenderer:
             processor = AutoProcessor.from_pretrained(str(path))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load the processor/tokenizer of {path}: {exc}") from exc
-        return cls(processor, max_model_len=max_model_len)
+        return cls(processor, max_model_len=max_model_len, stop_token_ids=_generation_eos_ids(Path(path)))
 
     @property
     def has_chat_template(self) -> bool:
@@ -114,6 +127,16 @@ class PromptRenderer:
     def chat_template(self) -> str | None:
         """The Jinja chat template prompts are rendered with (the processor's, else the tokenizer's)."""
         return getattr(self._template_owner, "chat_template", None)
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """Ids that end a generation: the tokenizer's eos and the checkpoint's ``generation_config.json`` eos ids.
+
+        Training needs them to tell where an assistant turn ends when the template does not mark it:
+        the turn is what the model generates, up to and including the token that stops it.
+        """
+        eos = self.tokenizer.eos_token_id
+        return self._stop_token_ids | ({eos} if isinstance(eos, int) else set())
 
     # ------------------------------------------------------------------ chat
 
@@ -149,6 +172,21 @@ class PromptRenderer:
         return RenderedPrompt(
             token_ids=token_ids, mm_inputs=mm_inputs, media=list(media), text=text, processor_kwargs=processor_kwargs
         )
+
+    def template_token_ids(self, messages: list[HFMessage], *, add_generation_prompt: bool) -> list[int]:
+        """The tokenizer's reading of the template's text for ``messages``, media placeholders not expanded.
+
+        The text half of ``render_chat`` (same conversation, same template call, same tokenizer call)
+        without touching media, so training can render every prefix of a conversation cheaply and
+        find each assistant turn's tokens by difference; ``templates/training.py`` then carries the
+        resulting mask onto the processor's media-expanded ids.
+        """
+        if not self.has_chat_template:
+            raise InvalidRequest("this model has no chat template", param="messages")
+        conversation = self.template_conversation(messages)
+        with self._lock:
+            text = self._apply_template(conversation, add_generation_prompt)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def template_conversation(self, messages: list[HFMessage]) -> list[HFMessage]:
         """The conversation exactly as the chat template receives it (string content for text-only models)."""

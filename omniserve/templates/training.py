@@ -1,14 +1,37 @@
 """Training examples from the serving renderer: the prompt a model learns from is the prompt it is served.
 
-``render_training_example`` calls ``PromptRenderer.render_chat`` (the function every engine uses)
-on the whole conversation, so ``input_ids`` and the processed media are made by the same chat
-template, the same processor call and the same media settings as a served request. Labels come
-from the template itself: the tokens it wraps in ``{% generation %}`` (every assistant turn) are
-learned, everything else is ignored.
+Every example is made by ``PromptRenderer.render_chat`` (the function every engine uses), so its
+``input_ids`` and processed media come from the same chat template, the same processor call and
+the same media settings as a served request. What differs between strategies is how the
+assistant tokens (the labels) are found:
 
-The template's mask is computed on the text before the processor expands media placeholders into
-feature tokens (one ``<|IMAGE|>`` becomes one token per image patch group); ``expand_mask`` carries
-it over to the expanded ids and checks, token by token, that both readings of the text agree.
+``markers``
+    The template wraps assistant output in ``{% generation %}`` (the tiny and demo models do):
+    the tokens it marks are learned. Used whenever the markers are there.
+``prefix``
+    Any other template (almost every published one). For each assistant turn the template
+    renders the conversation up to the turn with the generation prompt (exactly what the server
+    sends to get that turn) and the conversation through the turn; the turn's tokens are the
+    difference. One example per conversation, labels on every assistant turn.
+``per-turn``
+    Templates that render a turn differently once later messages follow it (Qwen3 drops earlier
+    ``<think>`` blocks from the history) have no single rendering that contains every turn as it
+    was generated. Each assistant turn becomes its own example: the conversation through that
+    turn, labels on that turn only; earlier turns appear as the template shows them to the model.
+
+``auto`` picks ``markers`` when the template has them, else ``prefix`` for each conversation
+whose prefix renderings are token prefixes of its whole rendering, else ``per-turn``.
+
+Which tokens belong to a turn: everything the model must generate after the served prompt, up to
+and including the first stop token (the tokenizer's eos or ``generation_config.json``'s, e.g.
+``<|im_end|>``); what the template writes after it (the newline before the next turn) is never
+generated, so never learned. A template whose turns contain no stop token: the turn's tokens less
+trailing whitespace. Everything before the served prompt's end (a default system prompt the
+template inserts, user turns, media) is ignored by the loss.
+
+Masks are computed on the text before the processor expands media placeholders into feature
+tokens (one ``<|IMAGE|>`` becomes one token per image patch group); ``expand_mask`` carries them
+over to the expanded ids and checks, token by token, that both readings of the text agree.
 """
 
 from __future__ import annotations
@@ -16,16 +39,25 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from omniserve.media.loader import MediaItem
 from omniserve.templates.conversation import HFMessage
-from omniserve.templates.render import PromptRenderer, RenderOptions
+from omniserve.templates.render import PromptRenderer, RenderedPrompt, RenderOptions
 
 #: Label of tokens the loss ignores (the value transformers' loss functions skip).
 IGNORE_INDEX = -100
 
+#: ``auto`` or one of the strategies it resolves to (see the module docstring).
+MaskStrategy = Literal["auto", "markers", "prefix", "per-turn"]
+
+#: Processor outputs with one entry per token rather than per media feature (Qwen2-VL's modality type of
+#: every token, which its multimodal positions need): batched and compared along the tokens, not stacked.
+TOKEN_ALIGNED_INPUTS = frozenset({"mm_token_type_ids", "token_type_ids"})
+
 _GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+_MEDIA_PART_TYPES = frozenset({"image", "video", "audio"})
+_CONTEXT = 6
 
 
 class LabelError(ValueError):
@@ -34,12 +66,18 @@ class LabelError(ValueError):
 
 @dataclass
 class TrainingExample:
-    """Model inputs for one conversation: ``labels`` is ``input_ids`` with non-assistant tokens ignored."""
+    """Model inputs for one example: ``labels`` is ``input_ids`` with non-assistant tokens ignored.
+
+    ``turns`` lists the message indices of the assistant turns labelled here, in order (one label
+    run each), so a parity check can compare each with the prompt the server builds for it.
+    """
 
     input_ids: list[int]
     labels: list[int]
     mm_inputs: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
+    turns: list[int] = field(default_factory=list)
+    strategy: str = "markers"
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +86,24 @@ class TrainingExample:
     @property
     def num_label_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class LabelledConversation:
+    """A conversation's training examples and the strategy that made them (one of ``MaskStrategy`` but auto)."""
+
+    strategy: str
+    examples: list[TrainingExample]
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """One assistant turn at the text level: the conversation through it, and its labelled span."""
+
+    index: int  # message index
+    ids: list[int]  # the conversation rendered through this turn (no generation prompt)
+    start: int  # where the served prompt ends: the first labelled token
+    end: int  # one past the last labelled token
 
 
 def media_token_ids(renderer: PromptRenderer) -> frozenset[int]:
@@ -68,6 +124,32 @@ def has_generation_markers(renderer: PromptRenderer) -> bool:
     return bool(_GENERATION_BLOCK.search(renderer.chat_template or ""))
 
 
+def render_training_examples(
+    renderer: PromptRenderer,
+    messages: list[HFMessage],
+    media: list[MediaItem],
+    *,
+    strategy: MaskStrategy = "auto",
+    options: RenderOptions | None = None,
+) -> LabelledConversation:
+    """Encode a conversation for supervised training with ``strategy`` (``auto``: see the module docstring)."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LabelError("the conversation has no assistant tokens to learn from")
+    markers = has_generation_markers(renderer)
+    if strategy == "markers" or (strategy == "auto" and markers):
+        return LabelledConversation("markers", [_marker_example(renderer, messages, media, options)])
+    turns = _render_turns(renderer, messages)
+    if strategy == "per-turn":
+        return LabelledConversation("per-turn", _per_turn_examples(renderer, messages, media, turns, options))
+    whole = renderer.template_token_ids(messages, add_generation_prompt=False)
+    rewrite = _history_rewrite(renderer, whole, turns)
+    if rewrite is None:
+        return LabelledConversation("prefix", [_prefix_example(renderer, messages, media, whole, turns, options)])
+    if strategy == "prefix":
+        raise rewrite
+    return LabelledConversation("per-turn", _per_turn_examples(renderer, messages, media, turns, options))
+
+
 def render_training_example(
     renderer: PromptRenderer,
     messages: list[HFMessage],
@@ -75,19 +157,220 @@ def render_training_example(
     *,
     options: RenderOptions | None = None,
 ) -> TrainingExample:
-    """Encode a whole conversation (ending with an assistant turn) for supervised training."""
+    """The whole conversation as one example (``markers``, else ``prefix``).
+
+    For callers that need exactly one sequence per conversation; a template that rewrites earlier
+    turns is refused with the turn and tokens where it does (``render_training_examples`` would
+    fall back to one example per turn).
+    """
+    strategy: MaskStrategy = "markers" if has_generation_markers(renderer) else "prefix"
+    return render_training_examples(renderer, messages, media, strategy=strategy, options=options).examples[0]
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def _marker_example(
+    renderer: PromptRenderer, messages: list[HFMessage], media: list[MediaItem], options: RenderOptions | None
+) -> TrainingExample:
     if not has_generation_markers(renderer):
         raise LabelError(
             "the model's chat template has no {% generation %} markers, so its assistant tokens cannot be "
-            "told apart; add them around the assistant content in chat_template"
+            "told apart that way; use another mask strategy or add them around the assistant content"
         )
     prompt = renderer.render_chat(messages, media, add_generation_prompt=False, options=options)
     text_ids, text_mask = renderer.assistant_text_mask(messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return _example(renderer, text_ids, text_mask, prompt, turns, "markers")
+
+
+def _prefix_example(
+    renderer: PromptRenderer,
+    messages: list[HFMessage],
+    media: list[MediaItem],
+    whole: list[int],
+    turns: list[_Turn],
+    options: RenderOptions | None,
+) -> TrainingExample:
+    mask = [0] * len(whole)
+    for turn in turns:
+        mask[turn.start : turn.end] = [1] * (turn.end - turn.start)
+    prompt = renderer.render_chat(messages, media, add_generation_prompt=False, options=options)
+    return _example(renderer, whole, mask, prompt, [t.index for t in turns], "prefix")
+
+
+def _per_turn_examples(
+    renderer: PromptRenderer,
+    messages: list[HFMessage],
+    media: list[MediaItem],
+    turns: list[_Turn],
+    options: RenderOptions | None,
+) -> list[TrainingExample]:
+    total = _media_parts(messages)
+    if total != len(media):
+        raise LabelError(f"the conversation has {total} media parts but {len(media)} media items were given")
+    examples = []
+    for turn in turns:
+        through = messages[: turn.index + 1]
+        prompt = renderer.render_chat(
+            through, media[: _media_parts(through)], add_generation_prompt=False, options=options
+        )
+        mask = [0] * turn.start + [1] * (turn.end - turn.start) + [0] * (len(turn.ids) - turn.end)
+        examples.append(_example(renderer, turn.ids, mask, prompt, [turn.index], "per-turn"))
+    return examples
+
+
+def _example(
+    renderer: PromptRenderer,
+    text_ids: list[int],
+    text_mask: list[int],
+    prompt: RenderedPrompt,
+    turns: list[int],
+    strategy: str,
+) -> TrainingExample:
     mask = expand_mask(text_ids, text_mask, prompt.token_ids, media_token_ids(renderer))
     if not any(mask):
         raise LabelError("the conversation has no assistant tokens to learn from")
     labels = [token if keep else IGNORE_INDEX for token, keep in zip(prompt.token_ids, mask, strict=True)]
-    return TrainingExample(input_ids=prompt.token_ids, labels=labels, mm_inputs=prompt.mm_inputs, text=prompt.text)
+    return TrainingExample(
+        input_ids=prompt.token_ids,
+        labels=labels,
+        mm_inputs=prompt.mm_inputs,
+        text=prompt.text,
+        turns=turns,
+        strategy=strategy,
+    )
+
+
+# --------------------------------------------------------------------------- prefix renderings
+
+
+def _render_turns(renderer: PromptRenderer, messages: list[HFMessage]) -> list[_Turn]:
+    """Each assistant turn's span, from the served prompt and the conversation through the turn.
+
+    Refuses a turn whose served prompt is not a token prefix of the conversation through it: the
+    model would learn to continue text it is never given (a generation prompt that opens the answer
+    differently, or a tokenizer that merges across the boundary). No strategy can train that turn.
+    """
+    stops = renderer.stop_token_ids
+    turns: list[_Turn] = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if index == 0:
+            raise LabelError(
+                "messages[0] is an assistant turn with nothing before it: no request leads to it, "
+                "so there is no served prompt to place its labels after"
+            )
+        prompt = renderer.template_token_ids(messages[:index], add_generation_prompt=True)
+        through = renderer.template_token_ids(messages[: index + 1], add_generation_prompt=False)
+        position = first_difference(prompt, through)
+        if position is not None:
+            raise LabelError(
+                f"assistant turn messages[{index}]: the prompt the server sends for this turn is not a token "
+                f"prefix of the conversation rendered through it, so its labels cannot start where serving "
+                f"stops; first difference at {_position(renderer, prompt, position)}: "
+                f"served {token_at(renderer, prompt, position)} vs trained {token_at(renderer, through, position)}\n"
+                f"    served:  {token_context(renderer, prompt, position)}\n"
+                f"    trained: {token_context(renderer, through, position)}"
+            )
+        end = _turn_end(renderer, through, len(prompt), stops)
+        if end == len(prompt):
+            raise LabelError(f"assistant turn messages[{index}]: the chat template renders no tokens for it")
+        turns.append(_Turn(index, through, len(prompt), end))
+    return turns
+
+
+def _turn_end(renderer: PromptRenderer, ids: list[int], start: int, stops: Collection[int]) -> int:
+    """One past the turn's last token: its first stop token, else its last non-whitespace token."""
+    for position in range(start, len(ids)):
+        if ids[position] in stops:
+            return position + 1
+    end = len(ids)
+    while end > start and not renderer.tokenizer.decode([ids[end - 1]]).strip():
+        end -= 1
+    return end
+
+
+def _history_rewrite(renderer: PromptRenderer, whole: list[int], turns: list[_Turn]) -> LabelError | None:
+    """Why one rendering of the whole conversation cannot carry every turn's labels, or None when it can."""
+    previous_end = 0
+    for turn in turns:
+        trained = turn.ids[: turn.end]
+        position = first_difference(trained, whole)
+        if position is not None:
+            return LabelError(
+                f"assistant turn messages[{turn.index}]: the chat template renders the conversation through this "
+                f"turn differently once later messages follow it (it rewrites earlier turns); first difference at "
+                f"{_position(renderer, trained, position)}: through this turn {token_at(renderer, trained, position)} "
+                f"vs whole conversation {token_at(renderer, whole, position)}\n"
+                f"    through the turn: {token_context(renderer, trained, position)}\n"
+                f"    whole:            {token_context(renderer, whole, position)}"
+            )
+        if turn.start < previous_end:
+            return LabelError(
+                f"assistant turn messages[{turn.index}]: its served prompt ends at token {turn.start}, inside the "
+                f"previous turn's labels (which end at token {previous_end})"
+            )
+        previous_end = turn.end
+    return None
+
+
+def _media_parts(messages: list[HFMessage]) -> int:
+    """How many media items ``messages`` refer to (the placeholders ``to_hf_messages`` writes, in order)."""
+    return sum(
+        1
+        for m in messages
+        if isinstance(m["content"], list)
+        for part in m["content"]
+        if part.get("type") in _MEDIA_PART_TYPES
+    )
+
+
+# --------------------------------------------------------------------------- token diagnostics
+
+
+def first_difference(prefix: list[int], ids: list[int]) -> int | None:
+    """Where ``prefix`` stops being a prefix of ``ids`` (None: it is one)."""
+    for i, token in enumerate(prefix):
+        if i >= len(ids) or ids[i] != token:
+            return i
+    return None
+
+
+def _position(renderer: PromptRenderer, ids: list[int], position: int) -> str:
+    """``token N``, saying so when media placeholders before it will each become many tokens."""
+    media = media_token_ids(renderer)
+    expanded = any(token in media for token in ids[:position])
+    return f"token {position}" + (" (each media placeholder before it counted once)" if expanded else "")
+
+
+def token_piece(renderer: PromptRenderer, token_id: int) -> str:
+    """A token as readable text: its decoded string, or its vocabulary entry when it is part of a character."""
+    text = renderer.tokenizer.decode([token_id])
+    if "\ufffd" in text:
+        text = renderer.tokenizer.convert_ids_to_tokens(token_id)
+    return repr(text)
+
+
+def token_at(renderer: PromptRenderer, ids: list[int], position: int) -> str:
+    if position >= len(ids):
+        return "(end of sequence)"
+    return f"{token_piece(renderer, ids[position])} (id {ids[position]})"
+
+
+def token_context(renderer: PromptRenderer, ids: list[int], position: int) -> str:
+    """The tokens around ``position``, the one at it marked ``>>...<<``."""
+    lo, hi = max(0, position - _CONTEXT), min(len(ids), position + _CONTEXT + 1)
+    pieces = [token_piece(renderer, t) for t in ids[lo:hi]]
+    if lo <= position < hi:
+        pieces[position - lo] = f">>{pieces[position - lo]}<<"
+    else:
+        pieces.append(">>(end)<<")
+    return ("... " if lo > 0 else "") + " ".join(pieces) + (" ..." if hi < len(ids) else "")
+
+
+# --------------------------------------------------------------------------- media expansion
 
 
 def expand_mask(

@@ -31,11 +31,14 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 def train(options: TrainOptions) -> None:
     """Fine-tune a checkpoint on JSONL conversations, with prompts rendered exactly as the server renders them."""
     from omniserve.errors import ModelLoadError
+    from omniserve.extras import LORA_MODULES, TRAIN_MODULES, require_extra
     from omniserve.train.checkpoints import last_checkpoint
     from omniserve.train.data import DataError
     from omniserve.train.sft import TrainSetupError, run_training
 
     try:
+        # before the data is read or the model loaded: transformers' Trainer needs accelerate, --lora peft
+        require_extra("train", (*TRAIN_MODULES, *(LORA_MODULES if options.lora else ())))
         result = run_training(options)
     except (DataError, ModelLoadError, TrainSetupError) as exc:
         raise _fail(str(exc)) from None
@@ -51,6 +54,7 @@ def train(options: TrainOptions) -> None:
             f"({options.data} lines {lines}{more})",
             err=True,
         )
+    typer.echo(result.describe_labels())
     losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     typer.echo(
@@ -76,11 +80,14 @@ def check_parity(options: ParityOptions) -> None:
         check_model_folder(options.model)
         conversations = read_conversations(options.data)
         renderer = PromptRenderer.from_pretrained(options.model)
-        report = run_check(renderer, conversations, limits_for(options.data, options.media))
+        report = run_check(
+            renderer, conversations, limits_for(options.data, options.media), strategy=options.mask_strategy
+        )
     except (DataError, ModelLoadError) as exc:
         raise _fail(str(exc)) from None
     for difference in report.differences:
         typer.echo(str(difference))
+    typer.echo(report.describe_strategies())
     summary = f"{report.conversations} conversations, {report.turns} assistant turns"
     if not report.ok:
         typer.echo(f"{summary}: {len(report.differences)} turn(s) differ between training and serving", err=True)

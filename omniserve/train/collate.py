@@ -2,7 +2,9 @@
 
 Media tensors from processors are already flat in prompt order (image patches of every image one
 after another, one row per audio clip), and the model scatters them into the placeholder tokens
-in reading order, so a batch simply concatenates them sample after sample.
+in reading order, so a batch simply concatenates them sample after sample. Per-token processor
+outputs (``TOKEN_ALIGNED_INPUTS``: Qwen2-VL's ``mm_token_type_ids``, which its multimodal positions
+need) are laid out like ``input_ids`` instead, 0 (text) where a sample has none or is padding.
 
 Packing puts several samples in one row with no attention mask: the model builds a block-diagonal
 causal mask from position ids that restart at 0 for each sample (transformers' packed-sequence
@@ -19,7 +21,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from omniserve.templates.training import IGNORE_INDEX
+from omniserve.templates.training import IGNORE_INDEX, TOKEN_ALIGNED_INPUTS
 from omniserve.train.features import Sample
 
 #: Media tensors whose last dimension differs per sample (audio frames) and is right-padded with zeros.
@@ -31,7 +33,7 @@ def merge_media(samples: Sequence[Sample]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    keys = list(dict.fromkeys(key for s in samples for key in s.mm_inputs))
+    keys = [key for key in dict.fromkeys(k for s in samples for k in s.mm_inputs) if key not in TOKEN_ALIGNED_INPUTS]
     merged: dict[str, Any] = {}
     for key in keys:
         parts = [s.mm_inputs[key] for s in samples if key in s.mm_inputs]
@@ -55,12 +57,21 @@ class PaddingCollator:
         input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        per_token = {key: torch.zeros((len(samples), width), dtype=torch.long) for key in token_aligned_keys(samples)}
         for row, sample in enumerate(samples):
             n = len(sample)
             input_ids[row, :n] = torch.tensor(sample.input_ids)
             labels[row, :n] = torch.tensor(sample.labels)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **merge_media(samples)}
+            for key, values in per_token.items():
+                values[row, :n] = token_aligned(sample, key)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            **per_token,
+            **merge_media(samples),
+        }
 
 
 class PositionPlanner:
@@ -105,6 +116,7 @@ class PositionPlanner:
             "attention_mask": torch.ones_like(ids),
             "use_audio_in_video": False,
             "audio_seqlens": _audio_lengths(mm),
+            "mm_token_type_ids": token_aligned(sample, "mm_token_type_ids")[None],
             "second_per_grids": mm.get("video_second_per_grid"),
             "second_per_grid_ts": mm.get("video_second_per_grid"),
         }
@@ -125,6 +137,12 @@ class PackingCollator:
 
         rows = [self._row(pack) for pack in packs]
         width = max(r[0].shape[0] for r in rows)
+        samples = [s for pack in packs for s in pack]
+        per_token = {key: torch.zeros((len(rows), width), dtype=torch.long) for key in token_aligned_keys(samples)}
+        for row, pack in enumerate(packs):
+            for key, values in per_token.items():
+                packed = torch.cat([token_aligned(sample, key) for sample in pack])
+                values[row, : packed.shape[0]] = packed
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         depth = 4 if self.planner.multimodal else 1
@@ -134,13 +152,13 @@ class PackingCollator:
             input_ids[row, :n], labels[row, :n], positions[:, row, :n] = ids, lab, pos
             positions[:, row, n:] = torch.arange(width - n)  # the padding restarts at 0: a separate sequence
         position_ids = positions if self.planner.multimodal else positions[0]
-        samples = [s for pack in packs for s in pack]
         return {
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": position_ids,
             # transformers builds the per-sample mask from positions only when no KV cache is being filled
             "use_cache": False,
+            **per_token,
             **merge_media(samples),
         }
 
@@ -182,6 +200,19 @@ def plan_packs(lengths: Sequence[int], max_length: int) -> list[list[int]]:
             packs.append([index])
             room.append(max_length - length)
     return [sorted(pack) for pack in packs]
+
+
+def token_aligned_keys(samples: Sequence[Sample]) -> list[str]:
+    """The per-token processor outputs any of ``samples`` carries."""
+    return [key for key in dict.fromkeys(k for s in samples for k in s.mm_inputs) if key in TOKEN_ALIGNED_INPUTS]
+
+
+def token_aligned(sample: Sample, key: str) -> Any:
+    """``sample``'s per-token ``key`` as a 1-D tensor; zeros (text) when the processor gave none (no media)."""
+    import torch
+
+    value = sample.mm_inputs.get(key)
+    return value.reshape(-1).long() if value is not None else torch.zeros(len(sample), dtype=torch.long)
 
 
 def _audio_lengths(mm: dict[str, Any]) -> Any:

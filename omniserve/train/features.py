@@ -2,7 +2,9 @@
 
 Media are fetched and decoded by ``media.load_media`` under the same ``MediaLimits`` a server uses
 (local files allowed only under the data file's folder), then rendered by
-``templates.training.render_training_example``. Nothing here formats a prompt.
+``templates.training.render_training_examples``. Nothing here formats a prompt. A conversation
+gives one sample, or one per assistant turn when its template rewrites earlier turns (the
+``per-turn`` mask strategy); ``EncodedData.strategies`` counts which strategy each conversation got.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from omniserve.media.loader import MediaItem, load_media
 from omniserve.protocol import ChatMessage
 from omniserve.templates.conversation import HFMessage, to_hf_messages
 from omniserve.templates.render import PromptRenderer
-from omniserve.templates.training import LabelError, render_training_example
+from omniserve.templates.training import (
+    LabelError,
+    MaskStrategy,
+    render_training_example,
+    render_training_examples,
+)
 from omniserve.train.data import Conversation, DataError
 
 TooLong = Literal["skip", "fail"]
@@ -33,19 +40,47 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     mm_inputs: dict[str, Any] = field(default_factory=dict)
+    turns: tuple[int, ...] = ()  # message indices of the assistant turns labelled in this sample
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
 @dataclass
+class LabelledSamples:
+    """A conversation's samples and the mask strategy that made them."""
+
+    strategy: str
+    samples: list[Sample]
+
+
+@dataclass
 class EncodedData:
     samples: list[Sample]
     skipped_too_long: list[int] = field(default_factory=list)  # line numbers
+    strategies: dict[str, int] = field(default_factory=dict)  # mask strategy -> conversations encoded with it
 
     @property
     def num_tokens(self) -> int:
         return sum(len(s) for s in self.samples)
+
+    def describe_strategies(self) -> str:
+        """One line for the user: how the assistant tokens were found, per number of conversations."""
+        return describe_strategies(self.strategies)
+
+
+def describe_strategies(strategies: dict[str, int]) -> str:
+    """E.g. ``assistant labels: prefix renderings (12 conversations), per-turn examples (3 conversations)``."""
+    names = {
+        "markers": "the template's {% generation %} markers",
+        "prefix": "prefix renderings",
+        "per-turn": "per-turn examples (the template rewrites earlier turns)",
+    }
+    parts = [
+        f"{names.get(name, name)} ({count} conversation{'s' if count != 1 else ''})"
+        for name, count in strategies.items()
+    ]
+    return "assistant labels: " + (", ".join(parts) if parts else "none")
 
 
 def limits_for(data_file: Path, base: MediaLimits | None = None) -> MediaLimits:
@@ -67,12 +102,35 @@ async def load_messages(
 
 
 def encode_conversation(renderer: PromptRenderer, conversation: Conversation, limits: MediaLimits) -> Sample:
+    """The whole conversation as one sample (markers or prefix masks); see ``render_training_example``."""
     hf_messages, media = asyncio.run(load_messages(conversation, conversation.messages, limits))
     try:
         example = render_training_example(renderer, hf_messages, media)
     except (OmniServeError, LabelError) as exc:
         raise DataError(conversation.path, conversation.line, _located(exc)) from None
-    return Sample(conversation.line, example.input_ids, example.labels, trim_audio_padding(example.mm_inputs))
+    return Sample(
+        conversation.line,
+        example.input_ids,
+        example.labels,
+        trim_audio_padding(example.mm_inputs),
+        tuple(example.turns),
+    )
+
+
+def encode_labelled(
+    renderer: PromptRenderer, conversation: Conversation, limits: MediaLimits, *, strategy: MaskStrategy = "auto"
+) -> LabelledSamples:
+    """The conversation's samples under ``strategy`` (one, or one per assistant turn for ``per-turn``)."""
+    hf_messages, media = asyncio.run(load_messages(conversation, conversation.messages, limits))
+    try:
+        labelled = render_training_examples(renderer, hf_messages, media, strategy=strategy)
+    except (OmniServeError, LabelError) as exc:
+        raise DataError(conversation.path, conversation.line, _located(exc)) from None
+    samples = [
+        Sample(conversation.line, e.input_ids, e.labels, trim_audio_padding(e.mm_inputs), tuple(e.turns))
+        for e in labelled.examples
+    ]
+    return LabelledSamples(labelled.strategy, samples)
 
 
 def encode_all(
@@ -83,21 +141,32 @@ def encode_all(
     max_length: int | None = None,
     too_long: TooLong = "skip",
     progress: Callable[[int], None] | None = None,
+    strategy: MaskStrategy = "auto",
 ) -> EncodedData:
-    """Encode every conversation; ones over ``max_length`` tokens are skipped (counted) or, with ``fail``, raise."""
+    """Encode every conversation; samples over ``max_length`` tokens are skipped (counted) or, with ``fail``, raise."""
     data = EncodedData(samples=[])
     for conversation in conversations:
-        sample = encode_conversation(renderer, conversation, limits)
-        if max_length is not None and len(sample) > max_length:
+        labelled = encode_labelled(renderer, conversation, limits, strategy=strategy)
+        data.strategies[labelled.strategy] = data.strategies.get(labelled.strategy, 0) + 1
+        skipped = False
+        for sample in labelled.samples:
+            if max_length is None or len(sample) <= max_length:
+                data.samples.append(sample)
+                continue
             if too_long == "fail":
+                what = (
+                    f"assistant turn messages[{sample.turns[0]}], trained on its own,"
+                    if labelled.strategy == "per-turn"
+                    else "the conversation"
+                )
                 raise DataError(
                     conversation.path,
                     conversation.line,
-                    f"the conversation has {len(sample)} tokens, more than --max-length {max_length}",
+                    f"{what} has {len(sample)} tokens, more than --max-length {max_length}",
                 )
+            skipped = True
+        if skipped:
             data.skipped_too_long.append(conversation.line)
-        else:
-            data.samples.append(sample)
         if progress is not None:
             progress(1)
     if not data.samples:

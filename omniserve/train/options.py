@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from omniserve.config import MediaLimits
+
+#: How assistant tokens are found: declared once for ``train`` and ``check-parity``.
+MaskStrategyOption = Annotated[
+    Literal["auto", "markers", "prefix", "per-turn"],
+    Field(
+        description=(
+            "How assistant tokens are found: the template's {% generation %} markers, prefix renderings "
+            "(one sample per conversation) or per-turn (one sample per assistant turn); auto: markers if "
+            "the template has them, else prefix, else per-turn where the template rewrites earlier turns."
+        ),
+    ),
+]
 
 
 class TrainOptions(BaseModel):
@@ -26,6 +38,7 @@ class TrainOptions(BaseModel):
     packing: bool = Field(False, description="Pack several samples per row up to --max-length.")
     max_length: int = Field(2048, gt=0, description="Longest sample (and packed row) in tokens.")
     too_long: Literal["skip", "fail"] = Field("skip", description="What to do with samples over --max-length.")
+    mask_strategy: MaskStrategyOption = "auto"
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when --max-steps is given).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(8, gt=0, description="Rows per forward pass (samples, or packs with --packing).")
@@ -70,3 +83,4 @@ class ParityOptions(BaseModel):
         description="Media decoding settings: use the server's.",
         json_schema_extra={"flags": ["video_fps", "max_video_frames"]},
     )
+    mask_strategy: MaskStrategyOption = "auto"

@@ -10,18 +10,21 @@ checkpoints and restored on resume. What is ours: samples rendered by the servin
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omniserve.train.checkpoints import last_checkpoint, remove_partial
 from omniserve.train.data import read_conversations
-from omniserve.train.features import EncodedData, encode_all, limits_for
+from omniserve.train.features import EncodedData, describe_strategies, encode_all, limits_for
 from omniserve.train.model_io import check_model_folder
 from omniserve.train.options import TrainOptions
+
+logger = logging.getLogger(__name__)
 
 
 class TrainSetupError(ValueError):
@@ -39,6 +42,12 @@ class TrainResult:
     tokens_seen: int
     resumed_from: Path | None = None
     adapter: Path | None = None
+    # how the assistant tokens were found: mask strategy -> conversations (see templates/training.py)
+    label_strategies: dict[str, int] = field(default_factory=dict)
+
+    def describe_labels(self) -> str:
+        """One line saying which mask strategy labelled how many conversations, for the user to read."""
+        return describe_strategies(self.label_strategies)
 
 
 def run_training(options: TrainOptions) -> TrainResult:
@@ -51,6 +60,7 @@ def run_training(options: TrainOptions) -> TrainResult:
 
     renderer = PromptRenderer.from_pretrained(options.model)
     encoded = _encode(renderer, conversations, options)
+    _report_strategies(encoded, len(conversations))
     trainer, peft_model, model = _build_trainer(options, renderer, encoded)
     with _sigterm_as_interrupt():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -66,6 +76,7 @@ def run_training(options: TrainOptions) -> TrainResult:
         tokens_seen=int(trainer.state.num_input_tokens_seen),
         resumed_from=resume_from,
         adapter=adapter,
+        label_strategies=dict(encoded.strategies),
     )
 
 
@@ -93,7 +104,21 @@ def _encode(renderer: Any, conversations: list[Any], options: TrainOptions) -> E
             max_length=options.max_length,
             too_long=options.too_long,
             progress=bar.update,
+            strategy=options.mask_strategy,
         )
+
+
+def _report_strategies(encoded: EncodedData, conversations: int) -> None:
+    """Say how the labels were found; loudly when conversations became one sample per turn.
+
+    ``per-turn`` changes what the run is (more samples than conversations, earlier turns repeated as
+    context), so it is logged as a warning, which reaches the terminal without any logging set up.
+    """
+    line = encoded.describe_strategies()
+    if "per-turn" in encoded.strategies:
+        logger.warning("%s; %d conversations gave %d samples", line, conversations, len(encoded.samples))
+    else:
+        logger.info(line)
 
 
 def _build_trainer(options: TrainOptions, renderer: Any, encoded: EncodedData) -> tuple[Any, Any, Any]:

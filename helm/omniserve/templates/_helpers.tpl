@@ -44,10 +44,17 @@ app.kubernetes.io/component: inference
 {{- end }}
 
 {{/*
+The image flavour: "cuda" (deploy/Dockerfile.cuda) when the pod gets GPUs, "cpu" (deploy/Dockerfile.cpu) otherwise.
+*/}}
+{{- define "omniserve.flavour" -}}
+{{- ternary "cuda" "cpu" (gt (int .Values.accelerator.count) 0) }}
+{{- end }}
+
+{{/*
 The image: an explicit tag wins; otherwise the CPU or CUDA flavour of this chart's appVersion.
 */}}
 {{- define "omniserve.image" -}}
-{{- $flavour := ternary "cuda" "cpu" (gt (int .Values.accelerator.count) 0) }}
+{{- $flavour := include "omniserve.flavour" . }}
 {{- $tag := default (printf "%s-%s" .Chart.AppVersion $flavour) .Values.image.tag }}
 {{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
@@ -109,6 +116,9 @@ left out so the CLI's defaults apply. Returned as a YAML list.
   (list "--max-queue" $v.engine.maxQueue)
   (list "--max-n" $v.engine.maxN)
   (list "--max-request-bytes" $v.server.maxRequestBytes)
+  (list "--drain-delay" $v.server.drainDelaySeconds)
+  (list "--drain-timeout" $v.server.drainTimeoutSeconds)
+  (list "--stall-timeout" $v.server.stallTimeoutSeconds)
   (list "--max-media-bytes" $v.media.maxBytes)
   (list "--max-image-pixels" $v.media.maxImagePixels)
   (list "--video-fps" $v.media.videoFps)
@@ -116,6 +126,12 @@ left out so the CLI's defaults apply. Returned as a YAML list.
   (list "--max-video-seconds" $v.media.maxVideoSeconds)
   (list "--max-audio-seconds" $v.media.maxAudioSeconds)
   (list "--media-fetch-timeout" $v.media.fetchTimeoutSeconds)
+  (list "--max-pixels-per-request" $v.media.maxPixelsPerRequest)
+  (list "--max-audio-seconds-per-request" $v.media.maxAudioSecondsPerRequest)
+  (list "--max-concurrent-decodes" $v.media.maxConcurrentDecodes)
+  (list "--max-decoded-media-bytes" $v.media.maxDecodedBytes)
+  (list "--media-wait-timeout" $v.media.waitTimeoutSeconds)
+  (list "--media-decode-timeout" $v.media.decodeTimeoutSeconds)
 }}
 {{- range $options }}
 {{- if not (kindIs "invalid" (index . 1)) }}
@@ -124,6 +140,9 @@ left out so the CLI's defaults apply. Returned as a YAML list.
 {{- end }}
 {{- range $key, $value := $v.engine.args }}
 {{- $args = concat $args (list "--engine-arg" (printf "%s=%s" $key (include "omniserve.word" $value))) }}
+{{- end }}
+{{- range $key, $value := $v.media.limitPerRequest }}
+{{- $args = concat $args (list "--limit-media-per-request" (printf "%s=%s" $key (include "omniserve.word" $value))) }}
 {{- end }}
 {{- range $v.media.allowedDomains }}
 {{- $args = concat $args (list "--allowed-media-domains" .) }}
@@ -214,5 +233,44 @@ nothing to gate, and force without a gate overrides nothing. Both would be silen
 {{- end }}
 {{- if and $q.force (not $q.gate) }}
 {{- fail "quantization.force overrides a failed quality gate: it needs quantization.gate" }}
+{{- end }}
+{{- if and $q.gate (eq (include "omniserve.flavour" .) "cuda") }}
+{{- fail "quantization.gate does not work in the CUDA image: the gate serves both models with the server's engine beside EvalScope and llm-compressor, and vLLM cannot share their environment (deploy/Dockerfile.cuda). Run `omniserve deploy --model M --quant METHOD --gate SUITE --quantize-only` where the quantize and eval extras are installed, then serve the folder it prints (model.path) without quantization.method" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether an init step quantizes before the server starts. In the CUDA image always: its server's environment
+holds vLLM, whose compressed-tensors pin llm-compressor cannot share, so that server cannot quantize on start;
+the image's second environment (/opt/omniserve-quantize, deploy/Dockerfile.cuda) does it, and the server finds
+the weights cached. In the CPU image, one environment has both and quantization.mode chooses.
+*/}}
+{{- define "omniserve.quantizeInInitStep" -}}
+{{- $q := .Values.quantization }}
+{{- if and $q.method (or (eq $q.mode "initContainer") (eq (include "omniserve.flavour" .) "cuda")) }}true{{ end }}
+{{- end }}
+
+{{/*
+The init step's executable: quantization.initContainer.command, or the omniserve that can quantize in the
+chart's own image (the one on PATH in the CPU image, the quantization environment's in the CUDA image).
+*/}}
+{{- define "omniserve.quantizeCommand" -}}
+{{- $command := .Values.quantization.initContainer.command }}
+{{- if not $command }}
+{{- $command = ternary (list "/opt/omniserve-quantize/bin/omniserve") (list "omniserve") (eq (include "omniserve.flavour" .) "cuda") }}
+{{- end }}
+{{- toYaml $command }}
+{{- end }}
+
+{{/*
+Kubernetes kills the pod terminationGracePeriodSeconds after SIGTERM. The server drains for
+server.drainDelaySeconds + server.drainTimeoutSeconds, then stops the engine: a shorter grace period cuts
+running answers off mid-stream, which is what the drain exists to prevent.
+*/}}
+{{- define "omniserve.checkGracePeriod" -}}
+{{- $s := .Values.server }}
+{{- $need := add (ceil $s.drainDelaySeconds) (ceil $s.drainTimeoutSeconds) 10 }}
+{{- if lt (int .Values.terminationGracePeriodSeconds) (int $need) }}
+{{- fail (printf "terminationGracePeriodSeconds %d is too short for the drain: server.drainDelaySeconds %v + server.drainTimeoutSeconds %v + 10 s to stop the engine = %d; raise it (or lower the drain)" (int .Values.terminationGracePeriodSeconds) $s.drainDelaySeconds $s.drainTimeoutSeconds (int $need)) }}
 {{- end }}
 {{- end }}
