@@ -419,3 +419,42 @@ def test_new_media_flags_travel_to_the_pod(tmp_path: Path, tmp_path_factory: pyt
         exclude={"allowed_local_media_path"}
     )
     assert sorted(parse_with_cli(pod_args)["limit_media_per_request"]) == ["audio=0", "image=3"]
+
+
+def test_the_transformers_engine_lets_media_go_once_prefilled(tiny_qwen2_vl: Path) -> None:
+    """Decoded media and the processor's tensors are dropped once the KV cache holds them, not at the last token."""
+    import asyncio
+
+    from PIL import Image
+
+    from omniserve.config import EngineConfig
+    from omniserve.engines.base import GenerationRequest
+    from omniserve.engines.transformers_engine import TransformersEngine
+    from omniserve.media.loader import MediaItem
+    from omniserve.sampling import SamplingParams
+    from omniserve.templates.render import PromptRenderer
+
+    renderer = PromptRenderer.from_pretrained(tiny_qwen2_vl)
+    content = [{"type": "image"}, {"type": "text", "text": "what colour?"}]
+    prompt = renderer.render_chat(
+        [{"role": "user", "content": content}], [MediaItem("image", Image.new("RGB", (64, 64), (200, 0, 0)))]
+    )
+    assert prompt.mm_inputs and prompt.media
+    request = GenerationRequest("media-release", prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+
+    async def scenario() -> tuple[dict[str, object], int, int]:
+        engine = TransformersEngine(EngineConfig(model=tiny_qwen2_vl, served_model_name="m"))
+        await engine.start()
+        try:
+            stream = engine.generate(request)
+            await anext(stream)  # the first token: the prompt is prefilled, seven more tokens to go
+            held = (dict(request.prompt.mm_inputs), len(request.prompt.media), len(request.prompt.token_ids))
+            async for _ in stream:
+                pass
+            return held
+        finally:
+            await engine.stop()
+
+    mm_inputs, media, tokens = asyncio.run(scenario())
+    assert mm_inputs == {} and media == 0, "still referenced while the other tokens are generated"
+    assert tokens == len(prompt.token_ids), "the prompt's ids stay (usage, context length)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -286,6 +287,9 @@ class TransformersEngine(Engine[None]):
 
         req = pending.request
         pre = prefill(self._loaded, req.prompt.token_ids, req.prompt.mm_inputs)
+        # the KV cache now holds what the media meant: let the decoded media and the processor's tensors go
+        # (pixel values, audio features) rather than keep them until the last token of the longest choice
+        req.prompt = dataclasses.replace(req.prompt, mm_inputs={}, media=[])
         seqs = [
             _Sequence(
                 owner=pending,
