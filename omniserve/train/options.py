@@ -9,6 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omniserve.config import MediaLimits
 
+#: The media settings ``train`` and ``check-parity`` take as flags (the same caps and budgets as the server,
+#: since a training sample is rendered as a served request is; the rest come from a config file).
+TRAINING_MEDIA_FLAGS = [
+    "video_fps",
+    "max_video_frames",
+    "limit_media_per_request",
+    "max_pixels_per_request",
+    "max_audio_seconds_per_request",
+]
+
 #: How assistant tokens are found: declared once for ``train`` and ``check-parity``.
 MaskStrategyOption = Annotated[
     Literal["auto", "markers", "prefix", "per-turn"],
@@ -63,7 +73,7 @@ class TrainOptions(BaseModel):
     media: MediaLimits = Field(
         default_factory=MediaLimits,
         description="Media decoding settings: use the server's.",
-        json_schema_extra={"flags": ["video_fps", "max_video_frames"]},
+        json_schema_extra={"flags": TRAINING_MEDIA_FLAGS},
     )
 
     @property
@@ -81,6 +91,6 @@ class ParityOptions(BaseModel):
     media: MediaLimits = Field(
         default_factory=MediaLimits,
         description="Media decoding settings: use the server's.",
-        json_schema_extra={"flags": ["video_fps", "max_video_frames"]},
+        json_schema_extra={"flags": TRAINING_MEDIA_FLAGS},
     )
     mask_strategy: MaskStrategyOption = "auto"
