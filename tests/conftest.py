@@ -18,6 +18,53 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+#: Examples per fuzzed operation / strategy in CI: small enough for the fuzz tests to stay near a minute on
+#: two cores; ``--fuzz-examples`` raises it for a longer hunt (docs/testing.md).
+DEFAULT_FUZZ_EXAMPLES = 25
+#: One fixed seed, so a CI failure replays exactly; ``--fuzz-seed`` explores elsewhere.
+DEFAULT_FUZZ_SEED = 20261128
+#: Measured traffic in tests/test_soak.py after its warm-up: about two minutes in CI; ``--soak-seconds`` soaks longer.
+DEFAULT_SOAK_SECONDS = 100.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Fuzzing and soak budgets as pytest options, not environment variables: the command line says what ran."""
+    group = parser.getgroup("omniserve fuzzing and soak")
+    group.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=DEFAULT_FUZZ_EXAMPLES,
+        help=f"examples per operation / strategy in tests/test_fuzz.py (default {DEFAULT_FUZZ_EXAMPLES})",
+    )
+    group.addoption(
+        "--fuzz-seed",
+        type=int,
+        default=DEFAULT_FUZZ_SEED,
+        help=f"seed of tests/test_fuzz.py's generators (default {DEFAULT_FUZZ_SEED}: CI replays the same cases)",
+    )
+    group.addoption(
+        "--soak-seconds",
+        type=float,
+        default=DEFAULT_SOAK_SECONDS,
+        help=f"measured traffic in tests/test_soak.py, after its warm-up (default {DEFAULT_SOAK_SECONDS:g})",
+    )
+
+
+@pytest.fixture(scope="session")
+def fuzz_examples(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("--fuzz-examples"))
+
+
+@pytest.fixture(scope="session")
+def fuzz_seed(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("--fuzz-seed"))
+
+
+@pytest.fixture(scope="session")
+def soak_seconds(request: pytest.FixtureRequest) -> float:
+    return float(request.config.getoption("--soak-seconds"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -305,7 +305,13 @@ class PromptRenderer:
     # ------------------------------------------------------------------ limits
 
     def check_length(self, prompt: RenderedPrompt, max_tokens: int | None, *, param: str = "messages") -> int:
-        """Return the completion budget; refuse prompts that leave no room in the context window."""
+        """Return the completion budget; refuse prompts that leave no room in the context window.
+
+        A prompt of no tokens (``""`` for a tokenizer that adds no BOS) is refused too: a model needs a
+        token to continue from, and the multimodal-rope code of some models fails on an empty input.
+        """
+        if prompt.num_tokens == 0:
+            raise InvalidRequest("the prompt is empty: it renders to no tokens to continue from", param=param)
         if self.max_model_len is None:
             return max_tokens or 256
         room = self.max_model_len - prompt.num_tokens
