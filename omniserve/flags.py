@@ -93,10 +93,10 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
 def _flag(field: str, info: FieldInfo, extra: dict[str, Any], path: tuple[str, ...]) -> Flag:
     base = _without_none(info.annotation)
     origin = typing.get_origin(base)
+    # shown in --help; a required field has none either: the model says "field required" when it is left
+    # out, since a group's callback (eval) must parse without its flags when a subcommand runs
     default: Any = None
-    if info.is_required():
-        default = None  # the model says "field required": a group callback must parse without its flags
-    elif info.default_factory is None and isinstance(info.default, str | int | float | bool | Path):
+    if not info.is_required() and info.default_factory is None and isinstance(info.default, str | int | float | Path):
         default = info.default
     help_text = info.description or ""
     if extra.get("csv"):
