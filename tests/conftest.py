@@ -90,6 +90,20 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
+def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(interval)
+
+
+def idle(srv: RunningServer) -> bool:
+    """No sequence admitted: every place of the engine's bounded queue given back."""
+    stats = srv.engine.stats()
+    return stats.waiting == 0 and stats.running == 0
+
+
 def start_server(
     model: Path,
     *,

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer, start_server
+from tests.conftest import RunningServer, idle, start_server, wait_until
 
 LONG = {"max_tokens": 1500, "temperature": 0, "ignore_eos": True}
 
@@ -34,18 +34,6 @@ def server(tiny_qwen2: Path) -> Iterator[RunningServer]:
 def chat(srv: RunningServer, timeout: float = 60, **extra: Any) -> httpx.Response:
     body = {"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, **extra}
     return httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=timeout)
-
-
-def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def idle(srv: RunningServer) -> bool:
-    stats = srv.engine.stats()
-    return stats.waiting == 0 and stats.running == 0
 
 
 def gauges(srv: RunningServer) -> dict[str, float]:

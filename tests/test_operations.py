@@ -15,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer, start_server
+from tests.conftest import RunningServer, idle, start_server, wait_until
 from tests.media_factory import png_bytes, video_bytes
 
 KEY = "s3cret-key"
@@ -41,18 +41,6 @@ def auth(key: str = KEY) -> dict[str, str]:
 
 def body(**extra: Any) -> dict[str, Any]:
     return {"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hello"}], **extra}
-
-
-def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def idle(srv: RunningServer) -> bool:
-    stats = srv.engine.stats()
-    return stats.running == 0 and stats.waiting == 0
 
 
 def test_auth(small_server: RunningServer) -> None:

@@ -30,7 +30,7 @@ from omniserve.errors import EngineUnavailable
 from omniserve.protocol import MAX_SEED, MAX_STOP_CHARS, MIN_SEED
 from omniserve.sampling import SamplingParams
 from omniserve.templates.render import RenderedPrompt
-from tests.conftest import RunningServer, start_server
+from tests.conftest import RunningServer, idle, start_server, wait_until
 
 MODEL = "tiny-qwen2"
 
@@ -41,18 +41,6 @@ def server(tiny_qwen2: Path) -> Iterator[RunningServer]:
     srv = start_server(tiny_qwen2, name=MODEL, engine={"max_concurrency": 3, "max_queue": 1, "max_n": 4})
     yield srv
     srv.stop()
-
-
-def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def idle(srv: RunningServer) -> bool:
-    stats = srv.engine.stats()
-    return stats.waiting == 0 and stats.running == 0
 
 
 def quiet(srv: RunningServer, timeout: float = 20.0) -> None:
