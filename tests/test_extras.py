@@ -186,12 +186,6 @@ def test_deploy_quant_without_its_extra(bare: Site, demo_model: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CUDA image's server (vLLM's environment, no llm-compressor) must find what its quantization "
-    "environment cached, but the cache key imports llm-compressor and includes the llmcompressor and "
-    "compressed-tensors versions, which differ between the two environments (quantize/cache.py)",
-)
 def test_an_environment_without_the_quantize_extra_serves_what_another_cached(bare: Site, demo_model: Path) -> None:
     cache = bare.home / "shared-cache"
     code = (

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from omniserve.quantize.cache import ensure_quantized, entry_name, is_complete
+from omniserve.quantize.cache import ensure_quantized, entry_name, entry_stem, is_complete, maker_key
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,68 @@ def test_deploy_serves_the_cached_quantization(first: Path, tiny_qwen2: Path, ca
     options = DeployOptions(model=tiny_qwen2, quant="fp8", quant_cache_dir=cache_dir)
     assert prepared_checkpoint(options, folders) == first
     assert not folders.root.exists()
+
+
+def test_the_name_is_a_stem_every_environment_computes_and_the_makers_versions(
+    first: Path, tiny_qwen2: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniserve.quantize import cache
+    from omniserve.quantize.report import library_versions, read_report
+
+    stem = entry_stem(tiny_qwen2, "fp8", cache_dir=cache_dir)
+    assert first.name == f"{stem}-v{maker_key(library_versions())}"
+    report = read_report(first)
+    assert (
+        report is not None and first.name == f"{stem}-v{maker_key(report['versions'])}"
+    )  # the report says who made it
+    other = {**library_versions(), "llmcompressor": "0.0.1", "compressed-tensors": "0.0.1"}
+    monkeypatch.setattr(cache, "library_versions", lambda: other)
+    assert entry_stem(tiny_qwen2, "fp8", cache_dir=cache_dir) == stem
+    assert entry_name(tiny_qwen2, "fp8", cache_dir=cache_dir) == f"{stem}-v{maker_key(other)}" != first.name
+
+
+def test_naming_an_entry_imports_no_quantizer(tiny_qwen2: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from omniserve.quantize.cache import entry_stem; "
+        "entry_stem(Path(sys.argv[1]), 'gptq', cache_dir=Path(sys.argv[2]), scheme='W8A16', num_samples=7); "
+        "print(sorted(m for m in ('llmcompressor', 'compressed_tensors') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_qwen2), str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_other_quantizer_versions_are_a_miss_where_the_extra_is_installed(
+    first: Path, tiny_qwen2: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniserve.quantize import cache
+    from omniserve.quantize.report import library_versions
+
+    other = {**library_versions(), "llmcompressor": "0.0.1"}
+    monkeypatch.setattr(cache, "library_versions", lambda: other)
+    report = (first / "quantization_report.json").read_bytes()
+    made = ensure_quantized(tiny_qwen2, "fp8", cache_dir=cache_dir, progress=False)
+    assert made != first and made.name == f"{entry_stem(tiny_qwen2, 'fp8', cache_dir=cache_dir)}-v{maker_key(other)}"
+    assert is_complete(made) and (first / "quantization_report.json").read_bytes() == report  # beside, not over
+    shutil.rmtree(made)  # the module's other tests expect one entry
+
+
+def test_without_the_extra_any_makers_entry_is_a_hit_and_a_miss_refuses(
+    first: Path, tiny_qwen2: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniserve.extras import MissingExtra
+    from omniserve.quantize import cache
+
+    monkeypatch.setattr(cache, "missing_modules", lambda modules: ["llmcompressor"])
+    before = _entries(cache_dir)
+    assert ensure_quantized(tiny_qwen2, "fp8", cache_dir=cache_dir, progress=False) == first
+    assert _entries(cache_dir) == before  # no lock, no staging: a read-only volume serves as well
+    with pytest.raises(MissingExtra) as refused:
+        ensure_quantized(tiny_qwen2, "gptq", cache_dir=cache_dir, progress=False)
+    assert refused.value.exit_code == 2 and "pip install 'omniserve[quantize]'" in str(refused.value)
+    assert _entries(cache_dir) == before
+    empty = tmp_path / "never-made"
+    with pytest.raises(MissingExtra):
+        ensure_quantized(tiny_qwen2, "fp8", cache_dir=empty, progress=False)
+    assert not empty.exists()

@@ -14,7 +14,7 @@ Modules, one job each (read in this order):
 - ``publish``      output complete or absent: staging folder, atomic rename, --overwrite
 - ``verify``       reload checks (load report, kept weights) and fidelity vs the original
 - ``report``       the JSON + table written inside the checkpoint
-- ``cache``        ``ensure_quantized``: quantize once per (content, method, recipe, versions)
+- ``cache``        ``ensure_quantized``: quantize once per (content, method, recipe; the quantizer versions as a suffix)
 - ``cli``          the ``omniserve quantize`` command
 
 Nothing heavy is imported here: torch, transformers and llm-compressor load inside the functions

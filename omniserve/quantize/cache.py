@@ -1,10 +1,22 @@
 """Quantize once, serve many times: ``deploy --quant`` looks here before it quantizes.
 
-An entry is keyed by everything that decides its bytes: the model's content (not its path: a copy
-hits, an edited file misses), the method, the recipe's content, the scheme and calibration choices,
-and the versions of omniserve, torch, transformers, llm-compressor and compressed-tensors. A hit is
-a folder whose report is present (written last, just before the atomic rename), so a crashed run
-never looks like a hit.
+An entry is named ``<stem>-v<maker>`` in two parts. The stem is keyed by the inputs that decide its
+bytes: the model's content (not its path: a copy hits, an edited file misses), the method, the recipe's
+content, the scheme and calibration choices, and ``CACHE_FORMAT``; it is computed with yaml and pydantic
+alone (``read_recipe_defaults``), never with llm-compressor. The maker part digests the versions of the
+libraries that quantized it (omniserve, torch, transformers, llm-compressor, compressed-tensors; the same
+versions its report records), which the stem leaves out because they differ between environments that
+share a cache: the CUDA image's server runs in vLLM's environment, which has its own torch and
+compressed-tensors and no llm-compressor, and must serve what the image's quantization environment made.
+
+- An environment that can quantize (llm-compressor importable) serves only the entry its own versions
+  make, ``<stem>-v<its maker>``; an entry made with other versions is a miss there, quantized anew
+  beside the other one (a published entry is never replaced: other replicas may be serving it).
+- An environment that cannot quantize serves any complete ``<stem>-v*`` (the newest), reading and
+  writing nothing but the fingerprint memo; with none it refuses in one line (``MissingExtra``, exit 2).
+
+A hit is a folder whose report is present (written last, just before the atomic rename), so a crashed
+run never looks like a hit.
 
 Replicas share one cache folder (a Kubernetes volume) and are killed at any moment, so:
 
@@ -36,22 +48,26 @@ import time
 from pathlib import Path
 
 from omniserve.atomic_files import exclusive_lock, lock_holder, try_exclusive_lock
-from omniserve.extras import QUANTIZE_MODULES, require_extra
+from omniserve.extras import QUANTIZE_MODULES, MissingExtra, missing_modules, require_extra
 from omniserve.quantize.calibration import read_calibration
 from omniserve.quantize.checkpoint import content_fingerprint, inspect_checkpoint, memo_lock
 from omniserve.quantize.default_set import default_calibration_file
 from omniserve.quantize.errors import OutputExists
 from omniserve.quantize.options import QuantizeOptions
 from omniserve.quantize.publish import sibling_owner
-from omniserve.quantize.recipes import load_recipe
-from omniserve.quantize.report import REPORT_JSON, library_versions
+from omniserve.quantize.recipes import read_recipe_defaults
+from omniserve.quantize.report import LIBRARIES, REPORT_JSON, library_versions
 
 log = logging.getLogger("omniserve.quantize")
 
 #: Bumped when omniserve's quantization pipeline changes its output for the same inputs.
-CACHE_FORMAT = "1"
+#: 2: the library versions left the stem for the ``-v<maker>`` part of the name (see the module's docstring).
+CACHE_FORMAT = "2"
 #: Per-file content digests of the models seen, so a big checkpoint is not re-read on every start.
 MEMO_FILE = ".fingerprints.json"
+#: The maker part of an entry's name: ``-v`` and this many hex digits of the quantizer versions.
+_MAKER_DIGITS = 8
+_MAKER_SUFFIX = rf"-v[0-9a-f]{{{_MAKER_DIGITS}}}"
 #: What a killed memo write leaves: ``atomic_files``' temporary name, or the pid-named one of older versions.
 _MEMO_LEFTOVER = re.compile(rf"^{re.escape(MEMO_FILE)}\.[A-Za-z0-9_]+\.(?:partial\.json|tmp)$")
 
@@ -72,9 +88,10 @@ def ensure_quantized(
 ) -> Path:
     """The folder to serve for ``model`` quantized with ``method``: cached, freshly made, or ``model`` itself.
 
-    ``model`` itself when it is already quantized. Raises the package's ``QuantizeError`` types.
-    A hit is answered without taking the lock (a published entry never changes), so a cache volume
-    mounted read-only still serves its entries.
+    ``model`` itself when it is already quantized. Raises the package's ``QuantizeError`` types, and
+    ``MissingExtra`` on a miss where the quantize extra is not installed. A hit is answered without
+    taking the lock (a published entry never changes), so a cache volume mounted read-only still
+    serves its entries, and without importing the quantization libraries, so vLLM's environment can.
     """
     model = Path(model)
     info = inspect_checkpoint(model)
@@ -86,8 +103,19 @@ def ensure_quantized(
             method,
         )
         return model
-    require_extra("quantize", QUANTIZE_MODULES)  # naming the entry loads the recipe with llm-compressor
     cache_dir = Path(cache_dir)
+    if missing_modules(QUANTIZE_MODULES):
+        return _made_elsewhere(
+            model,
+            method,
+            cache_dir=cache_dir,
+            recipe=recipe,
+            scheme=scheme,
+            calibration=calibration,
+            num_samples=num_samples,
+            max_length=max_length,
+            quantize_towers=quantize_towers,
+        )
     entry = cache_dir / entry_name(
         model,
         method,
@@ -119,6 +147,8 @@ def ensure_quantized(
         # leftovers of this entry that appeared while we waited (its writer was killed): ours to remove now
         for leftover in _leftovers(cache_dir).get(entry_lock(entry), []):
             _remove(leftover)
+        # the miss path, checked again under the lock: only quantizing needs the extra (a hit never does)
+        require_extra("quantize", QUANTIZE_MODULES)
         log.info("quantization cache miss: quantizing %s with %s into %s", model, method, entry)
         from omniserve.quantize.run import quantize
 
@@ -142,6 +172,55 @@ def ensure_quantized(
             if is_complete(entry):  # published meanwhile by a writer that ignores the lock (an older omniserve)
                 return entry
             raise
+
+
+def _made_elsewhere(
+    model: Path,
+    method: str,
+    *,
+    cache_dir: Path,
+    recipe: Path | None,
+    scheme: str | None,
+    calibration: Path | None,
+    num_samples: int | None,
+    max_length: int | None,
+    quantize_towers: bool,
+) -> Path:
+    """Where the quantize extra is missing: the newest complete entry of the stem, whoever made it.
+
+    No lock and no sweep: this process will write no entry, so it has nothing to guard, and a cache
+    volume mounted read-only must still serve. The model is fingerprinted only when the folder holds an
+    entry for its name and method at all, so a plain miss costs nothing before the one-line refusal.
+    """
+    if _complete_entries(cache_dir, re.escape(f"{_safe_name(model)}-{method}-") + "[0-9a-f]{16}"):
+        stem = entry_stem(
+            model,
+            method,
+            cache_dir=cache_dir,
+            recipe=recipe,
+            scheme=scheme,
+            calibration=calibration,
+            num_samples=num_samples,
+            max_length=max_length,
+            quantize_towers=quantize_towers,
+        )
+        made = sorted(
+            _complete_entries(cache_dir, re.escape(stem)), key=lambda e: ((e / REPORT_JSON).stat().st_mtime_ns, e.name)
+        )
+        if made:
+            log.info("quantization cache hit: %s (made by another environment's libraries)", made[-1])
+            return made[-1]
+    raise MissingExtra("quantize", missing_modules(QUANTIZE_MODULES))
+
+
+def _complete_entries(cache_dir: Path, stem: str) -> list[Path]:
+    """The complete entries, made by any libraries, whose stem matches the regular expression ``stem``."""
+    pattern = re.compile(rf"^{stem}{_MAKER_SUFFIX}$")
+    try:
+        names = [p.name for p in cache_dir.iterdir()]
+    except OSError:
+        return []
+    return [cache_dir / n for n in names if pattern.match(n) and is_complete(cache_dir / n)]
 
 
 def entry_lock(entry: Path) -> Path:
@@ -217,8 +296,44 @@ def entry_name(
     max_length: int | None = None,
     quantize_towers: bool = False,
 ) -> str:
-    """``<model folder>-<method>-<16 hex digits of the key>``: readable, and unique per input."""
-    loaded = load_recipe(method, recipe)
+    """``<stem>-v<maker>``: the entry that this environment's libraries make (and, quantizing, serve)."""
+    stem = entry_stem(
+        model,
+        method,
+        cache_dir=cache_dir,
+        recipe=recipe,
+        scheme=scheme,
+        calibration=calibration,
+        num_samples=num_samples,
+        max_length=max_length,
+        quantize_towers=quantize_towers,
+    )
+    return f"{stem}-v{maker_key(library_versions())}"
+
+
+def maker_key(versions: dict[str, str]) -> str:
+    """8 hex digits of the versions of ``LIBRARIES``: a report's ``versions`` field gives its entry's maker part."""
+    chosen = {name: versions.get(name, "absent") for name in LIBRARIES}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:_MAKER_DIGITS]
+
+
+def entry_stem(
+    model: Path,
+    method: str,
+    *,
+    cache_dir: Path,
+    recipe: Path | None = None,
+    scheme: str | None = None,
+    calibration: Path | None = None,
+    num_samples: int | None = None,
+    max_length: int | None = None,
+    quantize_towers: bool = False,
+) -> str:
+    """``<model folder>-<method>-<16 hex digits of the key>``: readable, unique per input, equal in every environment.
+
+    No library version and no llm-compressor import goes into it (see the module's docstring).
+    """
+    loaded = read_recipe_defaults(method, recipe)
     calibration_file = Path(calibration) if calibration is not None else default_calibration_file()
     key = {
         "format": CACHE_FORMAT,
@@ -230,11 +345,14 @@ def entry_name(
         "num_samples": num_samples or loaded.calibration.num_samples,
         "max_length": max_length or loaded.calibration.max_length,
         "quantize_towers": quantize_towers,
-        "versions": library_versions(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).resolve().name) or "model"
-    return f"{safe}-{method}-{digest}"
+    return f"{_safe_name(model)}-{method}-{digest}"
+
+
+def _safe_name(model: Path) -> str:
+    """The model folder's name, reduced to characters every file system and shell takes as they are."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).resolve().name) or "model"
 
 
 def is_complete(entry: Path) -> bool:

@@ -7,7 +7,9 @@ must follow the model rather than the method: ``targets`` (``Linear`` unless the
 otherwise), the ``scheme`` and the ``ignore`` list (towers, projectors, ``lm_head``; see ``layout.py``).
 
 Loading validates everything a run needs before a model is loaded (a bad recipe costs a second,
-not a calibration run), by building the real modifier objects once.
+not a calibration run), by building the real modifier objects once. Naming a cache entry needs only the
+recipe's defaults and hash, read by ``read_recipe_defaults`` with yaml and pydantic alone: an environment
+without llm-compressor (vLLM's, in the CUDA image) must name the entries that another one quantized.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -53,23 +55,45 @@ class CalibrationDefaults(BaseModel):
     max_length: int = Field(2048, gt=0, description="Default --max-length: tokens per calibration sample.")
 
 
-class Recipe(BaseModel):
+class RecipeDefaults(BaseModel):
+    """What a recipe decides besides its modifiers (method, schemes, calibration defaults) and its hash.
+
+    Read by the cache to name an entry, so it ignores the modifiers instead of checking them: checking
+    them needs llm-compressor, which the serving environment may not have. The content hash covers the
+    modifiers anyway, so two recipes that differ only there still name different entries.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    method: str
+    scheme: str = Field(description="Default scheme (a compressed-tensors preset name).")
+    schemes: dict[str, str] = Field(description="Schemes --scheme accepts, with a one-line description each.")
+    calibration: CalibrationDefaults = Field(default_factory=CalibrationDefaults)
+    source: Path
+    sha256: str
+
+    def resolve_scheme(self, scheme: str | None) -> str:
+        """The scheme to use: ``scheme`` if given and allowed by this recipe, else the recipe's default."""
+        chosen = scheme or self.scheme
+        if chosen not in self.schemes:
+            raise InvalidQuantizeOption(
+                f"unknown scheme {chosen!r} for method {self.method!r}; choose one of {', '.join(self.schemes)} "
+                f"(from {self.source})"
+            )
+        return chosen
+
+
+class Recipe(RecipeDefaults):
     """One method's recipe, as read from its YAML file (plus where it came from and its content hash)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str
     summary: str
-    scheme: str = Field(description="Default scheme (a compressed-tensors preset name).")
-    schemes: dict[str, str] = Field(description="Schemes --scheme accepts, with a one-line description each.")
-    calibration: CalibrationDefaults = Field(default_factory=CalibrationDefaults)
     ignore: list[str] = Field(
         default_factory=list,
         description="Extra module names/regexes kept in full precision (on top of towers and lm_head).",
     )
     modifiers: list[dict[str, dict[str, Any]]] = Field(min_length=1)
-    source: Path
-    sha256: str
 
     @field_validator("modifiers")
     @classmethod
@@ -92,16 +116,6 @@ class Recipe(BaseModel):
         if len(quantizing) != 1:
             raise ValueError(f"a recipe needs exactly one of {sorted(_QUANTIZING)}, found {quantizing or 'none'}")
         return value
-
-    def resolve_scheme(self, scheme: str | None) -> str:
-        """The scheme to use: ``scheme`` if given and allowed by this recipe, else the recipe's default."""
-        chosen = scheme or self.scheme
-        if chosen not in self.schemes:
-            raise InvalidQuantizeOption(
-                f"unknown scheme {chosen!r} for method {self.method!r}; choose one of {', '.join(self.schemes)} "
-                f"(from {self.source})"
-            )
-        return chosen
 
     def build_modifiers(self, *, scheme: str, ignore: list[str]) -> list[Any]:
         """The llm-compressor modifier objects for one run, in recipe order."""
@@ -140,6 +154,21 @@ def modifier_class(name: str) -> type:
 
 def load_recipe(method: str, path: Path | None = None) -> Recipe:
     """Read and validate ``path`` (default: ``quantize/<method>.yaml``); its ``method`` must be ``method``."""
+    recipe = _read(method, path, Recipe)
+    _check_modifiers(recipe)
+    return recipe
+
+
+def read_recipe_defaults(method: str, path: Path | None = None) -> RecipeDefaults:
+    """``load_recipe`` without llm-compressor: the defaults and hash that name a cache entry, modifiers unchecked."""
+    return _read(method, path, RecipeDefaults)
+
+
+_Read = TypeVar("_Read", bound=RecipeDefaults)
+
+
+def _read(method: str, path: Path | None, kind: type[_Read]) -> _Read:
+    """Parse ``path`` (default: ``quantize/<method>.yaml``) as ``kind``; one code path for both readers."""
     if method not in METHODS:
         raise InvalidQuantizeOption(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     path = Path(path) if path is not None else recipes_dir() / f"{method}.yaml"
@@ -154,14 +183,13 @@ def load_recipe(method: str, path: Path | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must be a YAML mapping (see quantize/README.md)")
     try:
-        recipe = Recipe(**data, source=path, sha256=hashlib.sha256(raw).hexdigest())
+        recipe = kind(**data, source=path, sha256=hashlib.sha256(raw).hexdigest())
     except (ValidationError, TypeError) as exc:
         raise RecipeError(f"{path} is not a valid recipe: {exc}") from exc
     if recipe.method != method:
         raise RecipeError(f"{path} is a recipe for method {recipe.method!r}, not {method!r}")
     if recipe.scheme not in recipe.schemes:
         raise RecipeError(f"{path}: default scheme {recipe.scheme!r} is not listed under 'schemes'")
-    _check_modifiers(recipe)
     return recipe
 
 

@@ -18,7 +18,7 @@ REPORT_TABLE = "quantization_report.md"
 #: Bumped when the report's fields change meaning.
 REPORT_VERSION = 1
 
-#: Libraries whose versions decide the output (also part of the cache key).
+#: Libraries whose versions decide the output (the cache entry name's "-v" suffix is made from them).
 LIBRARIES = ("omniserve", "torch", "transformers", "llmcompressor", "compressed-tensors")
 
 
