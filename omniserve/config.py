@@ -256,6 +256,11 @@ class ServerConfig(BaseModel):
         "(prefill or decode) for this long.",
         json_schema_extra={"flag": "stall-timeout"},
     )
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None,
+        description="How the model writes tool calls (omniserve/tools/registry.py); default: the format its "
+        "chat template teaches (<tool_call> JSON: hermes).",
+    )
     media: MediaLimits = Field(default_factory=MediaLimits)
 
 

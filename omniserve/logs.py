@@ -10,7 +10,11 @@ error.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
+from collections.abc import Iterator
 
 #: Libraries whose standard-library loggers are quieted unless omniserve logs at DEBUG.
 THIRD_PARTY_LOGGERS = (
@@ -53,6 +57,45 @@ def quiet_llmcompressor() -> None:
     from llmcompressor.logger import LoggerConfig, configure_logger
 
     configure_logger(LoggerConfig(console_log_level=logging.getLevelName(third_party_level())))
+
+
+#: A tqdm bar's line ("Compressing model: 100%|####| 14/14 [...]").
+_BAR = re.compile(r"\d+%\|")
+
+_library_log = logging.getLogger("omniserve.libraries")
+
+
+@contextlib.contextmanager
+def library_output(what: str) -> Iterator[None]:
+    """Keep what a library writes to stderr (llm-compressor's and compressed-tensors' tqdm bars) off the terminal.
+
+    Their bars cannot be switched off by an option, and omniserve draws its own; tqdm and
+    ``warnings`` write to ``sys.stderr`` as it is when they write, while omniserve's logging handler
+    and loguru's sinks hold the real stream, so redirecting it catches the libraries' text only.
+    What was caught goes to the log at DEBUG; if the block fails, its lines other than bars go to
+    the log at WARNING before the exception goes on, so no clue is lost. At ``--log-level debug``
+    nothing is redirected.
+    """
+    if third_party_level() <= logging.DEBUG:
+        yield
+        return
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(sink):
+            yield
+    except BaseException:
+        lines = [line for line in _final_lines(sink.getvalue()) if not _BAR.search(line)]
+        if lines:
+            _library_log.warning("%s wrote before failing:\n%s", what, "\n".join(lines))
+        raise
+    lines = _final_lines(sink.getvalue())
+    if lines:
+        _library_log.debug("%s wrote:\n%s", what, "\n".join(lines))
+
+
+def _final_lines(text: str) -> list[str]:
+    """Each line as it was left on a terminal: a bar redrawn with ``\\r`` keeps its last state."""
+    return [line.rsplit("\r", 1)[-1].rstrip() for line in text.splitlines() if line.rsplit("\r", 1)[-1].strip()]
 
 
 def _transformers(level: int) -> None:

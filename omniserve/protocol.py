@@ -7,13 +7,22 @@ ignored. Each request model owns its conversion to engine-neutral ``SamplingPara
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from omniserve.errors import UnsupportedParameter
+from omniserve.errors import InvalidRequest, UnsupportedParameter
 from omniserve.sampling import SamplingParams
 
 #: Stop strings per request: OpenAI's own limit ("up to 4 sequences").
@@ -97,13 +106,102 @@ class UserMessage(_Strict):
     name: str | None = None
 
 
+class FunctionCall(_Strict):
+    """A call as the assistant wrote it; ``arguments`` is a JSON object encoded as a string, as OpenAI sends it."""
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _check_arguments(cls, value: str) -> str:
+        # templates write the arguments into the prompt as JSON: a string that is not a JSON object
+        # would give the model a conversation it never saw in training
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("arguments must be a JSON object encoded as a string") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object encoded as a string")
+        return value
+
+
+class ToolCall(_Strict):
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
 
 
-ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+class ToolMessage(_Strict):
+    """A tool's result, answering the assistant's call ``tool_call_id`` (checked by the request)."""
+
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str = Field(min_length=1)
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+# ---------------------------------------------------------------- tools
+
+#: OpenAI's rule for function names (letters, digits, ``_`` and ``-``, at most 64).
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: OpenAI's limit on the tools of one request.
+MAX_TOOLS = 128
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # a function's parameters are the fields of one JSON object: its schema says so, or says nothing
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError('parameters must be a JSON schema of an object ("type": "object")')
+        if value is not None and not isinstance(value.get("properties", {}), dict):
+            raise ValueError("parameters.properties must be an object mapping names to schemas")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_strict(self) -> FunctionDefinition:
+        if self.strict:
+            raise UnsupportedParameter(
+                "strict function schemas need constrained decoding, which is not available yet",
+                param="tools.function.strict",
+            )
+        return self
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -203,6 +301,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[FunctionTool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     mm_processor_kwargs: MultiModalOptions | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -213,7 +314,42 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.store:
             raise UnsupportedParameter("store=true is not supported: this server keeps no completions", param="store")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        """Tool names unique, ``tool_choice`` one we can honour, every tool result answering an earlier call."""
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            duplicate = next(name for name in names if names.count(name) > 1)
+            raise InvalidRequest(f"tool names must be unique; '{duplicate}' appears twice", param="tools")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise InvalidRequest("tool_choice is only allowed when tools are specified", param="tool_choice")
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            what = (
+                f"naming the function '{choice.function.name}'" if isinstance(choice, NamedToolChoice) else "'required'"
+            )
+            raise UnsupportedParameter(
+                f"tool_choice {what} must be enforced by constrained decoding, which is not available yet; "
+                'use "auto" or "none"',
+                param="tool_choice",
+            )
+        calls: set[str] = set()
+        for i, message in enumerate(self.messages):
+            if isinstance(message, AssistantMessage):
+                calls.update(call.id for call in message.tool_calls or ())
+            elif isinstance(message, ToolMessage) and message.tool_call_id not in calls:
+                raise InvalidRequest(
+                    f"messages[{i}] answers tool call '{message.tool_call_id}', which no earlier assistant "
+                    "message made",
+                    param=f"messages[{i}].tool_call_id",
+                )
+
+    @property
+    def tools_enabled(self) -> bool:
+        """Tools are rendered and the reply parsed for calls (``tool_choice`` "none": neither)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -317,9 +453,35 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
-class AssistantOut(BaseModel):
+class _OmitsNone(BaseModel):
+    """Fields left None are left out: the openai client's stream accumulator would overwrite a call's
+    ``type`` or ``id`` with a later fragment's null, and replies without calls keep their usual shape."""
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None or key in self._keep}
+
+    #: Fields written even when None (OpenAI's replies always carry them).
+    _keep: frozenset[str] = frozenset()
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON object as a string, as OpenAI returns it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class AssistantOut(_OmitsNone):
+    _keep = frozenset({"role", "content"})
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -338,9 +500,26 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class DeltaMessage(BaseModel):
+class DeltaFunctionCall(_OmitsNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_OmitsNone):
+    """One piece of a streamed call: the first has ``id``, ``type`` and the name, later ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class DeltaMessage(_OmitsNone):
+    _keep = frozenset({"role", "content"})
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

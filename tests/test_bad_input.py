@@ -69,11 +69,11 @@ CASES: list[tuple[str, Any, int, str | None, str]] = [
     ("unknown part type", chat([{"type": "hologram", "hologram": {}}]), 400, "messages[0].content[0]", "hologram"),
     ("unknown field", chat("hi", frobnicate=1), 400, "frobnicate", "Unrecognized request argument"),
     (
-        "tools unsupported",
+        "tools on a template that does not render them",
         chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]),
         400,
         "tools",
-        "Unrecognized",
+        "does not render tools",
     ),
     ("temperature range", chat("hi", temperature=3.5), 400, "temperature", ""),
     ("top_p range", chat("hi", top_p=0), 400, "top_p", ""),
@@ -82,6 +82,14 @@ CASES: list[tuple[str, Any, int, str | None, str]] = [
     ("top_logprobs without logprobs", chat("hi", top_logprobs=2), 400, None, "logprobs"),
     ("too many stops", chat("hi", stop=["a", "b", "c", "d", "e"]), 400, "stop", "stop"),
     ("negative stop token id", chat("hi", stop_token_ids=[3, -1]), 400, "stop_token_ids[1]", ""),
+    ("stop token id past the vocabulary", chat("hi", stop_token_ids=[3, 10**6]), 400, "stop_token_ids", "vocabulary"),
+    (
+        "stop token id past the vocabulary, min_tokens",
+        chat("hi", stop_token_ids=[10**6], min_tokens=1),
+        400,
+        "stop_token_ids",
+        "vocabulary",
+    ),
     ("logit_bias", chat("hi", logit_bias={"1": 5}), 400, "logit_bias", "not supported"),
     ("context too long", chat("word " * 5000), 400, "messages", "context length"),
     ("max_tokens over context", chat("hi", max_tokens=100000), 400, "max_tokens", "context length"),
@@ -125,7 +133,14 @@ CASES: list[tuple[str, Any, int, str | None, str]] = [
 ]
 
 #: Requests refused with a 400 that used to be 500s after which uvicorn closed the connection.
-ONCE_500 = ["stop too long", "seed above int64", "seed below int64", "deeply nested json", "lone surrogate"]
+ONCE_500 = [
+    "stop token id past the vocabulary, min_tokens",
+    "stop too long",
+    "seed above int64",
+    "seed below int64",
+    "deeply nested json",
+    "lone surrogate",
+]
 
 
 @pytest.mark.parametrize(("name", "body", "status", "param", "contains"), CASES, ids=[c[0] for c in CASES])

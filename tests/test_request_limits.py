@@ -4,9 +4,11 @@
 - A batch of prompts is admitted whole or not at all: a refused batch leaves nothing queued or
   running, and the engine decodes nothing for it (issue 12, item 3).
 - A batch that could never fit the engine's places is a 400, not a 429 retried forever.
-- Deeply nested JSON, a ``seed`` outside 64 bits, ``n`` above the batch and over-long stop strings
-  are 400s with OpenAI's error object; the connection that carried them serves the next request
-  (a 500 made uvicorn close it, and the client's next request on it failed) (issue 12, item 6).
+- Deeply nested JSON, a ``seed`` outside 64 bits, ``n`` above the batch, over-long stop strings and
+  ``stop_token_ids`` outside the vocabulary (with ``min_tokens`` it reached the sampler's index) are
+  400s with OpenAI's error object; the connection that carried them serves the next request (a 500
+  made uvicorn close it, and the client's next request on it failed) (issue 12, item 6).
+- A bug in a handler is OpenAI's 500, and the connection serves the next request too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from omniserve.config import EngineConfig
 from omniserve.engines.base import ChoiceDelta, Engine, GenerationRequest, ModelInfo
 from omniserve.errors import EngineUnavailable
+from omniserve.models.tokenizer import TINY_VOCAB_SIZE
 from omniserve.protocol import MAX_SEED, MAX_STOP_CHARS, MIN_SEED
 from omniserve.sampling import SamplingParams
 from omniserve.templates.render import RenderedPrompt
@@ -183,6 +186,13 @@ BAD: list[tuple[str, bytes | dict[str, Any], str | None, str]] = [
     ("n above the batch", {"n": 4}, "n", "n=4"),
     ("stop string too long", {"stop": "x" * (MAX_STOP_CHARS + 1)}, "stop", str(MAX_STOP_CHARS)),
     ("too many stop strings", {"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ("stop token id outside the vocabulary", {"stop_token_ids": [5, 10**9]}, "stop_token_ids", "vocabulary"),
+    (
+        "stop token id outside the vocabulary with min_tokens",
+        {"stop_token_ids": [TINY_VOCAB_SIZE], "min_tokens": 1},
+        "stop_token_ids",
+        str(TINY_VOCAB_SIZE),
+    ),
 ]
 
 
@@ -219,6 +229,48 @@ def test_seeds_at_the_limits_are_served(server: RunningServer) -> None:
 def test_a_stop_string_at_the_length_limit_is_accepted(server: RunningServer) -> None:
     resp = completion(server, ["hello"], stop=["x" * MAX_STOP_CHARS, "y"], max_tokens=5)
     assert resp.status_code == 200, resp.text
+
+
+def test_the_last_stop_token_id_of_the_vocabulary_is_accepted(server: RunningServer) -> None:
+    """The bound is the vocabulary: its last id is a stop token like any other, with or without min_tokens."""
+    for extra in ({}, {"min_tokens": 2}):
+        resp = completion(server, ["hello"], stop_token_ids=[TINY_VOCAB_SIZE - 1], max_tokens=3, **extra)
+        assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_an_unexpected_fault_is_a_500_and_keeps_the_connection(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """A bug in a handler (simulated: the renderer's length check raises once) is OpenAI's 500, logged with
+    its traceback; Starlette re-raised it after answering, so uvicorn closed the connection under the client."""
+    renderer = server.app.state.ctx.renderer
+    real, calls = renderer.check_length, {"n": 0}
+
+    def broken_once(*args: Any, **kwargs: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated bug")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(renderer, "check_length", broken_once)
+    if path == "/v1/completions":
+        good: dict[str, Any] = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+    else:
+        good = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        failed = http.post(path, json=good)
+        assert failed.status_code == 500, failed.text
+        error = failed.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "server_error" and error["code"] == "internal_error", error
+        assert "RuntimeError" in error["message"] and "simulated bug" not in error["message"]  # no internals leak
+        served = http.post(path, json=good)
+        assert served.status_code == 200, served.text
+        assert _local_address(served) == _local_address(failed)  # the same connection carried both
+    logged = [r for r in caplog.records if r.name == "omniserve.server.errors" and r.exc_info]
+    assert logged and "simulated bug" in str(logged[0].exc_info[1])  # the traceback is in the server's log
+    assert idle(server)
 
 
 def _local_address(resp: httpx.Response) -> Any:

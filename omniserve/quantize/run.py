@@ -113,7 +113,7 @@ def prepare(options: QuantizeOptions) -> Plan:
 
 def execute(plan: Plan) -> QuantizeResult:
     """The expensive part: load, calibrate, quantize, save, verify, publish."""
-    from omniserve.logs import quiet_llmcompressor
+    from omniserve.logs import library_output, quiet_llmcompressor
     from omniserve.models.loading import load_checkpoint
     from omniserve.quantize.hardware import check_scheme_runs
     from omniserve.quantize.layout import find_layout
@@ -126,7 +126,8 @@ def execute(plan: Plan) -> QuantizeResult:
     quiet_llmcompressor()  # before the hardware probe, which runs llm-compressor too
     device = _resolve_device(options.device)
     needs_data = plan.recipe.needs_calibration(plan.scheme)
-    check_scheme_runs(plan.scheme, device, (_checkpoint_dtype(plan.info), "float32"))
+    with library_output("the hardware probe"):  # llm-compressor's bars; omniserve's lines and bars are the display
+        check_scheme_runs(plan.scheme, device, (_checkpoint_dtype(plan.info), "float32"))
 
     with _timed(seconds, "load"):
         try:
@@ -174,11 +175,11 @@ def execute(plan: Plan) -> QuantizeResult:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        with _timed(seconds, "save"), disk_full_as_error(staging):
+        with _timed(seconds, "save"), disk_full_as_error(staging), library_output("compressed-tensors (saving)"):
             kept_linear = _save(model, renderer.processor, plan.info, staging, layout.decoder_name)
         del model, layout, scope, modifiers, param
         _release_memory()  # the original model is not needed for verification: reload next to it, not on top
-        with _timed(seconds, "verify"):
+        with _timed(seconds, "verify"), library_output("compressed-tensors (reloading)"):
             verification = verify(staging, kept=kept, held_out=held_encoded, references=references, device=device)
         seconds["total"] = round(time.perf_counter() - clock, 3)
         report = _report(plan, staging, seconds, pipeline, calib_encoded, skipped, quantized, kept_linear)
@@ -287,7 +288,7 @@ def _run_oneshot(
     from llmcompressor import oneshot
     from loguru import logger
 
-    from omniserve.logs import quiet_llmcompressor
+    from omniserve.logs import library_output, quiet_llmcompressor
     from omniserve.quantize.patches import awq_without_accelerator
 
     seen: list[str] = []
@@ -304,7 +305,7 @@ def _run_oneshot(
     sink_id = logger.add(sink, level="WARNING")
     uses_awq = any("AWQModifier" in entry for entry in plan.recipe.modifiers)
     try:
-        with awq_without_accelerator(active=uses_awq):
+        with awq_without_accelerator(active=uses_awq), library_output("llm-compressor"):
             oneshot(
                 model=scope,
                 recipe=modifiers,

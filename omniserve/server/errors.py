@@ -17,8 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omniserve.errors import InvalidRequest, OmniServeError, QueueFull
+from omniserve.server.sse import DONE, sse_error
 from omniserve.validation import describe_validation_error
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,67 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def internal_error(exc: BaseException) -> OmniServeError:
+    """OpenAI's 500 for a bug: the exception's type only, its message may hold internals."""
+    error = OmniServeError(f"internal error: {type(exc).__name__}", code="internal_error")
+    error.status_code, error.error_type = 500, "server_error"
+    return error
+
+
+class UnexpectedErrorMiddleware:
+    """Answer an unexpected exception with OpenAI's 500 and keep the keep-alive connection.
+
+    Starlette's own catch-all (``ServerErrorMiddleware``) sends the handler's 500 and then re-raises,
+    so uvicorn closes the connection and the client's next request on it fails. This middleware sits
+    inside it and swallows the exception once a complete answer is sent: the 500 when nothing was
+    sent yet, or, for an event stream already under way that the serving layer did not end (it ends
+    its own with an error event), an error event and ``[DONE]``. Any other started response cannot be
+    completed honestly, so the exception goes on and the connection is closed.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = finished = event_stream = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started, finished, event_stream
+            if message["type"] == "http.response.start":
+                started = True
+                headers = dict(message.get("headers", []))
+                event_stream = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if finished:
+                return
+            if not started:
+                response = error_response(internal_error(exc))
+                await response(scope, receive, send)
+                return
+            if not event_stream:
+                raise
+            tail = sse_error(internal_error(exc)) + DONE
+            await send({"type": "http.response.body", "body": tail.encode(), "more_body": False})
+
+
 def install_error_handlers(app: FastAPI, *, retry_after: int) -> None:
+    """Map every error type to OpenAI's error object; unexpected ones via ``UnexpectedErrorMiddleware``.
+
+    Installed before any other middleware, so that one sits innermost: the request counter and the
+    other middleware see the 500 like any answer.
+    """
+    app.add_middleware(UnexpectedErrorMiddleware)
+
     @app.exception_handler(OmniServeError)
     async def _omni(_: Request, exc: OmniServeError) -> JSONResponse:
         return error_response(exc, retry_after=retry_after)
@@ -124,11 +186,4 @@ def install_error_handlers(app: FastAPI, *, retry_after: int) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = OmniServeError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
         error.status_code = exc.status_code
-        return error_response(error)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        error = OmniServeError(f"internal error: {type(exc).__name__}", code="internal_error")
-        error.status_code, error.error_type = 500, "server_error"
         return error_response(error)

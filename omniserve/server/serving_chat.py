@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,9 +17,13 @@ from omniserve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChoiceLogprobs,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCallOut,
     MultiModalOptions,
     TokenLogprob,
+    ToolCallOut,
     TopLogprob,
     Usage,
     dump,
@@ -28,6 +33,8 @@ from omniserve.protocol import (
 from omniserve.server.serving_base import OpenAIServing, Submitted
 from omniserve.templates.conversation import to_hf_messages
 from omniserve.templates.render import RenderOptions
+from omniserve.tools.base import Event, ParsedCall, TextPiece, ToolCallParser
+from omniserve.tools.registry import require_parser
 
 
 def chat_logprobs(items: list[TokenLogprobs] | None) -> ChoiceLogprobs | None:
@@ -46,12 +53,62 @@ def chat_logprobs(items: list[TokenLogprobs] | None) -> ChoiceLogprobs | None:
     )
 
 
+def tool_call_id() -> str:
+    """OpenAI's shape of a call id (``call_`` and 24 characters); clients send it back with the tool's result."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_finish(finish_reason: str | None, calls: int) -> str | None:
+    """A reply that ended by itself after writing calls finished to have them run, as OpenAI says it."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+
+def message_of(text: str, parser: ToolCallParser | None) -> tuple[AssistantOut, int]:
+    """A whole reply as the assistant message, calls found by ``parser``; and how many calls it holds."""
+    if parser is None:
+        return AssistantOut(content=text), 0
+    events = parser.parse_all(text)
+    content = "".join(e.text for e in events if isinstance(e, TextPiece))
+    calls = [
+        ToolCallOut(id=tool_call_id(), function=FunctionCallOut(name=e.name, arguments=e.arguments))
+        for e in events
+        if isinstance(e, ParsedCall)
+    ]
+    return AssistantOut(content=content or None, tool_calls=calls or None), len(calls)
+
+
+def stream_deltas(events: list[Event], first_index: int) -> list[DeltaMessage]:
+    """Parser events as OpenAI deltas: text as content; a call as its id and name, then its arguments.
+
+    ``first_index`` is the number of calls this choice streamed before: each call has its own index.
+    """
+    deltas: list[DeltaMessage] = []
+    index = first_index
+    for event in events:
+        if isinstance(event, TextPiece):
+            if deltas and deltas[-1].tool_calls is None and deltas[-1].content is not None:
+                deltas[-1].content += event.text
+            else:
+                deltas.append(DeltaMessage(content=event.text))
+            continue
+        head = DeltaToolCall(
+            index=index, id=tool_call_id(), type="function", function=DeltaFunctionCall(name=event.name, arguments="")
+        )
+        deltas.append(DeltaMessage(tool_calls=[head]))
+        deltas.append(
+            DeltaMessage(tool_calls=[DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=event.arguments))])
+        )
+        index += 1
+    return deltas
+
+
 class ChatServing(OpenAIServing[ChatCompletionRequest]):
     request_model = ChatCompletionRequest
     endpoint = "chat"
 
     async def prepare(self, request: ChatCompletionRequest) -> list[GenerationRequest]:
         renderer = self.ctx.renderer
+        renderer.check_token_ids(request.stop_token_ids or (), param="stop_token_ids")  # before fetching media
         messages, sources = to_hf_messages(request.messages)
         for source in sources:  # refuse before fetching anything the model cannot use
             if source.kind not in renderer.modalities:
@@ -59,7 +116,9 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         opts = request.mm_processor_kwargs or MultiModalOptions()
         limits = self.ctx.server.media
         media_options = MediaOptions(fps=opts.fps, max_frames=opts.max_frames).check(limits)
-        render_options = RenderOptions(max_pixels=opts.max_pixels, min_pixels=opts.min_pixels)
+        self._parser_class(request, check_template=True)  # a model that cannot take tools: 400 before any work
+        tools = tuple(t.model_dump(exclude_none=True) for t in request.tools or ()) if request.tools_enabled else ()
+        render_options = RenderOptions(max_pixels=opts.max_pixels, min_pixels=opts.min_pixels, tools=tools)
         # the decoded media count against the app's bound until the prompt holds the model's inputs
         async with loaded_media(sources, limits, media_options, self.ctx.media_gate) as media:
             prompt = await self.ctx.rendering.chat(messages, media, options=render_options)  # threads of its own
@@ -67,8 +126,29 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         sampling = request.to_sampling_params(max_tokens=max_tokens)
         return [GenerationRequest(request_id=new_id("chatcmpl"), prompt=prompt, sampling=sampling)]
 
+    def _parser_class(
+        self, request: ChatCompletionRequest, *, check_template: bool = False
+    ) -> type[ToolCallParser] | None:
+        """The parser of this server's model when the request enables tools; a 400 when the model cannot take them.
+
+        ``tool_choice`` "none": the tools are neither rendered nor looked for in the reply.
+        """
+        if not request.tools_enabled:
+            return None
+        renderer, model = self.ctx.renderer, self.ctx.model_name
+        if check_template and not renderer.renders_tools():
+            raise InvalidRequest(
+                f"this model's chat template does not render tools: '{model}' cannot be given tools", param="tools"
+            )
+        return require_parser(self.ctx.server.tool_call_parser, renderer.chat_template, model)
+
     async def chunks(self, request: ChatCompletionRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
         request_id, created, model = submitted.jobs[0].request_id, now(), self.ctx.model_name
+        parser_class = self._parser_class(request)
+        if parser_class is not None:
+            async for item in self._tool_chunks(request, submitted, parser_class):
+                yield item
+            return
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
             return dump(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
@@ -91,6 +171,43 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         if request.stream_options is not None and request.stream_options.include_usage:
             yield chunk([], usage=submitted.usage())
 
+    async def _tool_chunks(
+        self, request: ChatCompletionRequest, submitted: Submitted, parser_class: type[ToolCallParser]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """``chunks`` with each choice's text run through its own parser: content and calls as they complete."""
+        request_id, created, model = submitted.jobs[0].request_id, now(), self.ctx.model_name
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
+            return dump(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+        parsers = [parser_class() for _ in range(request.n)]
+        calls = [0] * request.n
+        for i in range(request.n):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        async for _, delta in submitted.deltas():
+            i = delta.index
+            events = parsers[i].feed(delta.text)
+            if delta.finish_reason is not None:
+                events += parsers[i].finish()
+            deltas = stream_deltas(events, calls[i])
+            calls[i] += sum(isinstance(e, ParsedCall) for e in events)
+            if not deltas and (delta.finish_reason is not None or delta.logprobs):
+                deltas = [DeltaMessage()]  # nothing to say yet, but logprobs or the end to report
+            for k, message in enumerate(deltas):
+                last = k == len(deltas) - 1
+                yield chunk(
+                    [
+                        ChatChunkChoice(
+                            index=i,
+                            delta=message,
+                            logprobs=chat_logprobs(delta.logprobs) if k == 0 else None,
+                            finish_reason=tool_finish(delta.finish_reason, calls[i]) if last else None,
+                        )
+                    ]
+                )
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield chunk([], usage=submitted.usage())
+
     async def collect(self, request: ChatCompletionRequest, submitted: Submitted) -> dict[str, Any]:
         texts = [""] * request.n
         logprobs: list[list[TokenLogprobs] | None] = [[] if request.logprobs else None for _ in range(request.n)]
@@ -101,15 +218,18 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
                 logprobs[delta.index].extend(delta.logprobs)  # type: ignore[union-attr]
             if delta.finish_reason:
                 finish[delta.index] = delta.finish_reason
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantOut(content=texts[i]),
-                logprobs=chat_logprobs(logprobs[i]),
-                finish_reason=finish[i],
+        parser_class = self._parser_class(request)
+        choices = []
+        for i in range(request.n):
+            message, calls = message_of(texts[i], parser_class() if parser_class else None)
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=chat_logprobs(logprobs[i]),
+                    finish_reason=tool_finish(finish[i], calls),
+                )
             )
-            for i in range(request.n)
-        ]
         return dump(
             ChatCompletion(
                 id=submitted.jobs[0].request_id,

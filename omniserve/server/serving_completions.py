@@ -37,6 +37,7 @@ class CompletionServing(OpenAIServing[CompletionRequest]):
 
     async def prepare(self, request: CompletionRequest) -> list[GenerationRequest]:
         renderer = self.ctx.renderer
+        renderer.check_token_ids(request.stop_token_ids or (), param="stop_token_ids")
         request_id = new_id("cmpl")
         jobs = []
         prompts = request.prompts()

@@ -7,6 +7,7 @@ media are handed to the processor in the same order.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from omniserve.media.loader import MediaSource
@@ -18,6 +19,7 @@ from omniserve.protocol import (
     InputAudioPart,
     SystemMessage,
     TextPart,
+    ToolMessage,
     VideoPart,
 )
 
@@ -45,6 +47,27 @@ def _media_part(part: object, param: str) -> tuple[dict[str, str], MediaSource]:
     raise TypeError(f"not a media part: {type(part).__name__}")
 
 
+def _assistant(message: AssistantMessage) -> HFMessage:
+    """An assistant turn; its calls in the shape HF templates read, arguments as a mapping.
+
+    OpenAI sends arguments as a JSON string; templates write them with ``tojson`` (Llama, Mistral)
+    or as given (Qwen), so a mapping renders right in both, as vLLM passes them too. Content null
+    (a turn of calls only) becomes "": templates test it with string operations.
+    """
+    text = "" if message.content is None else _text_only(message.content)
+    turn: HFMessage = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+    if message.tool_calls:
+        turn["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    return turn
+
+
 def to_hf_messages(messages: list[ChatMessage]) -> tuple[list[HFMessage], list[MediaSource]]:
     """Return HF-style messages and the media sources in prompt order.
 
@@ -57,7 +80,13 @@ def to_hf_messages(messages: list[ChatMessage]) -> tuple[list[HFMessage], list[M
             hf.append({"role": "system", "content": [{"type": "text", "text": _text_only(message.content)}]})
             continue
         if isinstance(message, AssistantMessage):
-            hf.append({"role": "assistant", "content": [{"type": "text", "text": _text_only(message.content)}]})
+            hf.append(_assistant(message))
+            continue
+        if isinstance(message, ToolMessage):
+            text = _text_only(message.content)
+            hf.append(
+                {"role": "tool", "content": [{"type": "text", "text": text}], "tool_call_id": message.tool_call_id}
+            )
             continue
         content = message.content
         if isinstance(content, str):

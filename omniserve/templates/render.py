@@ -30,6 +30,8 @@ class RenderOptions:
 
     max_pixels: int | None = None
     min_pixels: int | None = None
+    #: OpenAI function tools (``{"type": "function", "function": {...}}``), given to the template as ``tools``.
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -92,7 +94,7 @@ def _flatten_text(messages: list[HFMessage]) -> list[HFMessage]:
         content = m["content"]
         if isinstance(content, list):
             content = "".join(p.get("text", "") for p in content)
-        flat.append({"role": m["role"], "content": content})
+        flat.append({**m, "content": content})  # tool_calls and tool_call_id go through as they are
     return flat
 
 
@@ -108,6 +110,7 @@ class PromptRenderer:
         # HF fast tokenizers are not safe to call from several threads at once ("Already borrowed")
         self._lock = threading.Lock()
         self._template_owner = processor if getattr(processor, "chat_template", None) else self.tokenizer
+        self._renders_tools: bool | None = None  # found out on the first request with tools
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, max_model_len: int | None = None) -> PromptRenderer:
@@ -154,8 +157,9 @@ class PromptRenderer:
                 "this model has no chat template; use /v1/completions with a raw prompt", param="messages"
             )
         conversation = self.template_conversation(messages)
+        tools = list(options.tools) if options is not None and options.tools else None
         with self._lock:
-            text = self._apply_template(conversation, add_generation_prompt)
+            text = self._apply_template(conversation, add_generation_prompt, tools=tools)
             if not media:
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
                 return RenderedPrompt(token_ids=list(ids), text=text)
@@ -212,12 +216,33 @@ class PromptRenderer:
             )
         return list(out["input_ids"]), list(out["assistant_masks"])
 
-    def _apply_template(self, conversation: list[HFMessage], add_generation_prompt: bool) -> str:
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes ``tools`` into the prompt: a one-message probe with and without one.
+
+        A template that ignores them would have the model answer without knowing the tools, and the
+        client would never learn why; the gateway refuses tools for such a model instead.
+        """
+        if self._renders_tools is None:
+            probe = self.template_conversation([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+            tool = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}
+            try:
+                with self._lock:
+                    plain = self._apply_template(probe, True)
+                    with_tools = self._apply_template(probe, True, tools=[tool])
+            except InvalidRequest:  # a template that cannot render a lone user turn: no tools either
+                self._renders_tools = False
+            else:
+                self._renders_tools = with_tools != plain
+        return self._renders_tools
+
+    def _apply_template(
+        self, conversation: list[HFMessage], add_generation_prompt: bool, *, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         from jinja2 import TemplateError
 
         try:
             return self._template_owner.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+                conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except TemplateError as exc:
             # the checkpoint's own template refuses this conversation (e.g. roles out of order)
@@ -296,13 +321,32 @@ class PromptRenderer:
             with self._lock:
                 ids = self.tokenizer(prompt)["input_ids"]
             return RenderedPrompt(token_ids=list(ids), text=prompt)
-        vocab = len(self.tokenizer)
+        vocab = self.vocab_size
         bad = [t for t in prompt if t < 0 or t >= vocab]
         if bad:
             raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
         return RenderedPrompt(token_ids=list(prompt))
 
     # ------------------------------------------------------------------ limits
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's length, added tokens included: the ids a request may name.
+
+        The model's embedding may be padded past it, but no id beyond the tokenizer means anything.
+        """
+        return len(self.tokenizer)
+
+    def check_token_ids(self, ids: Iterable[int], *, param: str) -> None:
+        """Refuse ids outside the vocabulary (``stop_token_ids``): the sampler would index its logits with them.
+
+        With ``min_tokens`` such an id reached the transformers engine's sampler, which raised
+        ``IndexError``: a 500, after which uvicorn closed the client's keep-alive connection.
+        """
+        vocab = self.vocab_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} in {param} is outside the vocabulary (size {vocab})", param=param)
 
     def check_length(self, prompt: RenderedPrompt, max_tokens: int | None, *, param: str = "messages") -> int:
         """Return the completion budget; refuse prompts that leave no room in the context window.

@@ -1,0 +1,54 @@
+"""What every tool-call parser yields, and the shape of a parser: fed text as it streams, told when it ends.
+
+The gateway streams replies, so a parser is incremental: ``feed`` takes the next piece of text and
+returns what can be said already (plain text, or a whole call), holding back text that may still
+become part of a call. A non-streamed reply goes through the same parser in one piece
+(``parse_all``), so a streamed and a non-streamed reply of the same text carry the same calls.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """Reply text outside any call: the message's ``content``."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    """One complete call; ``arguments`` is a JSON object encoded as a string, as OpenAI sends it."""
+
+    name: str
+    arguments: str
+
+
+Event = TextPiece | ParsedCall
+
+
+class ToolCallParser(abc.ABC):
+    """Finds calls in one choice's reply. One instance per choice: it keeps that choice's state."""
+
+    #: The name ``--tool-call-parser`` takes.
+    NAME: str
+
+    @classmethod
+    @abc.abstractmethod
+    def matches(cls, chat_template: str) -> bool:
+        """Whether a chat template teaches the model this format (the parser is then chosen by itself)."""
+
+    @abc.abstractmethod
+    def feed(self, text: str) -> list[Event]:
+        """The events the text so far makes certain; text that may still start or continue a call is held."""
+
+    @abc.abstractmethod
+    def finish(self) -> list[Event]:
+        """The reply ended: whatever was held, as text (an unfinished call is not a call)."""
+
+    def parse_all(self, text: str) -> list[Event]:
+        """A whole reply at once (non-streamed), through the same path as a stream."""
+        return self.feed(text) + self.finish()

@@ -1,0 +1,106 @@
+"""The Hermes format, used by Qwen2.5 and Qwen3: ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``.
+
+The templates of these families list the tools as JSON inside ``<tools>`` and tell the model to
+answer each call as one JSON object between ``<tool_call>`` tags; several calls are several blocks.
+A block whose body is not such an object (broken JSON, no name) is given back as the text it was:
+the model wrote something, and a client sees it rather than an error.
+"""
+
+from __future__ import annotations
+
+import json
+
+from omniserve.tools.base import Event, ParsedCall, TextPiece, ToolCallParser
+
+START = "<tool_call>"
+END = "</tool_call>"
+
+
+def _partial_start(text: str) -> int:
+    """Where a suffix of ``text`` that could still grow into ``<tool_call>`` begins (``len(text)``: none)."""
+    for size in range(min(len(START) - 1, len(text)), 0, -1):
+        if START.startswith(text[-size:]):
+            return len(text) - size
+    return len(text)
+
+
+def _call(body: str) -> ParsedCall | None:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):  # some models write the arguments already encoded
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ParsedCall(name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False))
+
+
+class HermesParser(ToolCallParser):
+    """Text streams as it comes; a call is held from ``<tool_call>`` to ``</tool_call>`` and then parsed whole.
+
+    Whitespace is held too until text follows it: the blank lines a model writes between and around
+    its calls are not content, so a reply of calls only has ``content`` null, streamed or not.
+    """
+
+    NAME = "hermes"
+
+    def __init__(self) -> None:
+        self._buffer = ""  # text not yet said: whitespace, a possible start tag, or an open call
+        self._in_call = False
+        self._gap = ""  # the whitespace before the open call: text again if the call turns out not to be one
+        self._calls = 0
+
+    @classmethod
+    def matches(cls, chat_template: str) -> bool:
+        return START in chat_template and END in chat_template
+
+    def feed(self, text: str) -> list[Event]:
+        self._buffer += text
+        events: list[Event] = []
+        while True:
+            if self._in_call:
+                end = self._buffer.find(END)
+                if end < 0:
+                    return events
+                body = self._buffer[:end]
+                call = _call(body)
+                if call is None:
+                    events.append(TextPiece(self._gap + START + body + END))
+                else:
+                    events.append(call)
+                    self._calls += 1
+                self._buffer = self._buffer[end + len(END) :]
+                self._in_call = False
+                continue
+            start = self._buffer.find(START)
+            if start >= 0:
+                before = self._buffer[:start]
+                if before.strip():
+                    events.append(TextPiece(before.rstrip()))  # the blank line before a call is layout
+                self._gap = before[len(before.rstrip()) :]
+                self._buffer = self._buffer[start + len(START) :]
+                self._in_call = True
+                continue
+            # no call begins in the buffer: say all but a possible start tag and trailing whitespace
+            cut = _partial_start(self._buffer)
+            sure = self._buffer[:cut]
+            held = sure[len(sure.rstrip()) :]
+            sure = sure[: len(sure) - len(held)]
+            if sure:
+                events.append(TextPiece(sure))
+            self._buffer = held + self._buffer[cut:]
+            return events
+
+    def finish(self) -> list[Event]:
+        rest = (self._gap + START if self._in_call else "") + self._buffer
+        self._buffer, self._in_call = "", False
+        if not rest or (self._calls and not rest.strip()):
+            return []
+        return [TextPiece(rest)]
