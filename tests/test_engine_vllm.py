@@ -189,26 +189,28 @@ def recorded(server: RunningServer) -> Iterator[list[dict[str, Any]]]:
     """
     calls: list[dict[str, Any]] = []
     engine = server.engine
-    real_generate = engine.generate
+    real_generate_all = engine.generate_all  # what the gateway calls, for one prompt or a batch
 
-    def generate(request: Any) -> Any:
-        call = {"rendered": list(request.prompt.token_ids), "engine": None, "tokens": [], "logprobs": []}
-        calls.append(call)
-        stream = real_generate(request)
+    async def tap(stream: Any, call: dict[str, Any]) -> Any:
+        try:
+            async for delta in stream:
+                call["tokens"].extend(delta.token_ids)
+                call["logprobs"].extend(delta.logprobs or [])
+                yield delta
+        finally:
+            await stream.aclose()
 
-        async def tap() -> Any:
-            try:
-                async for delta in stream:
-                    call["tokens"].extend(delta.token_ids)
-                    call["logprobs"].extend(delta.logprobs or [])
-                    yield delta
-            finally:
-                await stream.aclose()
+    def generate_all(requests: Any) -> Any:
+        streams = real_generate_all(requests)
+        tapped = []
+        for request, stream in zip(requests, streams, strict=True):
+            call = {"rendered": list(request.prompt.token_ids), "engine": None, "tokens": [], "logprobs": []}
+            calls.append(call)
+            tapped.append(tap(stream, call))
+        return tapped
 
-        return tap()
-
-    restore: list[tuple[Any, str, Any]] = [(engine, "generate", None)]
-    engine.generate = generate
+    restore: list[tuple[Any, str, Any]] = [(engine, "generate_all", None)]
+    engine.generate_all = generate_all
     if hasattr(engine, "_llm"):
         llm = engine._llm
         real_llm_generate = llm.generate
