@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from omniserve.quantize.cache import ensure_quantized, entry_name, entry_stem, is_complete, maker_key
+from omniserve.quantize.cache import EntryChoices, ensure_quantized, entry_name, entry_stem, is_complete, maker_key
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +62,16 @@ def test_key_follows_method_scheme_recipe_and_calibration(tiny_qwen2: Path, cach
 
     base = entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir)
     assert entry_name(tiny_qwen2, "awq", cache_dir=cache_dir) != base
-    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, scheme="W8A16") != base
-    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, num_samples=7) != base
+    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, choices=EntryChoices(scheme="W8A16")) != base
+    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, choices=EntryChoices(num_samples=7)) != base
     tweaked = tmp_path / "gptq.yaml"
     tweaked.write_text(
         (recipes_dir() / "gptq.yaml").read_text().replace("dampening_frac: 0.01", "dampening_frac: 0.02")
     )
-    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, recipe=tweaked) != base
+    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, choices=EntryChoices(recipe=tweaked)) != base
     calibration = tmp_path / "calib.jsonl"
     calibration.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
-    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, calibration=calibration) != base
+    assert entry_name(tiny_qwen2, "gptq", cache_dir=cache_dir, choices=EntryChoices(calibration=calibration)) != base
 
 
 def test_already_quantized_folder_is_served_as_is(first: Path, cache_dir: Path) -> None:
@@ -111,8 +111,9 @@ def test_the_name_is_a_stem_every_environment_computes_and_the_makers_versions(
 
 def test_naming_an_entry_imports_no_quantizer(tiny_qwen2: Path, tmp_path: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from omniserve.quantize.cache import entry_stem; "
-        "entry_stem(Path(sys.argv[1]), 'gptq', cache_dir=Path(sys.argv[2]), scheme='W8A16', num_samples=7); "
+        "import sys; from pathlib import Path; from omniserve.quantize.cache import EntryChoices, entry_stem; "
+        "choices = EntryChoices(scheme='W8A16', num_samples=7); "
+        "entry_stem(Path(sys.argv[1]), 'gptq', cache_dir=Path(sys.argv[2]), choices=choices); "
         "print(sorted(m for m in ('llmcompressor', 'compressed_tensors') if m in sys.modules))"
     )
     out = subprocess.run(

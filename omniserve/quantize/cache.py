@@ -39,12 +39,14 @@ returned as it is, whatever method was asked: quantizing twice would only lose m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omniserve.atomic_files import exclusive_lock, lock_holder, try_exclusive_lock
@@ -70,6 +72,18 @@ _MAKER_DIGITS = 8
 _MAKER_SUFFIX = rf"-v[0-9a-f]{{{_MAKER_DIGITS}}}"
 #: What a killed memo write leaves: ``atomic_files``' temporary name, or the pid-named one of older versions.
 _MEMO_LEFTOVER = re.compile(rf"^{re.escape(MEMO_FILE)}\.[A-Za-z0-9_]+\.(?:partial\.json|tmp)$")
+
+
+@dataclass(frozen=True)
+class EntryChoices:
+    """What decides an entry's bytes besides the model and the method (the quantize choices of deploy --quant)."""
+
+    recipe: Path | None = None
+    scheme: str | None = None
+    calibration: Path | None = None
+    num_samples: int | None = None
+    max_length: int | None = None
+    quantize_towers: bool = False
 
 
 def ensure_quantized(
@@ -104,29 +118,10 @@ def ensure_quantized(
         )
         return model
     cache_dir = Path(cache_dir)
+    choices = EntryChoices(recipe, scheme, calibration, num_samples, max_length, quantize_towers)
     if missing_modules(QUANTIZE_MODULES):
-        return _made_elsewhere(
-            model,
-            method,
-            cache_dir=cache_dir,
-            recipe=recipe,
-            scheme=scheme,
-            calibration=calibration,
-            num_samples=num_samples,
-            max_length=max_length,
-            quantize_towers=quantize_towers,
-        )
-    entry = cache_dir / entry_name(
-        model,
-        method,
-        cache_dir=cache_dir,
-        recipe=recipe,
-        scheme=scheme,
-        calibration=calibration,
-        num_samples=num_samples,
-        max_length=max_length,
-        quantize_towers=quantize_towers,
-    )
+        return _made_elsewhere(model, method, cache_dir=cache_dir, choices=choices)
+    entry = cache_dir / entry_name(model, method, cache_dir=cache_dir, choices=choices)
     sweep_stale(cache_dir)
     if is_complete(entry):
         log.info("quantization cache hit: %s", entry)
@@ -156,12 +151,7 @@ def ensure_quantized(
             model=model,
             method=method,
             output=entry,
-            scheme=scheme,
-            recipe=recipe,
-            calibration=calibration,
-            num_samples=num_samples,
-            max_length=max_length,
-            quantize_towers=quantize_towers,
+            **dataclasses.asdict(choices),
             overwrite=entry.exists(),  # not complete (checked above): an empty or legacy leftover, replaced
             device=device,
             progress=progress,
@@ -179,12 +169,7 @@ def _made_elsewhere(
     method: str,
     *,
     cache_dir: Path,
-    recipe: Path | None,
-    scheme: str | None,
-    calibration: Path | None,
-    num_samples: int | None,
-    max_length: int | None,
-    quantize_towers: bool,
+    choices: EntryChoices,
 ) -> Path:
     """Where the quantize extra is missing: the newest complete entry of the stem, whoever made it.
 
@@ -193,17 +178,7 @@ def _made_elsewhere(
     entry for its name and method at all, so a plain miss costs nothing before the one-line refusal.
     """
     if _complete_entries(cache_dir, re.escape(f"{_safe_name(model)}-{method}-") + "[0-9a-f]{16}"):
-        stem = entry_stem(
-            model,
-            method,
-            cache_dir=cache_dir,
-            recipe=recipe,
-            scheme=scheme,
-            calibration=calibration,
-            num_samples=num_samples,
-            max_length=max_length,
-            quantize_towers=quantize_towers,
-        )
+        stem = entry_stem(model, method, cache_dir=cache_dir, choices=choices)
         made = sorted(
             _complete_entries(cache_dir, re.escape(stem)), key=lambda e: ((e / REPORT_JSON).stat().st_mtime_ns, e.name)
         )
@@ -284,30 +259,9 @@ def _remove(path: Path) -> bool:
     return True
 
 
-def entry_name(
-    model: Path,
-    method: str,
-    *,
-    cache_dir: Path,
-    recipe: Path | None = None,
-    scheme: str | None = None,
-    calibration: Path | None = None,
-    num_samples: int | None = None,
-    max_length: int | None = None,
-    quantize_towers: bool = False,
-) -> str:
+def entry_name(model: Path, method: str, *, cache_dir: Path, choices: EntryChoices = EntryChoices()) -> str:
     """``<stem>-v<maker>``: the entry that this environment's libraries make (and, quantizing, serve)."""
-    stem = entry_stem(
-        model,
-        method,
-        cache_dir=cache_dir,
-        recipe=recipe,
-        scheme=scheme,
-        calibration=calibration,
-        num_samples=num_samples,
-        max_length=max_length,
-        quantize_towers=quantize_towers,
-    )
+    stem = entry_stem(model, method, cache_dir=cache_dir, choices=choices)
     return f"{stem}-v{maker_key(library_versions())}"
 
 
@@ -317,34 +271,24 @@ def maker_key(versions: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:_MAKER_DIGITS]
 
 
-def entry_stem(
-    model: Path,
-    method: str,
-    *,
-    cache_dir: Path,
-    recipe: Path | None = None,
-    scheme: str | None = None,
-    calibration: Path | None = None,
-    num_samples: int | None = None,
-    max_length: int | None = None,
-    quantize_towers: bool = False,
-) -> str:
+def entry_stem(model: Path, method: str, *, cache_dir: Path, choices: EntryChoices = EntryChoices()) -> str:
     """``<model folder>-<method>-<16 hex digits of the key>``: readable, unique per input, equal in every environment.
 
     No library version and no llm-compressor import goes into it (see the module's docstring).
     """
-    loaded = read_recipe_defaults(method, recipe)
+    loaded = read_recipe_defaults(method, choices.recipe)
+    calibration = choices.calibration
     calibration_file = Path(calibration) if calibration is not None else default_calibration_file()
     key = {
         "format": CACHE_FORMAT,
         "model": content_fingerprint(model, cache_dir / MEMO_FILE),
         "method": method,
         "recipe_sha256": loaded.sha256,
-        "scheme": loaded.resolve_scheme(scheme),
+        "scheme": loaded.resolve_scheme(choices.scheme),
         "calibration": _calibration_digest(calibration_file),
-        "num_samples": num_samples or loaded.calibration.num_samples,
-        "max_length": max_length or loaded.calibration.max_length,
-        "quantize_towers": quantize_towers,
+        "num_samples": choices.num_samples or loaded.calibration.num_samples,
+        "max_length": choices.max_length or loaded.calibration.max_length,
+        "quantize_towers": choices.quantize_towers,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return f"{_safe_name(model)}-{method}-{digest}"
