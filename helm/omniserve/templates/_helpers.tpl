@@ -138,7 +138,12 @@ left out so the CLI's defaults apply. Returned as a YAML list.
 {{- $args = concat $args (list (index . 0) (include "omniserve.word" (index . 1))) }}
 {{- end }}
 {{- end }}
-{{- range $key, $value := $v.engine.args }}
+{{- $engineArgs := $v.engine.args }}
+{{- if $v.multiNode.enabled }}
+{{- /* vLLM shards over the pods' Ray cluster; omniserve.checkMultiNode refuses any other backend */}}
+{{- $engineArgs = merge (dict "distributed_executor_backend" "ray") $v.engine.args }}
+{{- end }}
+{{- range $key, $value := $engineArgs }}
 {{- $args = concat $args (list "--engine-arg" (printf "%s=%s" $key (include "omniserve.word" $value))) }}
 {{- end }}
 {{- range $key, $value := $v.media.limitPerRequest }}
@@ -168,7 +173,13 @@ the engine cannot start, more and they sit idle while another pod waits for them
 {{- $tp := int (default 1 (index .Values.engine.args "tensor_parallel_size")) }}
 {{- $pp := int (default 1 (index .Values.engine.args "pipeline_parallel_size")) }}
 {{- $want := mul $tp $pp }}
-{{- if and (gt $want 1) (ne $want (int .Values.accelerator.count)) }}
+{{- if .Values.multiNode.enabled }}
+{{- $size := int .Values.multiNode.size }}
+{{- $gpus := int .Values.accelerator.count }}
+{{- if ne $want (mul $size $gpus) }}
+{{- fail (printf "multiNode: engine.args tensor_parallel_size x pipeline_parallel_size = %d x %d = %d GPUs, but the group has multiNode.size x accelerator.count = %d x %d = %d: make them equal (e.g. tensor_parallel_size = accelerator.count, pipeline_parallel_size = multiNode.size)" $tp $pp $want $size $gpus (mul $size $gpus)) }}
+{{- end }}
+{{- else if and (gt $want 1) (ne $want (int .Values.accelerator.count)) }}
 {{- fail (printf "engine.args tensor_parallel_size x pipeline_parallel_size = %d GPUs, but accelerator.count = %d: set accelerator.count to %d" $want (int .Values.accelerator.count) $want) }}
 {{- end }}
 {{- end }}
@@ -272,5 +283,79 @@ running answers off mid-stream, which is what the drain exists to prevent.
 {{- $need := add (ceil $s.drainDelaySeconds) (ceil $s.drainTimeoutSeconds) 10 }}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $need) }}
 {{- fail (printf "terminationGracePeriodSeconds %d is too short for the drain: server.drainDelaySeconds %v + server.drainTimeoutSeconds %v + 10 s to stop the engine = %d; raise it (or lower the drain)" (int .Values.terminationGracePeriodSeconds) $s.drainDelaySeconds $s.drainTimeoutSeconds (int $need)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Multi-node mode shards one vLLM engine over the Ray cluster of a LeaderWorkerSet group. What cannot work
+there is refused before anything reaches the cluster, rather than found in a pod's log an hour later.
+*/}}
+{{- define "omniserve.checkMultiNode" -}}
+{{- $v := .Values }}
+{{- if ne $v.engine.name "vllm" }}
+{{- fail (printf "multiNode.enabled needs engine.name vllm (got %q): only vLLM shards one model over several pods (through Ray); the other engines serve from one pod, so turn multiNode off and raise accelerator.count instead" $v.engine.name) }}
+{{- end }}
+{{- with (index $v.engine.args "distributed_executor_backend") }}
+{{- if ne (toString .) "ray" }}
+{{- fail (printf "multiNode.enabled runs vLLM on Ray across the pods: engine.args.distributed_executor_backend %q cannot reach the workers' GPUs; leave it out (the chart sets ray)" (toString .)) }}
+{{- end }}
+{{- end }}
+{{- if lt (int $v.multiNode.size) 2 }}
+{{- fail "multiNode.size is the number of pods per group, leader included: at least 2 (one pod needs no multiNode)" }}
+{{- end }}
+{{- if lt (int $v.accelerator.count) 1 }}
+{{- fail "multiNode.enabled needs accelerator.count >= 1: the GPUs each pod (leader and workers) gives the Ray cluster" }}
+{{- end }}
+{{- if eq $v.model.source "builtin" }}
+{{- fail "multiNode.enabled needs model.source pvc, hostPath or download: every pod of the group loads its shard from /models, and the built-in model only exists on the pod that builds it" }}
+{{- end }}
+{{- if $v.quantization.method }}
+{{- fail "multiNode.enabled with quantization.method: the workers would need the quantized weights the leader writes into its own cache. Quantize once with `omniserve deploy --model M --quant METHOD --quantize-only` and serve the folder it prints (model.path)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The leader's script: start the Ray head with this pod's GPUs, then exec the image's entrypoint with the
+arguments that follow the script ("$@": the same flag list a single pod gets, kept as a YAML list).
+*/}}
+{{- define "omniserve.rayHeadScript" -}}
+{{- $m := .Values.multiNode -}}
+ray start --head --port={{ include "omniserve.word" $m.rayPort }} --num-gpus={{ include "omniserve.word" .Values.accelerator.count }} --include-dashboard=false --disable-usage-stats && exec omniserve deploy "$@"
+{{- end }}
+
+{{/*
+A worker's script: wait until the leader's Ray head answers (LeaderWorkerSet starts both at once), then
+join it for as long as it lives. LWS_LEADER_ADDRESS is set by LeaderWorkerSet in every pod of a group.
+*/}}
+{{- define "omniserve.rayWorkerScript" -}}
+{{- $m := .Values.multiNode -}}
+head="${LWS_LEADER_ADDRESS}:{{ include "omniserve.word" $m.rayPort }}"; until ray health-check --address "$head" >/dev/null 2>&1; do echo "waiting for the Ray head at $head"; sleep 5; done; exec ray start --address="$head" --num-gpus={{ include "omniserve.word" .Values.accelerator.count }} --disable-usage-stats --block
+{{- end }}
+
+{{/*
+Selector of the pods that serve HTTP: every pod of a single-pod release, only the leaders (LeaderWorkerSet
+gives them worker index 0) in multi-node mode, where workers run Ray alone.
+*/}}
+{{- define "omniserve.servingSelectorLabels" -}}
+{{ include "omniserve.selectorLabels" . }}
+{{- if .Values.multiNode.enabled }}
+leaderworkerset.sigs.k8s.io/worker-index: "0"
+{{- end }}
+{{- end }}
+
+{{/* What an autoscaler scales: the Deployment, or the LeaderWorkerSet's groups (its scale subresource). */}}
+{{- define "omniserve.scaleTargetRef" -}}
+apiVersion: {{ ternary "leaderworkerset.x-k8s.io/v1" "apps/v1" .Values.multiNode.enabled }}
+kind: {{ ternary "LeaderWorkerSet" "Deployment" .Values.multiNode.enabled }}
+name: {{ include "omniserve.fullname" . }}
+{{- end }}
+
+{{/*
+One autoscaler owns the replica count: the HPA (autoscaling) or KEDA's ScaledObject, which creates an HPA
+of its own; two would fight over the same target.
+*/}}
+{{- define "omniserve.checkScaling" -}}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
+{{- fail "autoscaling.enabled and keda.enabled both scale the same pods (KEDA creates its own HorizontalPodAutoscaler): pick one" }}
 {{- end }}
 {{- end }}
