@@ -176,7 +176,7 @@ def options_command(
 
 def _parameter(flag: Flag) -> inspect.Parameter:
     declaration = flag.option
-    if flag.annotation is bool:  # --x / --no-x, as typer spells booleans
+    if flag.annotation is bool or flag.annotation == bool | None:  # --x / --no-x (None: neither given)
         declaration = f"{flag.option}/--no-{flag.option.removeprefix('--')}"
     option = typer.Option(declaration, help=flag.help, show_default=flag.default not in (None, ...))
     return inspect.Parameter(

@@ -61,6 +61,15 @@ def test_wheel_ships_the_demo_model(wheel: Path) -> None:
     assert expected <= names
 
 
+def test_wheel_ships_the_playground_page(wheel: Path) -> None:
+    """`GET /` of an installed server reads the page's files from the package (omniserve/server/static)."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    static = ROOT / "omniserve" / "server" / "static"
+    expected = {p.relative_to(ROOT).as_posix() for p in static.iterdir() if p.is_file()}
+    assert "omniserve/server/static/playground.html" in expected
+    assert expected <= names, sorted(expected - names)
+
+
 def test_installed_wheel_finds_its_suites_and_recipes(wheel: Path, tmp_path: Path) -> None:
     """Installed (not from this checkout), the built-in suites load with their data and the recipes resolve."""
     venv = tmp_path / "venv"
@@ -79,7 +88,10 @@ data = {}
 for name in builtin_suites():
     folder = load_suite(name).data_dir()
     data[name] = sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder else None
-print(json.dumps({"suites": str(suites_dir()), "recipes": str(recipes_dir()), "prefix": sys.prefix, "data": data}))
+from omniserve.server.playground import read_static
+page = len(read_static("playground.html"))
+print(json.dumps({"suites": str(suites_dir()), "recipes": str(recipes_dir()), "prefix": sys.prefix, "data": data,
+                  "page": page}))
 """
     # the dependencies come from this environment; omniserve itself only from the fresh one
     env = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": "/usr/bin:/bin"}
@@ -90,6 +102,7 @@ print(json.dumps({"suites": str(suites_dir()), "recipes": str(recipes_dir()), "p
     assert found["recipes"] == f"{found['prefix']}/share/omniserve/quantize"
     assert set(found["data"]) == {"image-mcq", "omni-synth", "text-mcq", "text-qa"}
     assert found["data"]["omni-synth"] is None  # generated at run time
+    assert found["page"] == (ROOT / "omniserve" / "server" / "static" / "playground.html").stat().st_size
     for name in ("image-mcq", "text-mcq", "text-qa"):
         expected = sorted(p.name for p in (ROOT / "eval" / name).rglob("*") if p.is_file())
         assert found["data"][name] == expected, name
