@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 from omniserve.atomic_files import write_text_atomic, write_with
 from omniserve.eval.bench_data import Media, inspect_file, write_synthetic
 from omniserve.eval.errors import BenchError
+from omniserve.eval.html_report import write_bench_html
 from omniserve.eval.report import library_versions
 from omniserve.eval.target import TargetOptions, connect
 from omniserve.eval.worker import Worker, require_eval_extra, required_cache_dir
@@ -53,11 +54,26 @@ class BenchOptions(TargetOptions):
         None, description="Eval cache (EvalScope/HF caches). Default: ~/.cache/omniserve/eval."
     )
     request_timeout: int = Field(300, ge=1, description="Seconds per request.")
+    request_rate: list[float] | None = Field(
+        None,
+        description="Open loop instead of --concurrency: requests/s levels (Poisson arrivals, concurrency unbounded).",
+        json_schema_extra={"csv": True},
+    )
+    slo_ttft_ms: float | None = Field(
+        None,
+        gt=0,
+        description="With --request-rate: stop at the first rate whose TTFT p99 exceeds this many ms; "
+        "report the highest rate that held.",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> BenchOptions:
         if any(c < 1 for c in self.concurrency):
             raise ValueError("concurrency levels must be >= 1")
+        if self.request_rate is not None and any(not (math.isfinite(r) and r > 0) for r in self.request_rate):
+            raise ValueError("--request-rate levels must be numbers > 0 (requests per second)")
+        if self.slo_ttft_ms is not None and (self.request_rate is None or not self.stream):
+            raise ValueError("--slo-ttft-ms sweeps --request-rate levels and needs --stream (TTFT)")
         if self.media != "none" and self.dataset != "synthetic":
             raise ValueError("--media applies to --dataset synthetic; put media in your file's messages instead")
         return self
@@ -71,7 +87,8 @@ class Stats(BaseModel):
 
 
 class LevelResult(BaseModel):
-    concurrency: int
+    concurrency: int  # -1: open loop (unbounded), as EvalScope writes it
+    rate: float | None = Field(None, description="Open loop: the requests/s the arrivals were scheduled at.")
     requests: int
     succeeded: int
     failed: int
@@ -93,30 +110,42 @@ class BenchReport(BaseModel):
     options: dict[str, Any]
     versions: dict[str, str | None] = Field(default_factory=library_versions)
     levels: list[LevelResult]
+    slo: dict[str, Any] | None = Field(
+        None, description="--slo-ttft-ms: the target, the highest rate whose TTFT p99 held, the rate that broke it."
+    )
     folder: Path = Field(exclude=True)
 
     def markdown(self) -> str:
+        open_loop = any(r.rate is not None for r in self.levels)
         lines = [
             f"Benchmark of {self.target.get('model')} ({'stream' if self.options.get('stream') else 'no stream'}, "
             f"{'' if self.options.get('ignore_eos') else 'up to '}{self.options.get('max_tokens')} tokens out, "
             f"dataset {self.options.get('dataset')}"
             f"{', media ' + str(self.options.get('media')) if self.options.get('media') != 'none' else ''})",
             "",
-            "| concurrency | ok/failed | req/s | out tok/s | TTFT ms mean/p50/p99 | TPOT ms mean/p50/p99 "
-            "| ITL ms mean/p50/p99 | latency s p50/p99 |",
+            f"| {'rate' if open_loop else 'concurrency'} | ok/failed | req/s | out tok/s | TTFT ms mean/p50/p99 "
+            "| TPOT ms mean/p50/p99 | ITL ms mean/p50/p99 | latency s p50/p99 |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in self.levels:
             lines.append(
-                f"| {r.concurrency} | {r.succeeded}/{r.failed} | {r.requests_per_s:.2f} | {r.output_tokens_per_s:.1f} "
+                f"| {_load(r)} | {r.succeeded}/{r.failed} | {r.requests_per_s:.2f} | {r.output_tokens_per_s:.1f} "
                 f"| {_three(r.ttft_ms)} | {_three(r.tpot_ms)} | {_three(r.itl_ms)} "
                 f"| {_fmt(r.latency_s.p50, 3)}/{_fmt(r.latency_s.p99, 3)} |"
             )
+        if self.slo is not None:
+            held = self.slo.get("highest_rate_held")
+            lines += [
+                "",
+                f"TTFT p99 target {self.slo['ttft_p99_ms']:g} ms: highest rate that held "
+                + (f"{held:g} req/s" if held is not None else "none (the lowest rate already exceeded it)")
+                + (f"; exceeded at {self.slo['exceeded_at']:g} req/s" if self.slo.get("exceeded_at") else ""),
+            ]
         return "\n".join(lines) + "\n"
 
 
 def run_bench(options: BenchOptions) -> BenchReport:
-    """Run every level, write bench.json / bench.md / bench.png; raise ``BenchError`` if a level has no result."""
+    """Run every level, write bench.json / .md / .png / .html; raise ``BenchError`` if a level has no result."""
     require_eval_extra(charts=True)
     cache_dir = required_cache_dir(options.cache_dir)
     folder = options.output or Path("omniserve-bench") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -151,26 +180,84 @@ def run_bench(options: BenchOptions) -> BenchReport:
             "outputs_dir": str(folder / "evalscope"),
             "no_timestamp": True,
         }
-        job = {"kind": "perf", "arguments": arguments}
-        worker = Worker.start(job, folder=folder / "worker", cache_dir=cache_dir, api_key=target.api_key)
-        code = worker.wait()
-        gone = target.problem()
+        slo = None
+        if options.request_rate is not None:
+            levels, slo = _open_loop(options, arguments, folder, cache_dir, target)
+        else:
+            job = {"kind": "perf", "arguments": arguments}
+            worker = Worker.start(job, folder=folder / "worker", cache_dir=cache_dir, api_key=target.api_key)
+            code = worker.wait()
+            gone = target.problem()
+            levels = [
+                _level(folder / "evalscope", c, count, code, worker.log_tail(), gone) for c in options.concurrency
+            ]
     finally:
         target.close()
-    levels = [_level(folder / "evalscope", c, count, code, worker.log_tail(), gone) for c in options.concurrency]
     recorded = options.model_dump(mode="json", exclude={"api_key"})
-    report = BenchReport(target=target.identity, options=recorded, levels=levels, folder=folder)
-    write_text_atomic(folder / "bench.json", report.model_dump_json(indent=2) + "\n")
-    write_text_atomic(folder / "bench.md", report.markdown())
-    _chart(report, folder / "bench.png")
+    report = BenchReport(target=target.identity, options=recorded, levels=levels, slo=slo, folder=folder)
+    write_reports(report)
     return report
 
 
-def _level(root: Path, concurrency: int, count: int, code: int, log_tail: str, gone: str | None) -> LevelResult:
-    found = next(root.glob(f"**/parallel_{concurrency}_number_{count}/benchmark_summary.json"), None)
+def write_reports(report: BenchReport) -> None:
+    """bench.json, bench.md, bench.png and bench.html (the table and the chart, for a browser) in its folder."""
+    folder = report.folder
+    write_text_atomic(folder / "bench.json", report.model_dump_json(indent=2) + "\n")
+    write_text_atomic(folder / "bench.md", report.markdown())
+    _chart(report, folder / "bench.png")
+    write_bench_html(report, folder / "bench.png", folder / "bench.html")
+
+
+def _open_loop(
+    options: BenchOptions, arguments: dict[str, Any], folder: Path, cache_dir: Path, target: Any
+) -> tuple[list[LevelResult], dict[str, Any] | None]:
+    """One EvalScope open-loop run per rate, lowest first; with an SLO, stop at the first rate that breaks it.
+
+    One process per rate (rather than EvalScope's own rate list) so the sweep can stop as soon as a
+    rate misses the target instead of loading the server with every higher rate too.
+    """
+    levels: list[LevelResult] = []
+    held: float | None = None
+    exceeded: float | None = None
+    for rate in sorted(options.request_rate or []):
+        run = folder / "evalscope" / f"rate-{rate:g}"
+        job = {
+            "kind": "perf",
+            "arguments": {**arguments, "open_loop": True, "rate": [rate], "number": [options.requests],
+                          "parallel": [1], "outputs_dir": str(run)},
+        }  # fmt: skip
+        worker = Worker.start(job, folder=folder / f"worker-rate-{rate:g}", cache_dir=cache_dir, api_key=target.api_key)
+        code = worker.wait()
+        level = _level(run, -1, options.requests, code, worker.log_tail(), target.problem(), rate=rate)
+        levels.append(level)
+        if options.slo_ttft_ms is None:
+            continue
+        p99 = level.ttft_ms.p99
+        if level.failed == 0 and p99 is not None and p99 <= options.slo_ttft_ms:
+            held = rate
+        else:
+            exceeded = rate
+            break
+    slo = None
+    if options.slo_ttft_ms is not None:
+        slo = {"ttft_p99_ms": options.slo_ttft_ms, "highest_rate_held": held, "exceeded_at": exceeded}
+    return levels, slo
+
+
+def _load(level: LevelResult) -> str:
+    """The load column: a concurrency level, or an open-loop rate."""
+    return f"{level.rate:g} req/s" if level.rate is not None else str(level.concurrency)
+
+
+def _level(
+    root: Path, concurrency: int, count: int, code: int, log_tail: str, gone: str | None, *, rate: float | None = None
+) -> LevelResult:
+    pattern = f"**/rate_*_number_{count}" if rate is not None else f"**/parallel_{concurrency}_number_{count}"
+    found = next(root.glob(f"{pattern}/benchmark_summary.json"), None)
     if found is None:
         why = gone or f"EvalScope perf exited with code {code}"
-        raise BenchError(f"no result for concurrency {concurrency}: {why}\n{log_tail}")
+        what = f"rate {rate:g} req/s" if rate is not None else f"concurrency {concurrency}"
+        raise BenchError(f"no result for {what}: {why}\n{log_tail}")
     summary = json.loads(found.read_text("utf-8"))
     percentiles = json.loads((found.parent / "benchmark_percentile.json").read_text("utf-8"))
     rows = {row["Percentiles"]: row for row in percentiles}
@@ -185,6 +272,7 @@ def _level(root: Path, concurrency: int, count: int, code: int, log_tail: str, g
 
     return LevelResult(
         concurrency=concurrency,
+        rate=rate,
         requests=int(summary.get("Total Requests", count)),
         succeeded=int(summary.get("Success Requests", 0)),
         failed=int(summary.get("Failed Requests", 0)),
@@ -207,10 +295,12 @@ def _chart(report: BenchReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r.concurrency for r in report.levels]
+    open_loop = any(r.rate is not None for r in report.levels)
+    xs = [r.rate if r.rate is not None else r.concurrency for r in report.levels]
+    x_label = "requests/s (open loop)" if open_loop else "concurrency"
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(xs, [r.output_tokens_per_s for r in report.levels], "o-", label="output tok/s")
-    left.set_xlabel("concurrency")
+    left.set_xlabel(x_label)
     left.set_ylabel("output tokens/s")
     twin = left.twinx()
     twin.plot(xs, [r.requests_per_s for r in report.levels], "s--", color="tab:orange", label="req/s")
@@ -227,13 +317,13 @@ def _chart(report: BenchReport, path: Path) -> None:
         values = [pick(r) for r in report.levels]
         if any(v is not None for v in values):
             right.plot(xs, [float("nan") if v is None else v for v in values], "o-", label=name)
-    right.set_xlabel("concurrency")
+    right.set_xlabel(x_label)
     right.set_ylabel("milliseconds")
     right.set_title("Latency")
     right.legend(fontsize=8)
     for axis in (left, right):
         axis.set_xscale("log", base=2)
-        axis.set_xticks(xs, [str(x) for x in xs])
+        axis.set_xticks(xs, [f"{x:g}" for x in xs])
     fig.suptitle(f"omniserve bench: {report.target.get('model')}")
     fig.tight_layout()
     write_with(path, lambda staging: fig.savefig(staging, dpi=110, format="png"))

@@ -7,7 +7,9 @@ the rest load inside the commands, so ``omniserve --help`` stays instant.
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -52,7 +54,35 @@ def eval_command(options: EvalOptions) -> None:
         raise typer.Exit(1)
 
 
-eval_app.callback()(eval_command)
+def _list_suites(value: bool) -> None:
+    """``--list-suites``: print the built-in suites and EvalScope's standard benchmarks, then stop."""
+    if not value:
+        return
+    from omniserve.eval.standard import listing
+    from omniserve.eval.suites import builtin_suites, load_suite
+
+    builtin = []
+    for name in builtin_suites():
+        suite = load_suite(name)
+        builtin.append((name, suite.format, suite.scoring))
+    typer.echo(listing(builtin))
+    raise typer.Exit(0)
+
+
+def _with_list_suites(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with an eager ``--list-suites`` flag, which needs neither a suite nor a server."""
+    signature = inspect.signature(command)
+    flag = typer.Option(
+        "--list-suites", is_eager=True, callback=_list_suites, help="List built-in suites and standard benchmarks."
+    )
+    extra = inspect.Parameter(
+        "list_suites", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, flag]
+    )
+    vars(command)["__signature__"] = signature.replace(parameters=[*signature.parameters.values(), extra])
+    return command
+
+
+eval_app.callback()(_with_list_suites(eval_command))
 
 
 @eval_app.command("compare")
@@ -63,12 +93,12 @@ def compare_command(
     ] = None,
 ) -> None:
     """Put runs side by side (e.g. bf16 vs awq vs gptq vs fp8): table, retention per suite, PNG plot."""
-    from omniserve.eval.compare import compare_runs
+    from omniserve.eval.compare import COMPARE_HTML, compare_runs
 
     with exit_on(EvalError):
         comparison = compare_runs(runs, output or Path("omniserve-compare"))
     typer.echo(comparison.markdown())
-    typer.echo(f"plot: {comparison.plot}")
+    typer.echo(f"plot: {comparison.plot}; page: {comparison.plot.with_name(COMPARE_HTML)}")
 
 
 @options_command(BenchOptions)
@@ -79,4 +109,7 @@ def bench_command(options: BenchOptions) -> None:
     with exit_on(EvalError):
         report = run_bench(with_default_cache(options))
     typer.echo(report.markdown())
-    typer.echo(f"results: {report.folder / 'bench.json'}; chart: {report.folder / 'bench.png'}")
+    typer.echo(
+        f"results: {report.folder / 'bench.json'}; chart: {report.folder / 'bench.png'}; "
+        f"page: {report.folder / 'bench.html'}"
+    )

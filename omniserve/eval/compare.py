@@ -14,12 +14,14 @@ from pathlib import Path
 
 from omniserve.atomic_files import write_text_atomic, write_with
 from omniserve.eval.errors import EvalError
+from omniserve.eval.html_report import write_compare_html
 from omniserve.eval.report import REPORT_JSON, RunReport
 from omniserve.eval.worker import require_eval_extra
 
 COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
 COMPARE_PNG = "compare.png"
+COMPARE_HTML = "compare.html"
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Comparison:
 
 
 def compare_runs(runs: list[Path], output: Path) -> Comparison:
-    """Read each run's report, write compare.json/.md/.png into ``output``; the first run is the baseline."""
+    """Read each run's report, write compare.json/.md/.png/.html into ``output``; the first run is the baseline."""
     if not runs:
         raise EvalError("give at least one run folder")
     require_eval_extra(evalscope=False, charts=True)
@@ -65,8 +67,17 @@ def compare_runs(runs: list[Path], output: Path) -> Comparison:
     suites = list(dict.fromkeys(s for r in reports for s in r.suites))
     scores = {label: {s: r.suites[s].score for s in r.suites} for label, r in zip(labels, reports, strict=True)}
     base = scores[labels[0]]
+    # error rates (a standard benchmark's WER): keeping quality means the rate did not grow, so base / score
+    lower = {s for r in reports for s, res in r.suites.items() if (res.standard or {}).get("lower_is_better")}
     retention = {
-        label: {s: (v / base[s] if v is not None and base.get(s) else None) for s, v in scores[label].items()}
+        label: {
+            s: (
+                (base[s] / v if s in lower else v / base[s])
+                if v is not None and base.get(s) and (v or s not in lower)
+                else None
+            )
+            for s, v in scores[label].items()
+        }
         for label in labels
     }
     output.mkdir(parents=True, exist_ok=True)
@@ -80,6 +91,7 @@ def compare_runs(runs: list[Path], output: Path) -> Comparison:
     )
     write_text_atomic(output / COMPARE_MD, comparison.markdown())
     _plot(comparison)
+    write_compare_html(comparison, output / COMPARE_HTML)  # the table and the chart, for a browser
     return comparison
 
 

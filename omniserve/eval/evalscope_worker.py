@@ -75,6 +75,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m omniserve.eval.evalscope_worker JOB.json", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[1]).read_text("utf-8"))
+    if job["kind"].startswith("standard-"):  # EvalScope's own benchmarks (omniserve.eval.standard)
+        from omniserve.eval import standard_worker
+
+        {"standard-load": standard_worker.run_load_job, "standard-eval": standard_worker.run_eval_job}[job["kind"]](job)
+        return 0
     {"eval": run_eval_job, "perf": run_perf_job}[job["kind"]](job)
     return 0
 

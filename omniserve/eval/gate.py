@@ -28,6 +28,7 @@ from omniserve.eval.datasets import generator_fingerprint
 from omniserve.eval.errors import EvalError, GateRefused, GateUnavailable
 from omniserve.eval.report import library_versions
 from omniserve.eval.runner import EvalOptions, run_evaluation
+from omniserve.eval.standard import LOWER_IS_BETTER, StandardDataMissing, file_hashes, info, is_standard, resolve
 from omniserve.eval.suites import Suite, load_suite
 from omniserve.eval.target import evaluation_server
 from omniserve.eval.worker import require_eval_extra
@@ -93,12 +94,57 @@ def parse_gate_spec(spec: str) -> GateSpec:
     return GateSpec(suite=suite.strip(), max_drop=max_drop)
 
 
-def check_gate_spec(spec: str) -> GateSpec:
+def check_gate_spec(spec: str, *, dataset_dir: Path | None = None) -> GateSpec:
     """``spec`` parsed, its suite loaded and the eval extra present: everything that can fail before a model loads."""
     parsed = parse_gate_spec(spec)
     require_eval_extra()
-    load_suite(parsed.suite)
+    if is_standard(parsed.suite):
+        _standard_data(parsed.suite, dataset_dir)
+    else:
+        load_suite(parsed.suite)
     return parsed
+
+
+@dataclass(frozen=True)
+class _StandardGate:
+    """A standard benchmark (``evalscope:NAME``) as the gate needs it: name, data folder, what decides its score."""
+
+    ref: str
+    dataset_dir: Path
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.ref
+
+    @property
+    def path(self) -> None:
+        return None
+
+    def model_dump(self, mode: str = "json") -> dict[str, str]:
+        return {"standard": self.ref}
+
+
+def _standard_data(ref: str, dataset_dir: Path | None) -> _StandardGate:
+    """The benchmark's data folder, checked (exit 2 before anything is quantized); WER-like metrics refused."""
+    name = resolve(ref)
+    about = info(name)
+    if about.metric.lower() in LOWER_IS_BETTER:
+        raise InvalidGateSpec(
+            f"--gate {ref}: its metric ({about.metric}) falls as quality rises; the gate compares scores where "
+            "higher is better"
+        )
+    folder = Path(dataset_dir).expanduser() / name if dataset_dir is not None else None
+    if folder is None or not folder.is_dir():
+        where = f"{folder} does not exist" if folder is not None else "no --gate-dataset-dir was given"
+        raise StandardDataMissing(
+            f"--gate {ref}: {where}; pass --gate-dataset-dir DIR with {name}/ holding a copy of "
+            f"{about.dataset_id} ({about.files})"
+        )
+    digest = _digest(file_hashes(folder))
+    return _StandardGate(
+        ref=f"evalscope:{name}", dataset_dir=Path(dataset_dir).expanduser().resolve(), fingerprint=digest
+    )
 
 
 def gate_or_refuse(
@@ -120,17 +166,19 @@ def gate_or_refuse(
     ``DatasetMissing`` for a bad suite (before any model is loaded).
     """
     parsed = parse_gate_spec(spec)
-    suite = load_suite(parsed.suite)
+    server = server or DeployOptions()
+    suite: Suite | _StandardGate = (
+        _standard_data(parsed.suite, server.gate_dataset_dir) if is_standard(parsed.suite) else load_suite(parsed.suite)
+    )
     original, quantized = Path(original).resolve(), Path(quantized).resolve()
     if original == quantized:
         raise GateUnavailable(
             f"--gate compares a quantized model with its original, but {original} was served as it is "
             "(already quantized?): gate the full-precision checkpoint instead"
         )
-    server = server or DeployOptions()
     common = _common_key(suite, limit, server)
     key = _digest({**common, "original": _files(original), "quantized": _files(quantized)})
-    record = _record_path(quantized, cache_dir, suite.name, key)
+    record = _record_path(quantized, cache_dir, _file_name(suite.name), key)
     cached = record.is_file()
     if cached:
         scores = json.loads(record.read_text("utf-8"))
@@ -169,9 +217,13 @@ def gate_or_refuse(
     return result
 
 
+def _file_name(name: str) -> str:
+    return name.replace(":", "-")
+
+
 def _baseline(
     model: Path,
-    suite: Suite,
+    suite: Suite | _StandardGate,
     key: str,
     run: Path,
     cache_dir: Path,
@@ -179,7 +231,7 @@ def _baseline(
     limit: int | None,
 ) -> float:
     """The original's score, shared through the eval cache by every quantization of it."""
-    file = cache_dir / "gate-baselines" / f"{suite.name}-{key}.json"
+    file = cache_dir / "gate-baselines" / f"{_file_name(suite.name)}-{key}.json"
     if file.is_file():
         return float(json.loads(file.read_text("utf-8"))["score"])
     score = _score(model, suite, run, cache_dir, server, limit)
@@ -187,14 +239,18 @@ def _baseline(
     return score
 
 
-def _score(model: Path, suite: Suite, run: Path, cache_dir: Path, server: DeployOptions, limit: int | None) -> float:
+def _score(
+    model: Path, suite: Suite | _StandardGate, run: Path, cache_dir: Path, server: DeployOptions, limit: int | None
+) -> float:
     log.info("quality gate %s: evaluating %s", suite.name, model)
+    standard = isinstance(suite, _StandardGate)
     options = EvalOptions(
-        suites=[str(suite.path)],
+        suites=[suite.ref if standard else str(suite.path)],
         server=evaluation_server(server, model),
         output=run,
         limit=limit,
         cache_dir=cache_dir,
+        dataset_dir=suite.dataset_dir if standard else None,
     )
     report = run_evaluation(options)
     result = report.suites[suite.name]
@@ -218,14 +274,14 @@ def _record_path(quantized: Path, cache_dir: Path, suite: str, key: str) -> Path
     raise GateUnavailable(f"cannot write the gate's results next to {quantized} nor into {cache_dir}")
 
 
-def _common_key(suite: Suite, limit: int | None, server: DeployOptions) -> dict[str, object]:
+def _common_key(suite: Suite | _StandardGate, limit: int | None, server: DeployOptions) -> dict[str, object]:
     """What decides the scores besides the models; scheduling limits (concurrency, queue) do not."""
     versions = library_versions()
     scored = evaluation_server(server, Path("."))
     return {
         "format": 2,
         "suite": suite.model_dump(mode="json"),
-        "data": _data_fingerprint(suite),
+        "data": suite.fingerprint if isinstance(suite, _StandardGate) else _data_fingerprint(suite),
         "limit": limit,
         "engine": scored.engine,
         "engine_options": scored.engine_options.model_dump(mode="json", include=_SCORE_OPTIONS),

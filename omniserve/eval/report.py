@@ -50,6 +50,9 @@ class SuiteResult(BaseModel):
     errors: list[str] = Field(default_factory=list)
     seconds: float = 0.0
     evalscope_dir: str | None = None
+    standard: dict[str, Any] | None = Field(
+        None, description="Standard benchmarks: items, EvalScope version, dataset files' sha256, media options."
+    )
 
 
 class RunReport(BaseModel):
@@ -93,6 +96,17 @@ class RunReport(BaseModel):
             items = f"{result.samples.scored}/{result.samples.requested}"
             row = [result.suite, result.metric, _pct(result.score), items, result.status, subsets or "-"]
             lines.append("| " + " | ".join(row) + " |")
+        standard = [r for r in self.suites.values() if r.standard]
+        if standard:  # what makes a standard benchmark's score reproducible
+            lines += ["", "## Standard benchmarks", ""]
+            for r in standard:
+                info = r.standard or {}
+                data = info.get("dataset_dir") or f"downloaded ({info.get('dataset_id')})"
+                media = ", ".join(f"{k}={v}" for k, v in (info.get("media") or {}).items()) or "server defaults"
+                lines.append(
+                    f"- **{r.suite}**: {info.get('items')} items, EvalScope {info.get('evalscope')}, data `{data}` "
+                    f"({len(info.get('files') or {})} files hashed), media {media}"
+                )
         problems = [(r.suite, e) for r in self.suites.values() for e in r.errors]
         if problems:
             lines += ["", "## Errors", ""]

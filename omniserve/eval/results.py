@@ -49,7 +49,7 @@ def answered(work_dir: Path, staged: StagedSuite) -> int:
 
 def running_score(records: dict[str, list[dict[str, Any]]], scoring: str) -> tuple[int, float | None]:
     """Items reviewed so far and their mean main score (None before the first)."""
-    values = [_main_value(r, SAMPLE_METRIC[scoring]) for rs in records.values() for r in rs]
+    values = [_main_value(r, SAMPLE_METRIC.get(scoring, scoring)) for rs in records.values() for r in rs]
     scored = [v for v in values if v is not None]
     return len(values), (sum(scored) / len(scored) if scored else None)
 
@@ -65,7 +65,7 @@ def collect(
         format=suite.format,
         scoring=suite.scoring,
         benchmark=staged.benchmark,
-        metric=SAMPLE_METRIC[suite.scoring],
+        metric=SAMPLE_METRIC.get(suite.scoring, suite.scoring),  # standard benchmarks: EvalScope's metric name
         status="complete",
         seconds=round(seconds, 2),
         evalscope_dir=str(work_dir),
@@ -125,7 +125,7 @@ def _from_report(base: SuiteResult, report_file: Path, staged: StagedSuite) -> S
 
 def _from_reviews(base: SuiteResult, records: dict[str, list[dict[str, Any]]], staged: StagedSuite) -> SuiteResult:
     result = base.model_copy(deep=True)
-    key = SAMPLE_METRIC[staged.suite.scoring]
+    key = SAMPLE_METRIC.get(staged.suite.scoring, staged.suite.scoring)
     total_values: list[float] = []
     for subset, rows in records.items():
         values = [v for v in (_main_value(r, key) for r in rows) if v is not None]

@@ -20,6 +20,7 @@ from omniserve.eval.datasets import StagedSuite, stage_suite
 from omniserve.eval.progress import SuiteProgress
 from omniserve.eval.report import RunReport, SampleCounts, SuiteResult
 from omniserve.eval.results import SAMPLE_METRIC, answered, collect, review_lines, running_score
+from omniserve.eval.standard import StagedStandard, check_modalities, is_standard, media_body, stage_standards
 from omniserve.eval.suites import load_suite
 from omniserve.eval.target import SECRETS, Target, TargetOptions, connect
 from omniserve.eval.worker import Worker, require_eval_extra, required_cache_dir
@@ -47,22 +48,52 @@ class EvalOptions(TargetOptions):
     concurrency: int = Field(4, ge=1, le=256, description="Requests EvalScope keeps in flight.")
     request_timeout: float = Field(300, gt=0, description="Seconds per request.")
     progress: bool = Field(True, description="Show live progress.")
+    dataset_dir: Path | None = Field(
+        None, description="Standard benchmarks (evalscope:NAME): folder holding NAME/, a copy of its published files."
+    )
+    allow_download: bool = Field(
+        False, description="Standard benchmarks without --dataset-dir: let EvalScope download them into --cache-dir."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, le=32768, description="Standard benchmarks: reply length limit (default 1024)."
+    )
+    media_fps: float | None = Field(
+        None, gt=0, description="Standard benchmarks: frames per second sampled from videos."
+    )
+    media_max_frames: int | None = Field(None, ge=1, description="Standard benchmarks: most frames taken from a video.")
+    media_max_pixels: int | None = Field(None, ge=1, description="Standard benchmarks: most pixels per image or frame.")
 
 
 def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = None) -> RunReport:
     """Run every suite and write ``report.json`` / ``report.md`` into the run folder; return the report."""
     require_eval_extra()
-    suites = [load_suite(ref) for ref in options.suites]
+    suites = {ref: None if is_standard(ref) else load_suite(ref) for ref in options.suites}
     cache_dir = required_cache_dir(options.cache_dir)
     output = options.output or _default_output(options)
     output.mkdir(parents=True, exist_ok=True)
-    staged = [
-        stage_suite(suite, output / "data" / suite.name, limit=options.limit, cache_dir=cache_dir) for suite in suites
+    refs = [ref for ref, suite in suites.items() if suite is None]
+    standard = stage_standards(
+        refs,
+        dataset_dir=options.dataset_dir,
+        allow_download=options.allow_download,
+        limit=options.limit,
+        max_tokens=options.max_tokens,
+        cache_dir=cache_dir,
+        folder=output / "data" / "evalscope",
+    ) if refs else []  # fmt: skip
+    by_ref = dict(zip(refs, standard, strict=True))
+    staged: list[StagedSuite | StagedStandard] = [
+        by_ref[ref]
+        if suite is None
+        else stage_suite(suite, output / "data" / suite.name, limit=options.limit, cache_dir=cache_dir)
+        for ref, suite in suites.items()
     ]
     target = connect(options, log_file=output / "server.log")
     report = RunReport(target=target.identity, options=_recorded_options(options, output))
     progress = progress or SuiteProgress(enabled=False)
     try:
+        if standard:  # a benchmark whose media the model does not take: refused before any suite runs
+            check_modalities(target.base_url, target.model, target.api_key, standard)
         with progress:
             for item in staged:
                 gone = target.problem()
@@ -78,9 +109,14 @@ def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = Non
 
 
 def _run_suite(
-    staged: StagedSuite, target: Target, options: EvalOptions, output: Path, cache_dir: Path, progress: SuiteProgress
+    staged: StagedSuite | StagedStandard,
+    target: Target,
+    options: EvalOptions,
+    output: Path,
+    cache_dir: Path,
+    progress: SuiteProgress,
 ) -> SuiteResult:
-    folder = output / "evalscope" / staged.suite.name
+    folder = output / "evalscope" / _folder(staged.suite.name)
     if folder.exists():  # reviews of an earlier run in the same folder would mix into the partial score
         shutil.rmtree(folder)
     work_dir = folder / "work"
@@ -98,9 +134,13 @@ def _run_suite(
         "concurrency": options.concurrency,
         "work_dir": str(work_dir),
     }
+    media = media_body(options.media_fps, options.media_max_frames, options.media_max_pixels)
+    if isinstance(staged, StagedStandard):
+        job = staged.job(job, media, cache_dir)
     task = progress.add(staged.suite.name, staged.total)
     started = time.monotonic()
-    worker = Worker.start(job, folder=folder, cache_dir=cache_dir, api_key=target.api_key)
+    offline = not (isinstance(staged, StagedStandard) and staged.local_path is None)
+    worker = Worker.start(job, folder=folder, cache_dir=cache_dir, api_key=target.api_key, offline=offline)
     stopped: str | None = None
     next_check = started + _HEALTH_EVERY
     wrap_up_until = float("inf")
@@ -132,6 +172,8 @@ def _run_suite(
         seconds=time.monotonic() - started,
         log_tail=worker.log_tail(),
     )
+    if isinstance(staged, StagedStandard):  # items, EvalScope version, data hashes, media options: reproducible
+        result.standard = {**staged.details, "media": media}
     progress.update(task, result.samples.scored, result.score)
     progress.finish(task, result.status, result.score)
     return result
@@ -151,7 +193,7 @@ def _confirm_gone(target: Target) -> str | None:
     return None
 
 
-def _not_run(staged: StagedSuite, reason: str) -> SuiteResult:
+def _not_run(staged: StagedSuite | StagedStandard, reason: str) -> SuiteResult:
     suite = staged.suite
     return SuiteResult(
         suite=suite.name,
@@ -159,11 +201,16 @@ def _not_run(staged: StagedSuite, reason: str) -> SuiteResult:
         format=suite.format,
         scoring=suite.scoring,
         benchmark=staged.benchmark,
-        metric=SAMPLE_METRIC[suite.scoring],
+        metric=SAMPLE_METRIC.get(suite.scoring, suite.scoring),
         status="not-run",
         samples=SampleCounts(requested=staged.total),
         errors=[f"not run: {reason}"],
     )
+
+
+def _folder(name: str) -> str:
+    """A suite's folder name: ``evalscope:mmlu`` -> ``evalscope-mmlu`` (no ':' in paths)."""
+    return name.replace(":", "-")
 
 
 def _default_output(options: EvalOptions) -> Path:

@@ -49,23 +49,30 @@ def required_cache_dir(cache_dir: Path | None) -> Path:
     return cache_dir
 
 
-def evalscope_env(cache_dir: Path) -> dict[str, str]:
-    """The worker's environment: the caller's, with every cache and hub variable redirected."""
+def evalscope_env(cache_dir: Path, *, offline: bool = True) -> dict[str, str]:
+    """The worker's environment: the caller's, with every cache and hub variable redirected.
+
+    ``offline=False`` (``eval --allow-download``) keeps the caches inside ``cache_dir`` but lets the
+    hubs be reached, at the endpoints the caller's environment names (or the libraries' defaults).
+    """
     hub = Path(cache_dir) / "hub"
     env = dict(os.environ)
     env.update(
         HF_HOME=str(hub / "huggingface"),
         HF_DATASETS_CACHE=str(hub / "huggingface" / "datasets"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_ENDPOINT=UNREACHABLE_HUB,
         MODELSCOPE_CACHE=str(hub / "modelscope"),
-        MODELSCOPE_ENDPOINT=UNREACHABLE_HUB,
         EVALSCOPE_CACHE=str(hub / "evalscope"),
         NLTK_DATA=str(hub / "nltk_data"),
         PYTHONUNBUFFERED="1",
     )
+    if offline:
+        env.update(
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_ENDPOINT=UNREACHABLE_HUB,
+            MODELSCOPE_ENDPOINT=UNREACHABLE_HUB,
+        )
     return env
 
 
@@ -77,7 +84,9 @@ class Worker:
     log_file: Path
 
     @classmethod
-    def start(cls, job: dict[str, Any], *, folder: Path, cache_dir: Path, api_key: str = "EMPTY") -> Worker:
+    def start(
+        cls, job: dict[str, Any], *, folder: Path, cache_dir: Path, api_key: str = "EMPTY", offline: bool = True
+    ) -> Worker:
         folder.mkdir(parents=True, exist_ok=True)
         job_file = folder / "job.json"
         job_file.write_text(json.dumps(job, indent=2), "utf-8")
@@ -87,7 +96,7 @@ class Worker:
                 [sys.executable, "-m", "omniserve.eval.evalscope_worker", str(job_file)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**evalscope_env(cache_dir), API_KEY_VARIABLE: api_key},
+                env={**evalscope_env(cache_dir, offline=offline), API_KEY_VARIABLE: api_key},
                 cwd=folder,  # EvalScope writes a few relative files (e.g. outputs/) where it runs
                 start_new_session=True,
             )
