@@ -13,6 +13,7 @@ from omniserve.cli_errors import exit_on
 from omniserve.config import DeployOptions, EngineConfig, ServerConfig
 from omniserve.flags import OptionError, options_command
 from omniserve.logs import configure_logging
+from omniserve.models.describe import ModelsOptions
 from omniserve.paths import Folders
 
 app = typer.Typer(
@@ -64,7 +65,7 @@ def prepared_checkpoint(options: DeployOptions, folders: Folders) -> Path:
     from omniserve.eval.gate import check_gate_spec, gate_or_refuse
 
     if options.gate is not None:  # a bad suite or a missing eval extra fails in a second, before quantizing
-        check_gate_spec(options.gate)
+        check_gate_spec(options.gate, dataset_dir=options.gate_dataset_dir)
     model = options.model if options.model is not None else _builtin_model()
     if options.quant is None:
         return model
@@ -122,10 +123,10 @@ def serve(engine_name: str, engine_config: EngineConfig, server_config: ServerCo
         return 1
     try:
         engine = create_engine(engine_name, engine_config)
+        app_ = build_app(engine, engine_config, server_config)  # opens the responses store: may fail too
     except ModelLoadError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 1
-    app_ = build_app(engine, engine_config, server_config)
     config = uvicorn.Config(
         app_,
         host=server_config.host,
@@ -176,6 +177,20 @@ def build_tiny(
 
 
 app.command("deploy")(deploy)
+
+
+@options_command(ModelsOptions)
+def models(options: ModelsOptions) -> None:
+    """Describe a checkpoint folder: family, modalities, engines, training masks, quantization."""
+    from omniserve.errors import ModelLoadError
+    from omniserve.models.describe import describe
+
+    with exit_on(ModelLoadError):
+        found = describe(options.model)
+    typer.echo(found.as_json() if options.json_output else "\n".join(found.lines()))
+
+
+app.command("models")(models)
 
 
 def _register_siblings() -> None:

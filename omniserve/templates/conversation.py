@@ -31,19 +31,20 @@ def _text_only(content: str | list[TextPart]) -> str:
 
 
 def _media_part(part: object, param: str) -> tuple[dict[str, str], MediaSource]:
+    """The placeholder carries its kind as a key too: published templates test ``'audio' in content`` (Qwen2-Audio)."""
     if isinstance(part, ImagePart):
-        return {"type": "image"}, MediaSource(kind="image", param=param, url=part.image_url.url)
+        return {"type": "image", "image": ""}, MediaSource(kind="image", param=param, url=part.image_url.url)
     if isinstance(part, VideoPart):
-        return {"type": "video"}, MediaSource(kind="video", param=param, url=part.video_url.url)
+        return {"type": "video", "video": ""}, MediaSource(kind="video", param=param, url=part.video_url.url)
     if isinstance(part, InputAudioPart):
-        return {"type": "audio"}, MediaSource(
+        return {"type": "audio", "audio": ""}, MediaSource(
             kind="audio",
             param=param,
             inline_base64=part.input_audio.data,
             audio_format=part.input_audio.format,
         )
     if isinstance(part, AudioURLPart):
-        return {"type": "audio"}, MediaSource(kind="audio", param=param, url=part.audio_url.url)
+        return {"type": "audio", "audio": ""}, MediaSource(kind="audio", param=param, url=part.audio_url.url)
     raise TypeError(f"not a media part: {type(part).__name__}")
 
 

@@ -401,10 +401,38 @@ def expand_mask(
         out.append(int(bool(text_mask[i])))
         i, j = i + 1, j + 1
     if i != len(text_ids) or j != len(expanded_ids):
+        aligned = _expand_mask_by_diff(text_ids, text_mask, expanded_ids, media_ids)
+        if aligned is not None:
+            return aligned
         raise LabelError(
             f"the tokenizer and the processor read the rendered conversation differently at token {j} "
             f"(text token {i}); cannot place the labels"
         )
+    return out
+
+
+def _expand_mask_by_diff(
+    text_ids: list[int], text_mask: list[int], expanded_ids: list[int], media_ids: Collection[int]
+) -> list[int] | None:
+    """The mask for processors that expand a placeholder into more than a run of it (Gemma 3 wraps its
+    soft tokens in ``<start_of_image>``/``<end_of_image>`` and blank lines, Idefics3 writes a tile grid).
+
+    The two readings are diffed; every region where they differ must hold a media token on one side
+    and no labelled token on the text side, and every labelled token must be read identically. None
+    when that does not hold (the caller refuses).
+    """
+    from difflib import SequenceMatcher
+
+    out = [0] * len(expanded_ids)
+    matcher = SequenceMatcher(None, text_ids, expanded_ids, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            out[j1:j2] = [int(bool(m)) for m in text_mask[i1:i2]]
+            continue
+        if any(text_mask[i1:i2]):
+            return None
+        if not any(t in media_ids for t in (*text_ids[max(i1 - 1, 0) : i2 + 1], *expanded_ids[j1:j2])):
+            return None
     return out
 
 

@@ -1,0 +1,374 @@
+"""The family matrix: every registered model family, built tiny with its publisher's chat template, through every path.
+
+Per family (``omniserve/models/families``): serve text and every medium it takes through the real
+gateway (uvicorn + the official openai client, transformers engine: streaming, ``n``, ``stop``,
+usage), refuse the media it cannot take with a 400 naming the model and the medium, prove that the
+served prompt is the trained prompt on the published template (``check_parity``), train two steps
+(all weights, then LoRA), and quantize with the towers kept and serve the result. Each passing cell
+is recorded (``tests/family_matrix.py``) and ``python -m omniserve.models.matrix`` renders
+``docs/models.md`` from the record.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from omniserve.config import MediaLimits
+from omniserve.models.families import FAMILIES, MEDIA_KINDS, Family, get
+from tests.conftest import RunningServer, start_server
+from tests.family_matrix import MatrixRecorder, recorder_fixture
+from tests.media_factory import audio_bytes, png_bytes, video_bytes
+from tests.test_train_support import published_template, write_jsonl
+
+pytestmark = pytest.mark.families
+
+FAMILY_NAMES = [family.name for family in FAMILIES]
+matrix = recorder_fixture("models-matrix.json")
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+#: One small item of each medium, as content parts (data URLs: nothing is fetched).
+MEDIA_PARTS: dict[str, dict[str, Any]] = {
+    "image": {"type": "image_url", "image_url": {"url": data_url("image/png", png_bytes(64, 64))}},
+    "video": {"type": "video_url", "video_url": {"url": data_url("video/mp4", video_bytes("mp4", seconds=1, fps=4))}},
+    "audio": {
+        "type": "input_audio",
+        "input_audio": {
+            "data": base64.b64encode(audio_bytes("wav", 1.0, sample_rate=16_000)).decode(),
+            "format": "wav",
+        },
+    },
+}
+QUESTION = {"image": "What colour is this?", "video": "Which way does it move?", "audio": "High or low?"}
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory: pytest.TempPathFactory, matrix: MatrixRecorder) -> Callable[[str], Path]:
+    """``family_checkpoint(name)``: the family's tiny checkpoint with its published template, built once."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def get_checkpoint(name: str) -> Path:
+        if name not in built:
+            family = get(name)
+            assert family.template is not None
+            started = time.perf_counter()
+            built[name] = family.build(root / name, published_template(family.template))
+            matrix.figure(name, "build_seconds", round(time.perf_counter() - started, 2))
+        return built[name]
+
+    return get_checkpoint
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def served(
+    request: pytest.FixtureRequest, family_checkpoint: Callable[[str], Path]
+) -> Iterator[tuple[Family, RunningServer]]:
+    """One server per family (pytest groups the tests by family, so each starts once)."""
+    family = get(request.param)
+    server = start_server(
+        family_checkpoint(family.name),
+        name=f"tiny-{family.name}",
+        engine={"max_concurrency": 4, "max_model_len": 1024},
+        server={"media": MediaLimits(max_video_seconds=5, max_audio_seconds=5)},
+    )
+    yield family, server
+    server.stop()
+
+
+def _chat(server: RunningServer, content: Any, **kwargs: Any) -> Any:
+    return server.client().chat.completions.create(
+        model=server.model_name, messages=[{"role": "user", "content": content}], **kwargs
+    )
+
+
+def test_text_streams_with_n_stop_and_usage(served: tuple[Family, RunningServer], matrix: MatrixRecorder) -> None:
+    family, server = served
+    with matrix.cell(family.name, "text"):
+        reply = _chat(server, "Say something.", n=2, max_tokens=6, temperature=1.0, seed=1, stop=["\n"])
+        assert len(reply.choices) == 2
+        assert all(
+            c.finish_reason in ("stop", "length") and "\n" not in (c.message.content or "") for c in reply.choices
+        )
+        assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 12
+        chunks = list(
+            _chat(
+                server,
+                "Say something.",
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+                temperature=0,
+            )
+        )
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 5
+        assert any(c.choices and c.choices[0].finish_reason in ("stop", "length") for c in chunks)
+
+
+@pytest.mark.parametrize("kind", MEDIA_KINDS)
+def test_each_medium_is_served_or_refused_naming_model_and_medium(
+    served: tuple[Family, RunningServer], kind: str, matrix: MatrixRecorder
+) -> None:
+    family, server = served
+    content = [MEDIA_PARTS[kind], {"type": "text", "text": QUESTION[kind]}]
+    if kind not in family.modalities:
+        with matrix.cell(family.name, kind, ok="refused"):
+            with pytest.raises(openai.BadRequestError) as caught:
+                _chat(server, content, max_tokens=2)
+            message = caught.value.body["message"]
+            assert server.model_name in message and f"does not accept {kind}" in message
+            assert caught.value.body["param"] == "messages[0].content[0]"
+        return
+    with matrix.cell(family.name, kind):
+        text_only = _chat(server, [{"type": "text", "text": QUESTION[kind]}], max_tokens=1).usage.prompt_tokens
+        reply = _chat(server, content, max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.prompt_tokens > text_only  # the medium became feature tokens
+        stream = list(_chat(server, content, max_tokens=3, stream=True, temperature=0))
+        assert stream[-1].choices[0].finish_reason in ("stop", "length")
+
+
+# --------------------------------------------------------------------------- training side
+
+
+ANSWERS = {"text": "five", "image": "red", "video": "right", "audio": "low"}
+MEDIA_FILES = {"image": "media/red.png", "video": "media/clip.mp4", "audio": "media/tone.wav"}
+FILE_PART = {
+    "image": lambda path: {"type": "image_url", "image_url": {"url": path}},
+    "video": lambda path: {"type": "video_url", "video_url": {"url": path}},
+    "audio": lambda path: {"type": "audio_url", "audio_url": {"url": path}},
+}
+
+
+def family_conversations(family: Family) -> list[list[dict[str, Any]]]:
+    """A single-turn text chat, a two-turn chat with a system prompt, and one chat per medium the family takes."""
+    conversations: list[list[dict[str, Any]]] = [
+        [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": ANSWERS["text"]}],
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "Another one?"},
+            {"role": "assistant", "content": "blue"},
+        ],
+    ]
+    for kind in family.media:
+        part = FILE_PART[kind](MEDIA_FILES[kind])
+        conversations.append(
+            [
+                {"role": "user", "content": [part, {"type": "text", "text": QUESTION[kind]}]},
+                {"role": "assistant", "content": ANSWERS[kind]},
+            ]
+        )
+    return conversations
+
+
+@pytest.fixture(scope="session")
+def family_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family], Path]:
+    """``family_data(family)``: a JSONL file of ``family_conversations`` beside real media files."""
+    from tests.test_train_support import write_media
+
+    root = tmp_path_factory.mktemp("family-data")
+    write_media(root)
+
+    def get_data(family: Family) -> Path:
+        return write_jsonl(root / f"{family.name}.jsonl", family_conversations(family))
+
+    return get_data
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_served_prompts_are_trained_prompts_on_the_published_template(
+    name: str, family_checkpoint: Callable[[str], Path], family_data: Callable[[Family], Path], matrix: MatrixRecorder
+) -> None:
+    import asyncio
+
+    from omniserve.templates.render import PromptRenderer
+    from omniserve.templates.training import IGNORE_INDEX, render_training_examples
+    from omniserve.train.data import read_conversations
+    from omniserve.train.features import limits_for, load_messages
+    from omniserve.train.parity import check_parity
+
+    family = get(name)
+    data = family_data(family)
+    with matrix.cell(name, "parity"):
+        renderer = PromptRenderer.from_pretrained(family_checkpoint(name))
+        conversations = read_conversations(data)
+        report = check_parity(renderer, conversations, limits_for(data))
+        if "parity" in family.gaps:  # a published template that is not self-consistent: the check must say so
+            assert len(report.differences) == report.turns
+            assert all(
+                "training ' ' (id" in d.description and "serving '\\n'" in d.description for d in report.differences
+            )
+            matrix.gap(name, "parity", family.gaps["parity"])
+            return
+        assert report.ok, "\n".join(str(d) for d in report.differences)
+        assert report.turns == len(conversations) + 1
+        matrix.figure(name, "mask_strategy", report.describe_strategies())
+        # the last conversation holds the family's richest medium: its labels are the answer and its stop token
+        last = conversations[-1]
+        messages, media = asyncio.run(load_messages(last, last.messages, limits_for(data)))
+        (example,) = render_training_examples(renderer, messages, media).examples
+        served = renderer.render_chat(messages[:1], media, add_generation_prompt=True)
+        labelled = [t for t in example.labels if t != IGNORE_INDEX]
+        assert example.input_ids[: served.num_tokens] == served.token_ids
+        assert example.labels[: served.num_tokens] == [IGNORE_INDEX] * served.num_tokens
+        learned = renderer.tokenizer.decode(labelled)
+        answer = last.messages[-1].content
+        assert learned.strip().startswith(answer) and len(learned) <= len(answer) + 24, learned
+        matrix.figure(
+            name,
+            "tokens",
+            {"served_prompt": served.num_tokens, "trained": len(example.input_ids), "labelled": len(labelled)},
+        )
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_two_training_steps_full_and_lora(
+    name: str,
+    family_checkpoint: Callable[[str], Path],
+    family_data: Callable[[Family], Path],
+    tmp_path: Path,
+    matrix: MatrixRecorder,
+) -> None:
+    import math
+
+    from omniserve.train.options import TrainOptions
+    from omniserve.train.sft import run_training
+
+    family = get(name)
+    for column in ("train", "lora"):
+        if column in family.gaps:
+            matrix.gap(name, column, family.gaps[column])
+    if "train" in family.gaps:
+        pytest.skip(family.gaps["train"])
+    common = {"model": family_checkpoint(name), "data": family_data(family), "max_steps": 2, "batch_size": 2}
+    with matrix.cell(name, "train"):
+        full = run_training(TrainOptions(output=tmp_path / "full", progress=False, **common))
+        assert full.global_step == 2 and all(math.isfinite(loss) for loss in full.losses)
+        assert (tmp_path / "full" / "config.json").is_file()
+    with matrix.cell(name, "lora"):
+        lora = run_training(TrainOptions(output=tmp_path / "lora", lora=True, lora_rank=4, progress=False, **common))
+        assert lora.global_step == 2 and lora.adapter is not None
+        assert (lora.adapter / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_quantized_with_towers_kept_and_served(
+    name: str, family_checkpoint: Callable[[str], Path], tmp_path: Path, matrix: MatrixRecorder
+) -> None:
+    from omniserve.models.loading import load_checkpoint
+    from omniserve.quantize.options import QuantizeOptions
+    from omniserve.quantize.run import quantize
+
+    family = get(name)
+    with matrix.cell(name, "quantize"):
+        out = quantize(
+            QuantizeOptions(model=family_checkpoint(name), method="fp8", output=tmp_path / "fp8", progress=False)
+        ).output
+        assert load_checkpoint(out, dtype="auto", allow_auto_dtype=True).report.lines() == []
+        # the default dtype (auto: bfloat16 on CPUs with native bf16) over layers saved in float32 and dequantized ones
+        server = start_server(out, name="quantized", server={"media": MediaLimits()})
+        try:
+            kind = family.media[0]
+            content = [MEDIA_PARTS[kind], {"type": "text", "text": QUESTION[kind]}]
+            reply = _chat(server, content, max_tokens=3, temperature=0)
+            assert reply.choices[0].finish_reason in ("stop", "length")
+        finally:
+            server.stop()
+
+
+# --------------------------------------------------------------------------- omniserve models, unknown architectures
+
+
+def test_models_command_describes_each_family(family_checkpoint: Callable[[str], Path]) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from omniserve.cli import app
+
+    for family in FAMILIES:
+        result = CliRunner().invoke(app, ["models", "--model", str(family_checkpoint(family.name)), "--json"])
+        assert result.exit_code == 0, result.output
+        described = json.loads(result.output)
+        assert described["family"] == family.title
+        assert described["architecture"] == family.architectures[0]
+        assert set(described["modalities"]) == family.modalities
+        expected = "markers" if "{% generation %}" in published_template(family.template or "") else "prefix"
+        assert described["mask_strategy"].startswith(expected), described["mask_strategy"]
+        assert described["quantization"] == "none"
+    text = CliRunner().invoke(app, ["models", "--model", str(family_checkpoint("qwen2_audio"))])
+    rows = dict(line.split(None, 1) for line in text.output.splitlines() if line.startswith(("family", "engines")))
+    assert rows == {"family": "Qwen2-Audio", "engines": "transformers"}
+    assert "not yet (train)" in text.output
+
+
+def test_an_unknown_architecture_is_named_with_the_nearest_family(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from omniserve.cli import app
+    from omniserve.errors import ModelLoadError
+    from omniserve.models.loading import load_checkpoint
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["Qwen9VLForConditionalGeneration"], "model_type": "qwen9_vl"})
+    )
+    result = CliRunner().invoke(app, ["models", "--model", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "architecture Qwen9VLForConditionalGeneration is not supported" in result.output
+    assert "nearest supported family is Qwen2-VL" in result.output
+    with pytest.raises(ModelLoadError, match="nearest supported family is Qwen2-VL"):
+        load_checkpoint(tmp_path)
+
+
+def test_matrix_renders_failures_gaps_and_untested_cells() -> None:
+    from omniserve.models.matrix import render
+
+    record = {
+        "cells": {"qwen2_vl": {"text": "ok", "image": "failed", "audio": "refused", "train": "gap: not wired"}},
+        "versions": {"transformers": "5.17.0"},
+    }
+    page = render(record)
+    row = next(line for line in page.splitlines() if line.startswith("| Qwen2-VL |"))
+    assert row.split(" | ")[2:6] == ["yes", "**FAILED**", "not run", "refused"]
+    assert "not yet (" in row and "Qwen2-VL, train: not wired." in page
+    assert "- main environment: transformers 5.17.0" in page
+
+
+def test_masks_cross_placeholders_that_expand_into_other_tokens_but_never_change_labels() -> None:
+    """Gemma 3 and Idefics3 expand one placeholder into a structure; the labelled tokens must still match one to one."""
+    from omniserve.templates.training import LabelError, expand_mask
+
+    text, mask = [1, 5, 2, 3], [0, 0, 1, 1]  # 5: the media placeholder; 2, 3: the assistant's tokens
+    assert expand_mask(text, mask, [1, 7, 5, 5, 8, 2, 3], {5}) == [0, 0, 0, 0, 0, 1, 1]
+    with pytest.raises(LabelError, match="read the rendered conversation differently"):
+        expand_mask(text, mask, [1, 7, 5, 5, 8, 2, 4], {5})  # a labelled token read differently
+    with pytest.raises(LabelError, match="read the rendered conversation differently"):
+        expand_mask([1, 4, 2, 3], mask, [1, 6, 2, 3], {5})  # a difference with no media anywhere near
+
+
+def test_models_command_on_a_text_only_causal_lm(tiny_qwen2: Path) -> None:
+    from typer.testing import CliRunner
+
+    from omniserve.cli import app
+
+    result = CliRunner().invoke(app, ["models", "--model", str(tiny_qwen2)])
+    assert result.exit_code == 0, result.output
+    rows = dict(
+        line.split(None, 1) for line in result.output.splitlines() if line.split(None, 1)[0] in ("family", "modalities")
+    )
+    assert rows == {"family": "text-only causal LM (no family module)", "modalities": "text"}
+    assert "markers: the template's {% generation %} blocks" in result.output  # omniserve's own tiny template
