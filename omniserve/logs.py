@@ -53,7 +53,22 @@ def third_party_level() -> int:
 
 
 def quiet_llmcompressor() -> None:
-    """llm-compressor logs through loguru to stdout at INFO on import: route it to the third-party level."""
+    """Make llm-compressor's console lines follow omniserve's level; call it before any llm-compressor import.
+
+    Its import adds a loguru sink at INFO bound to the ``sys.stdout`` of that moment and logs at
+    once (``No accelerator available!`` from a module-level device probe), before any option can
+    reach it. So the first import runs with stdout caught (what it wrote goes to the log at DEBUG),
+    and the sink is then replaced by one at the third-party level on the real stdout.
+    """
+    import sys
+
+    if "llmcompressor" not in sys.modules:
+        caught = io.StringIO()
+        with contextlib.redirect_stdout(caught):
+            import llmcompressor  # noqa: F401  (its import configures the logger)
+        lines = _final_lines(caught.getvalue())
+        if lines:
+            _library_log.debug("llm-compressor wrote at import:\n%s", "\n".join(lines))
     from llmcompressor.logger import LoggerConfig, configure_logger
 
     configure_logger(LoggerConfig(console_log_level=logging.getLevelName(third_party_level())))

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import start_server
 from tests.media_factory import audio_bytes, png_bytes, video_bytes
 
 
@@ -117,8 +118,22 @@ def test_greedy_is_deterministic_and_seed_reproduces_sampling(client: Any) -> No
     assert s1 != s3
 
 
-def test_batched_greedy_equals_alone(client: Any) -> None:
-    """Continuous batching must not change a request's output: the KV cache padding is exact."""
+@pytest.fixture(scope="module")
+def float32_client(tiny_omni: Path) -> Iterator[Any]:
+    """A float32 server: batch invariance is a float32 property (see the test below)."""
+    srv = start_server(tiny_omni, name="tiny-omni", engine={"dtype": "float32", "max_concurrency": 8})
+    yield srv.client()
+    srv.stop()
+
+
+def test_batched_greedy_equals_alone(float32_client: Any) -> None:
+    """Continuous batching must not change a request's output: the KV cache padding is exact.
+
+    Checked in float32. In bfloat16 (``--dtype auto`` on CPUs with native bf16) a matmul's rounding
+    depends on how many rows it multiplies, so a batched row may drift from its lone run after a few
+    tokens, as in vLLM; that is arithmetic, not the padding this test protects.
+    """
+    client = float32_client
     prompts = [user("one"), user(IMAGE, "two words here please"), user("three " * 30), user(AUDIO, "four")]
 
     def run(messages: list[dict[str, Any]]) -> str:

@@ -161,3 +161,41 @@ def test_logprobs_are_decoded_one_token_at_a_time() -> None:
     converted = TokenLogprobs.decoded(Tokenizer(), 7, -0.5, [(7, -0.5), (9, -1.5)])
     assert (converted.token_id, converted.token, converted.logprob) == (7, "<7>", -0.5)
     assert converted.top == ((7, "<7>", -0.5), (9, "<9>", -1.5))
+
+
+class SilentEngine(FakeEngine):
+    """Emits one delta, then nothing until released: an engine wedged inside its native library."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.release = asyncio.Event()
+
+    async def stream(self, request: GenerationRequest, native: str) -> AsyncIterator[ChoiceDelta]:
+        yield ChoiceDelta(0, "a", [5])
+        await self.release.wait()
+        yield ChoiceDelta(0, "b", [6], finish_reason="length")
+
+
+def test_any_engine_reports_a_stall_from_the_deltas_it_stops_sending() -> None:
+    """vLLM, SGLang and LMDeploy do not report their steps: time without a delta, while work is admitted,
+    is what ``/health`` and ``omniserve_engine_stalled_seconds`` judge them by."""
+    config = EngineConfig(model=Path("fake"), served_model_name="fake-model")
+    silent = SilentEngine(config)
+
+    async def scenario() -> None:
+        await silent.start()
+        await asyncio.sleep(0.3)
+        assert silent.stalled_for() == 0.0  # idle for a while is not stalled
+        stream = silent.generate(request())
+        assert silent.stalled_for() < 0.1  # the clock starts when work arrives
+        first = await anext(stream)
+        assert first.text == "a"
+        waiter = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.4)
+        assert silent.stalled_for() >= 0.4
+        silent.release.set()
+        assert (await waiter).finish_reason == "length"
+        assert silent.stalled_for() == 0.0  # done: idle again
+        await silent.stop()
+
+    asyncio.run(scenario())

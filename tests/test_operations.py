@@ -181,9 +181,13 @@ def test_health_and_metrics_stay_responsive_during_generation(small_server: Runn
         metrics = _metrics(small_server)
         assert metrics["omniserve_running_requests"] == 1  # sequences, as the engine's stats count them
         assert metrics["omniserve_queue_depth"] == 0
+        # what inference-gateway pickers route on: the running sequence's tokens in the cache
+        assert 0 < metrics["omniserve_kv_cache_usage_perc"] < 1
     finally:
         stop.set()
         holder.join(30)
+    wait_until(lambda: idle(small_server), timeout=30)
+    assert _metrics(small_server)["omniserve_kv_cache_usage_perc"] == 0
 
 
 def _metrics(srv: RunningServer) -> dict[str, float]:

@@ -39,7 +39,12 @@ def test_library_progress_bars_only_at_debug(tiny_qwen2: Path, tmp_path: Path, d
     assert "Encoding calibration samples" in run.stderr  # omniserve's own progress display
     assert "# Quantization report" in run.stdout and str(tmp_path / "out") in run.stdout
     shown = [label for label in LIBRARY_BARS if label in run.stderr]
+    # llm-compressor's import-time console line (a loguru sink on stdout, added before any option reaches it)
+    accelerator = "No accelerator available!"
     if debug:
         assert "Applying quantization config" in shown and "Compressing model" in shown, run.stderr[-3000:]
+        assert accelerator in run.stdout + run.stderr
     else:
         assert not shown, run.stderr[-3000:]
+        assert accelerator not in run.stdout + run.stderr
+        assert run.stdout.startswith("# Quantization report"), run.stdout[:500]  # stdout holds the report only

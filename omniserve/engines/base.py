@@ -98,6 +98,7 @@ class EngineStats:
     running: int  # sequences being generated (first token produced, not finished)
     decode_steps: int = 0  # forward passes over the running batch since start (engines that step themselves)
     decoded_tokens: int = 0  # tokens those passes produced (tokens / steps = mean batch size)
+    kv_cache_usage: float | None = None  # fraction of KV-cache capacity in use; None: the engine cannot tell
 
 
 class Engine(abc.ABC, Generic[NativeT]):
@@ -154,12 +155,21 @@ class Engine(abc.ABC, Generic[NativeT]):
         return True
 
     def stalled_for(self) -> float:
-        """Seconds the engine has had work pending without finishing a step (0.0 when idle).
+        """Seconds the engine has had work pending without making progress (0.0 when idle).
 
         A live thread is not a working engine: a wedged kernel or a deadlock leaves ``alive`` true while
-        every request waits. Override where the engine can tell; the default says it cannot (0.0).
+        every request waits. The default measures what every engine shows the gateway: time since its
+        last delta while sequences are admitted. An engine that sees its own steps can say more
+        precisely (the transformers engine counts a finished prefill or decode step as progress).
         """
-        return 0.0
+        return self._admission.stalled_for()
+
+    def kv_cache_usage(self) -> float | None:
+        """Fraction (0-1) of the engine's KV-cache capacity in use, or None where the engine cannot tell.
+
+        Inference-gateway endpoint pickers route on it (as they read vLLM's ``kv_cache_usage_perc``).
+        """
+        return None
 
     # ---------------------------------------------------------------- template methods
 
@@ -192,6 +202,7 @@ class Engine(abc.ABC, Generic[NativeT]):
             running=self._admission.running,
             decode_steps=self._decode_steps,
             decoded_tokens=self._decoded_tokens,
+            kv_cache_usage=self.kv_cache_usage(),
         )
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:

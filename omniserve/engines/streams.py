@@ -20,6 +20,7 @@ other way round, so the one copy lives on the engine side.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class Admission:
         self.max_concurrency = max_concurrency
         self.waiting = 0
         self.running = 0
+        self.progress_at = time.monotonic()  # the last delta from the engine, or when work arrived at an idle one
 
     def reserve(self, sequences: int) -> None:
         """Take places for ``sequences`` or raise ``QueueFull`` (before any work starts)."""
@@ -53,7 +55,18 @@ class Admission:
             raise QueueFull(
                 f"the server is at capacity ({self.running} sequences running, {self.waiting} waiting); retry later"
             )
+        if self.waiting + self.running == 0:
+            self.progress_at = time.monotonic()  # an idle engine has not been stalling: the clock starts now
         self.waiting += sequences
+
+    def progressed(self) -> None:
+        self.progress_at = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds without a delta from the engine while sequences are admitted (0.0 when idle)."""
+        if self.waiting + self.running == 0:
+            return 0.0
+        return max(0.0, time.monotonic() - self.progress_at)
 
     def started(self, sequences: int) -> None:
         moved = min(sequences, self.waiting)
@@ -91,6 +104,7 @@ class AdmittedStream:
         except BaseException:  # StopAsyncIteration included: the request is over either way
             self._release()
             raise
+        self._admission.progressed()
         if delta.index not in self._started and self._waiting:
             self._started.add(delta.index)
             self._running.add(delta.index)

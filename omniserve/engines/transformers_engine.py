@@ -72,6 +72,7 @@ class _Pending:
     outbox: _Outbox
     cancelled: threading.Event = field(default_factory=threading.Event)
     open_choices: int = 0
+    grammar: Any = None  # the compiled constraint (``prepare``), one matcher per choice
 
     def emit(self, item: Any) -> None:
         self.outbox.put(self, item)
@@ -125,11 +126,11 @@ class _Sequence:
     finished: bool = False
 
 
-class TransformersEngine(Engine[None]):
+class TransformersEngine(Engine[Any]):
     """The reference engine: the checkpoint run by transformers, batched by omniserve's own worker.
 
-    ``prepare`` has nothing to map (the sampler reads ``SamplingParams`` itself); ``stream`` hands
-    the request to the worker thread and relays what it emits.
+    ``prepare`` only compiles a structured-output constraint (the sampler reads ``SamplingParams``
+    itself); ``stream`` hands the request to the worker thread and relays what it emits.
     """
 
     NAME = "transformers"
@@ -143,8 +144,11 @@ class TransformersEngine(Engine[None]):
         self._wakeup = threading.Event()
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
+        self._threads_wanted: int | None = None  # --threads, or the cores available (CPU only)
+        self.compute_threads: int | None = None  # torch threads the worker runs with, as it reads them
         self._running: list[_Sequence] = []
         self._prefilling: _Pending | None = None  # taken from the queue, not yet in the batch
+        self._grammars: Any = None  # ``structured.grammar.GrammarCache``, made at the first constrained request
         self._reserved = 0  # sequences running or being admitted
         self._outbox = _Outbox()
         # when the worker last finished a step (prefill, decode, idle wait): for ``stalled_for``
@@ -161,10 +165,19 @@ class TransformersEngine(Engine[None]):
     def _load(self) -> ModelInfo:
         from transformers import AutoTokenizer
 
+        from omniserve.engines.compute import choose_dtype, configure_threads
         from omniserve.engines.hf_model import DecodeBatch, load_model
 
         cfg = self._config
-        self._loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        dtype = choose_dtype(cfg.dtype, cfg.device)
+        self._threads_wanted = configure_threads(cfg.threads) if cfg.device == "cpu" else None  # (the warm-up's)
+        log.info(
+            "transformers engine: dtype %s (%s)%s",
+            dtype.name,
+            dtype.reason,
+            f", {self._threads_wanted} compute threads" if self._threads_wanted else "",
+        )
+        self._loaded = load_model(cfg.model, dtype=dtype.name, device=cfg.device)
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         except (OSError, ValueError) as exc:
@@ -193,6 +206,14 @@ class TransformersEngine(Engine[None]):
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._halt.is_set()
 
+    def kv_cache_usage(self) -> float | None:
+        """Tokens held in the running batch's cache over what a full batch of full contexts would hold."""
+        batch = getattr(self, "_batch", None)  # made at launch
+        if batch is None or self._info is None:
+            return None
+        capacity = self._config.max_concurrency * self._info.max_model_len
+        return min(1.0, sum(list(batch.positions)) / capacity)
+
     def stalled_for(self) -> float:
         """Seconds since the worker last finished a step, while requests are queued or running."""
         if not (self._running or self._waiting or self._prefilling):
@@ -201,17 +222,30 @@ class TransformersEngine(Engine[None]):
 
     # ------------------------------------------------------------------ async side
 
-    def prepare(self, request: GenerationRequest) -> None:
-        """Nothing to map: the worker's sampler reads omniserve's ``SamplingParams`` as they are."""
+    def prepare(self, request: GenerationRequest) -> Any:
+        """The request's grammar compiled (cached), so one the library refuses is a 400; else nothing to map."""
+        spec = request.sampling.structured
+        if spec is None:
+            return None
+        if self._grammars is None:
+            from omniserve.structured.grammar import GrammarCache
 
-    def stream(self, request: GenerationRequest, native: None) -> AsyncIterator[ChoiceDelta]:
+            vocab = self._loaded.model.config.get_text_config().vocab_size
+            self._grammars = GrammarCache(self._tokenizer, vocab)
+        return self._grammars.compile(spec)
+
+    def stream(self, request: GenerationRequest, native: Any) -> AsyncIterator[ChoiceDelta]:
         """Queue the request for the worker now (``generate`` admitted it) and relay what it emits.
 
         Queued at once rather than at the first iteration, so the worker may prefill while the
         gateway is still sending the response's first bytes; ``_Relay`` withdraws it when closed.
         """
         pending = _Pending(
-            request=request, loop=asyncio.get_running_loop(), events=asyncio.Queue(), outbox=self._outbox
+            request=request,
+            loop=asyncio.get_running_loop(),
+            events=asyncio.Queue(),
+            outbox=self._outbox,
+            grammar=native,
         )
         with self._lock:  # the worker fails what is queued when it exits: never queue behind its back
             if self._halt.is_set():
@@ -223,6 +257,12 @@ class TransformersEngine(Engine[None]):
     # ------------------------------------------------------------------ worker thread
 
     def _worker(self) -> None:
+        if self._threads_wanted:
+            import torch
+
+            # torch's intra-op thread count is a per-thread OpenMP setting: set it where the compute runs
+            torch.set_num_threads(self._threads_wanted)
+            self.compute_threads = torch.get_num_threads()
         ending: Exception = EngineUnavailable("the engine is shutting down")
         try:
             while not self._halt.is_set():
@@ -294,7 +334,7 @@ class TransformersEngine(Engine[None]):
             _Sequence(
                 owner=pending,
                 index=i,
-                sampler=SamplerState.create(req.sampling, i, self._eos_for(req)),
+                sampler=SamplerState.create(req.sampling, i, self._eos_for(req), pending.grammar),
                 detok=IncrementalDetokenizer(self._tokenizer, req.sampling.stop),
             )
             for i in range(req.sampling.n)
@@ -334,7 +374,8 @@ class TransformersEngine(Engine[None]):
             self._finish(seq, seq.detok.flush(), "stop", [pick.token_id], logprobs)
             return
         text, hit_stop = seq.detok.add(pick.token_id)
-        if hit_stop:
+        if hit_stop or seq.sampler.grammar_ended:  # a grammar that ended: the output is complete
+            text = text if hit_stop else text + seq.detok.flush()
             self._finish(seq, text, "stop", [pick.token_id], logprobs)
             return
         prompt_len = len(seq.owner.request.prompt.token_ids)

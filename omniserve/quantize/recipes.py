@@ -139,6 +139,9 @@ class Recipe(RecipeDefaults):
 
 def modifier_class(name: str) -> type:
     """The llm-compressor modifier class a recipe entry names, imported only when asked (llm-compressor is slow)."""
+    from omniserve.logs import quiet_llmcompressor
+
+    quiet_llmcompressor()  # often the first llm-compressor import of a run, which logs to stdout
     if name == "GPTQModifier":
         from llmcompressor.modifiers.gptq import GPTQModifier
 

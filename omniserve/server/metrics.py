@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from omniserve.engines.base import Engine
 from omniserve.server.drain import Drain
@@ -55,6 +59,8 @@ class Metrics:
         self.running = Gauge(
             "omniserve_running_requests", "Sequences (choices) being generated.", registry=self.registry
         )
+        # what inference-gateway endpoint pickers route on besides the queue (vLLM: vllm:kv_cache_usage_perc)
+        self.registry.register(_KvCacheUsage(engine))
         # why /health is red, for alerts: a stalled engine pages someone, a draining pod does not
         self.stalled = Gauge(
             "omniserve_engine_stalled_seconds",
@@ -74,3 +80,20 @@ class Metrics:
         self.stalled.set(self._engine.stalled_for())
         self.draining.set(1 if self._drain is not None and self._drain.draining else 0)
         return generate_latest(self.registry)
+
+
+class _KvCacheUsage(Collector):
+    """``omniserve_kv_cache_usage_perc``, exported only by engines that can tell (a 0 would mislead a router)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        usage = self._engine.kv_cache_usage()
+        if usage is not None:
+            yield GaugeMetricFamily(
+                "omniserve_kv_cache_usage_perc", "Fraction (0-1) of the engine's KV-cache capacity in use.", value=usage
+            )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # values are read at scrape time; nothing to check at registration
