@@ -24,6 +24,7 @@ from pydantic import (
 
 from omniserve.errors import InvalidRequest, UnsupportedParameter
 from omniserve.sampling import SamplingParams
+from omniserve.structured.spec import StructuredOutput
 
 #: Stop strings per request: OpenAI's own limit ("up to 4 sequences").
 MAX_STOP_SEQUENCES = 4
@@ -180,15 +181,6 @@ class FunctionDefinition(_Strict):
             raise ValueError("parameters.properties must be an object mapping names to schemas")
         return value
 
-    @model_validator(mode="after")
-    def _refuse_strict(self) -> FunctionDefinition:
-        if self.strict:
-            raise UnsupportedParameter(
-                "strict function schemas need constrained decoding, which is not available yet",
-                param="tools.function.strict",
-            )
-        return self
-
 
 class FunctionTool(_Strict):
     type: Literal["function"]
@@ -218,8 +210,53 @@ class MultiModalOptions(_Strict):
     min_pixels: int | None = Field(None, gt=0)
 
 
-class ResponseFormat(_Strict):
+class TextFormat(_Strict):
     type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # absent: any JSON object
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class StructuredOutputsOptions(_Strict):
+    """vLLM's extra body ``structured_outputs``: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _schema_of(value: dict[str, Any] | str, param: str) -> StructuredOutput:
+    """A JSON schema given as an object or as JSON text (vLLM's extra body accepts both)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidRequest("the JSON schema is not valid JSON", param=param) from None
+        if not isinstance(value, dict):
+            raise InvalidRequest("the JSON schema must be an object", param=param)
+    return StructuredOutput.json_schema(value, param)
 
 
 # ---------------------------------------------------------------- shared sampling fields
@@ -244,6 +281,12 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # constrained decoding, as vLLM's extra body names it (the legacy guided_* fields and structured_outputs)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -265,12 +308,50 @@ class _SamplingFields(_Strict):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    def _constraints(self) -> list[StructuredOutput]:
+        """Every structured-output constraint the request sets (one at most is allowed)."""
+        found: list[StructuredOutput] = []
+        if self.guided_json is not None:
+            found.append(_schema_of(self.guided_json, "guided_json"))
+        if self.guided_regex is not None:
+            found.append(StructuredOutput("regex", self.guided_regex, "guided_regex"))
+        if self.guided_choice is not None:
+            found.append(StructuredOutput.choice(self.guided_choice, "guided_choice"))
+        if self.guided_grammar is not None:
+            found.append(StructuredOutput("grammar", self.guided_grammar, "guided_grammar"))
+        so = self.structured_outputs
+        if so is not None:
+            if so.json_ is not None:
+                found.append(_schema_of(so.json_, "structured_outputs.json"))
+            if so.regex is not None:
+                found.append(StructuredOutput("regex", so.regex, "structured_outputs.regex"))
+            if so.choice is not None:
+                found.append(StructuredOutput.choice(so.choice, "structured_outputs.choice"))
+            if so.grammar is not None:
+                found.append(StructuredOutput("grammar", so.grammar, "structured_outputs.grammar"))
+            if so.json_object:
+                found.append(StructuredOutput("json_object", "", "structured_outputs.json_object"))
+        return found
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The one constraint on the output, if any; two at once is a 400 naming the second."""
+        found = self._constraints()
+        if len(found) > 1:
+            raise InvalidRequest(
+                f"only one structured-output constraint is allowed per request; {found[0].param} and "
+                f"{found[1].param} are both set",
+                param=found[1].param,
+            )
+        return found[0] if found else None
+
     def _stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def _sampling(self, *, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def _sampling(
+        self, *, max_tokens: int, logprobs: bool, top_logprobs: int, structured: StructuredOutput | None
+    ) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(
             max_tokens=max_tokens,
@@ -288,6 +369,7 @@ class _SamplingFields(_Strict):
             top_logprobs=top_logprobs,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            structured=structured,
         )
 
 
@@ -305,6 +387,9 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     mm_processor_kwargs: MultiModalOptions | None = None
+    #: Extra variables for the checkpoint's chat template (e.g. Qwen3's ``enable_thinking``), checked
+    #: against the variables the template reads (a 400 naming an unknown one).
+    chat_template_kwargs: dict[str, Any] | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
 
@@ -326,13 +411,15 @@ class ChatCompletionRequest(_SamplingFields):
         choice = self.tool_choice
         if choice is not None and choice != "none" and not self.tools:
             raise InvalidRequest("tool_choice is only allowed when tools are specified", param="tool_choice")
-        if choice == "required" or isinstance(choice, NamedToolChoice):
-            what = (
-                f"naming the function '{choice.function.name}'" if isinstance(choice, NamedToolChoice) else "'required'"
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names the function '{choice.function.name}', which is not among the tools",
+                param="tool_choice",
             )
-            raise UnsupportedParameter(
-                f"tool_choice {what} must be enforced by constrained decoding, which is not available yet; "
-                'use "auto" or "none"',
+        if self.forces_tool_call and self._constraints():
+            raise InvalidRequest(
+                f"tool_choice {self._choice_words()} constrains the reply to tool calls; it cannot be combined "
+                f"with {self._constraints()[0].param}",
                 param="tool_choice",
             )
         calls: set[str] = set()
@@ -346,6 +433,27 @@ class ChatCompletionRequest(_SamplingFields):
                     param=f"messages[{i}].tool_call_id",
                 )
 
+    def _choice_words(self) -> str:
+        choice = self.tool_choice
+        return f"naming '{choice.function.name}'" if isinstance(choice, NamedToolChoice) else f"'{choice}'"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        """``tool_choice`` "required" or a named function: the reply must be calls, enforced by a grammar."""
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
+
+    def _constraints(self) -> list[StructuredOutput]:
+        found = super()._constraints()
+        fmt = self.response_format
+        if isinstance(fmt, JsonObjectFormat):
+            found.insert(0, StructuredOutput("json_object", "", "response_format"))
+        elif isinstance(fmt, JsonSchemaFormat):
+            schema = fmt.json_schema.schema_
+            param = "response_format.json_schema.schema"
+            spec = StructuredOutput("json_object", "", param) if schema is None else _schema_of(schema, param)
+            found.insert(0, spec)
+        return found
+
     @property
     def tools_enabled(self) -> bool:
         """Tools are rendered and the reply parsed for calls (``tool_choice`` "none": neither)."""
@@ -355,8 +463,14 @@ class ChatCompletionRequest(_SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, *, max_tokens: int) -> SamplingParams:
-        return self._sampling(max_tokens=max_tokens, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
+    def to_sampling_params(self, *, max_tokens: int, structured: StructuredOutput | None = None) -> SamplingParams:
+        """``structured``: the constraint the gateway settled on (``structured_output`` or the tool-call grammar)."""
+        return self._sampling(
+            max_tokens=max_tokens,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs or 0,
+            structured=structured,
+        )
 
 
 class CompletionRequest(_SamplingFields):
@@ -393,9 +507,11 @@ class CompletionRequest(_SamplingFields):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self, *, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, *, max_tokens: int, structured: StructuredOutput | None = None) -> SamplingParams:
         logprobs = self.logprobs is not None
-        return self._sampling(max_tokens=max_tokens, logprobs=logprobs, top_logprobs=self.logprobs or 0)
+        return self._sampling(
+            max_tokens=max_tokens, logprobs=logprobs, top_logprobs=self.logprobs or 0, structured=structured
+        )
 
 
 # ---------------------------------------------------------------- responses
@@ -481,6 +597,7 @@ class AssistantOut(_OmitsNone):
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # the reply's reasoning block, apart from the answer (vLLM's name)
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -519,6 +636,7 @@ class DeltaMessage(_OmitsNone):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

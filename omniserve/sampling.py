@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omniserve.structured.spec import StructuredOutput
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,6 +27,7 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop_token_ids are blocked until this many tokens
+    structured: StructuredOutput | None = None  # constrained decoding: what the output must match
 
     @property
     def greedy(self) -> bool:

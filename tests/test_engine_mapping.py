@@ -18,6 +18,7 @@ import re
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -29,6 +30,7 @@ from omniserve.engines.registry import available_engines, create_engine
 from omniserve.engines.streams import Admission, AdmittedStream
 from omniserve.errors import ModelLoadError, QueueFull, UnsupportedParameter
 from omniserve.sampling import SamplingParams
+from omniserve.structured.spec import StructuredOutput
 
 FULL = SamplingParams(
     max_tokens=9,
@@ -474,7 +476,7 @@ def test_lmdeploy_engine_args_typed_by_its_backend_config(tiny_qwen2: Path) -> N
         with pytest.raises(ModelLoadError, match=re.escape(message)):
             parse_engine_args(raw)
     with pytest.raises(ModelLoadError, match="pass --dtype bfloat16"):
-        create_engine("lmdeploy", EngineConfig(model=tiny_qwen2, served_model_name="x"))
+        create_engine("lmdeploy", EngineConfig(model=tiny_qwen2, served_model_name="x", dtype="float32"))
     engine = create_engine(
         "lmdeploy", EngineConfig(model=tiny_qwen2, served_model_name="x", dtype="bfloat16", max_model_len=1024)
     )
@@ -505,3 +507,57 @@ def test_lmdeploy_image_items_match_lmdeploys_own_preprocessing(tiny_qwen2_vl: P
     assert (ours["image_grid_thw"] == theirs["image_grid_thw"]).all()
     assert ours["image_tokens"] == int(theirs["image_tokens"])
     assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- constrained decoding on SGLang and LMDeploy
+
+CONSTRAINTS = [
+    StructuredOutput.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}, "response_format"),
+    StructuredOutput("json_object"),
+    StructuredOutput("regex", "[a-c]{2}"),
+    StructuredOutput.choice(["yes", "no"], "guided_choice"),
+    StructuredOutput("grammar", 'root ::= "a" | "b"'),
+    StructuredOutput.structural_tag(
+        {"type": "structural_tag", "format": {"type": "const_string", "value": "<tool_call>"}}, "tools"
+    ),
+]
+
+
+def _xgrammar_compiler(tiny_qwen2: Path) -> object:
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(str(tiny_qwen2))))
+
+
+@needs_sglang
+@pytest.mark.parametrize("spec", CONSTRAINTS, ids=lambda s: s.kind)
+def test_sglang_takes_each_constraint_in_its_own_fields(spec: StructuredOutput, tiny_qwen2: Path) -> None:
+    """SGLang's ``SamplingParams`` accepts the fields, and each compiles the way its xgrammar backend compiles it."""
+    from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSamplingParams
+
+    from omniserve.engines.sglang_engine import to_sglang_sampling
+
+    theirs = SGLangSamplingParams(**to_sglang_sampling(SamplingParams(max_tokens=4, structured=spec)))
+    compiler: Any = _xgrammar_compiler(tiny_qwen2)
+    if theirs.json_schema is not None:
+        compiler.compile_json_schema(theirs.json_schema)
+    elif theirs.regex is not None:
+        compiler.compile_regex(theirs.regex)
+    else:
+        assert theirs.structural_tag is not None
+        compiler.compile_structural_tag(theirs.structural_tag)
+
+
+@needs_lmdeploy
+@pytest.mark.parametrize("spec", CONSTRAINTS, ids=lambda s: s.kind)
+def test_lmdeploy_compiles_each_constraint_as_its_response_format(spec: StructuredOutput, tiny_qwen2: Path) -> None:
+    """LMDeploy's own ``compile_response_format`` (what its PyTorch engine calls) reads the mapped format."""
+    from lmdeploy._guided_decoding import compile_response_format
+    from lmdeploy.pytorch.messages import SamplingParam
+
+    from omniserve.engines.lmdeploy_engine import to_generation_config
+
+    config = to_generation_config(SamplingParams(max_tokens=4, structured=spec))
+    assert SamplingParam.from_gen_config(config).response_format is not None
+    compile_response_format(_xgrammar_compiler(tiny_qwen2), config.response_format)

@@ -132,7 +132,7 @@ def omni_server(tiny_omni: Path) -> Iterator[RunningServer]:
     srv = start_server(
         tiny_omni,
         name="tiny-omni",
-        engine={"max_concurrency": MAX_CONCURRENCY, "max_queue": 32, "max_model_len": 2048},
+        engine={"max_concurrency": MAX_CONCURRENCY, "max_queue": 32, "max_model_len": 2048, "dtype": "float32"},
         server={"media": MEDIA},
         engine_name="vllm",
     )
@@ -146,11 +146,17 @@ def client(omni_server: RunningServer) -> Any:
 
 
 @pytest.fixture(scope="module")
+def float32_client(client: Any) -> Any:
+    """The reused batching test asks for a float32 server: this module's vLLM servers all are."""
+    return client
+
+
+@pytest.fixture(scope="module")
 def vl_server(tiny_qwen2_vl: Path) -> Iterator[RunningServer]:
     srv = start_server(
         tiny_qwen2_vl,
         name="tiny-vl",
-        engine={"max_concurrency": MAX_CONCURRENCY, "max_model_len": 2048},
+        engine={"max_concurrency": MAX_CONCURRENCY, "max_model_len": 2048, "dtype": "float32"},
         server={"media": MEDIA},
         engine_name="vllm",
     )
@@ -162,8 +168,8 @@ def vl_server(tiny_qwen2_vl: Path) -> Iterator[RunningServer]:
 def transformers_servers(tiny_omni: Path, tiny_qwen2_vl: Path) -> Iterator[dict[str, RunningServer]]:
     """The reference engine on the same checkpoints, float32 like the vLLM servers."""
     servers = {
-        "tiny-omni": start_server(tiny_omni, name="tiny-omni", engine={"max_model_len": 2048}, server={"media": MEDIA}),
-        "tiny-vl": start_server(tiny_qwen2_vl, name="tiny-vl", engine={"max_model_len": 2048}, server={"media": MEDIA}),
+        name: start_server(path, name=name, engine={"max_model_len": 2048, "dtype": "float32"}, server={"media": MEDIA})
+        for name, path in (("tiny-omni", tiny_omni), ("tiny-vl", tiny_qwen2_vl))
     }
     yield servers
     for srv in servers.values():
@@ -517,7 +523,7 @@ def test_engine_args_take_vllm_types_and_override_cpu_defaults(tiny_qwen2: Path)
     )
     args = engine.build_engine_args()
     assert args.limit_mm_per_prompt == {"image": 2} and args.enforce_eager is False and args.max_logprobs == 7
-    assert (args.max_num_seqs, args.max_model_len, args.dtype) == (3, 512, "float32")
+    assert (args.max_num_seqs, args.max_model_len, args.dtype) == (3, 512, "auto")  # --dtype auto: vLLM's own rule
     assert args.kv_cache_memory_bytes == 1 << 30  # the CPU default still applies where not overridden
 
 
@@ -626,3 +632,89 @@ def test_engine_death_turns_health_red_and_requests_into_503(vl_server: RunningS
     )
     assert resp.status_code == 503 and resp.json()["error"]["type"] == "server_error"
     assert time.perf_counter() - start < 5
+
+
+# ---------------------------------------------------------------- constrained decoding through vLLM's own parameters
+
+
+@pytest.fixture(scope="module")
+def tools_server(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """vLLM on the tiny text model with the published Qwen3 template (tools, Hermes calls)."""
+    from tests import test_structured_outputs as so
+    from tests.test_train_support import published_template, with_chat_template
+
+    model = with_chat_template(tiny_qwen2, tmp_path_factory.mktemp("vllm-tools") / "qwen3", published_template("qwen3"))
+    srv = start_server(
+        model, name=so.MODEL, engine={"max_concurrency": MAX_CONCURRENCY, "max_model_len": 2048}, engine_name="vllm"
+    )
+    yield srv
+    srv.stop()
+
+
+def test_constraints_map_onto_vllm_structured_outputs() -> None:
+    from omniserve.engines.vllm_engine import to_vllm_sampling
+    from omniserve.structured.spec import StructuredOutput
+
+    def mapped(spec: StructuredOutput) -> Any:
+        return to_vllm_sampling(SamplingParams(max_tokens=4, structured=spec)).structured_outputs
+
+    assert mapped(StructuredOutput.json_schema({"type": "object"}, "p")).json == '{"type": "object"}'
+    assert mapped(StructuredOutput("json_object")).json_object is True
+    assert mapped(StructuredOutput("regex", "a+")).regex == "a+"
+    assert mapped(StructuredOutput.choice(["x", "y"], "p")).choice == ["x", "y"]
+    assert mapped(StructuredOutput("grammar", 'root ::= "a"')).grammar == 'root ::= "a"'
+    tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "hi"}}
+    assert json.loads(mapped(StructuredOutput.structural_tag(tag, "tools")).structural_tag) == tag
+    assert to_vllm_sampling(SamplingParams(max_tokens=4)).structured_outputs is None
+
+
+def test_json_schema_and_extra_body_constraints_on_vllm(tools_server: RunningServer) -> None:
+    import jsonschema
+
+    from tests import test_structured_outputs as so
+
+    client = tools_server.client()
+    out = client.chat.completions.create(
+        model=so.MODEL,
+        messages=so.ASK,
+        response_format=so.response_format(so.PERSON),
+        n=MAX_CONCURRENCY,
+        temperature=1.0,
+        seed=3,
+        max_tokens=200,
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), so.PERSON)
+    out = client.chat.completions.create(
+        model=so.MODEL, messages=so.ASK, max_tokens=10, seed=1, extra_body={"guided_choice": ["red", "blue"]}
+    )
+    assert out.choices[0].message.content in ("red", "blue")
+    resp = httpx.post(
+        f"{tools_server.base_url}/v1/chat/completions",
+        json={"model": so.MODEL, "messages": so.ASK, "response_format": so.response_format({"type": "objectx"})},
+        timeout=30,
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "response_format.json_schema.schema"
+    assert "at 'type'" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_required_and_named_tool_choice_on_vllm(tools_server: RunningServer, stream: bool) -> None:
+    from tests import test_structured_outputs as so
+
+    client = tools_server.client()
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice_option, allowed in (("required", {"get_weather", "get_time"}), (named, {"get_weather"})):
+        kwargs = {"model": so.MODEL, "messages": so.ASK, "tools": so.TOOLS, "tool_choice": choice_option}
+        kwargs.update(max_tokens=300, seed=4)
+        if stream:
+            with client.chat.completions.stream(**kwargs) as s:
+                choice = s.get_final_completion().choices[0]
+        else:
+            choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message
+        so._check_calls(choice.message.tool_calls or [], allowed)
+        if choice_option is named:
+            assert len(choice.message.tool_calls or []) == 1

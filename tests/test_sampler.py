@@ -59,3 +59,33 @@ def test_min_tokens_blocks_exactly_the_ids_that_would_end_the_sequence() -> None
     assert sample_rows(eos_favoured, [stop_ids_only])[0].token_id == 2
     nothing_ends = SamplerState.create(params, 0, eos_ids=())
     assert sample_rows(eos_favoured, [nothing_ends])[0].token_id == 0
+
+
+def test_a_grammar_masks_only_its_own_row(tiny_qwen2: object) -> None:
+    """A constrained row picks what its grammar allows and ends with it; its neighbours sample as if alone."""
+    from transformers import AutoTokenizer
+
+    from omniserve.structured.grammar import GrammarCache
+    from omniserve.structured.spec import StructuredOutput
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen2))
+    vocab = len(tokenizer)
+    compiled = GrammarCache(tokenizer, vocab).compile(StructuredOutput.choice(["yes", "no"], "guided_choice"))
+    eos = (tokenizer.eos_token_id,)
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    free = [state(temperature=0.0), state(temperature=1.0, seed=9)]
+    alone = [p.token_id for p in sample_rows(logits[[0, 2]].clone(), free)]
+    constrained = SamplerState.create(SamplingParams(max_tokens=10, seed=1), 0, eos, compiled)
+    rows = [state(temperature=0.0), constrained, state(temperature=1.0, seed=9)]
+    before = logits.clone()
+    text = ""
+    for _ in range(5):
+        picks = sample_rows(logits, rows)
+        assert [picks[0].token_id, picks[2].token_id] == alone  # neighbours untouched by the mask
+        assert torch.equal(logits, before)  # the caller's logits are never written
+        if constrained.grammar_ended:
+            break
+        text += tokenizer.decode([picks[1].token_id])
+        rows[0], rows[2] = state(temperature=0.0), state(temperature=1.0, seed=9)
+    assert constrained.grammar_ended and not constrained.grammar_rejected
+    assert text in ("yes", "no")

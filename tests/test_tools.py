@@ -6,18 +6,18 @@ the OpenAI shapes the official ``openai`` client reads, streamed and not, and wh
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from omniserve.engines.base import ChoiceDelta, GenerationRequest
 from omniserve.tools.base import ParsedCall, TextPiece
 from omniserve.tools.hermes import HermesParser
 from omniserve.tools.registry import parser_class, require_parser
 from tests.conftest import RunningServer, start_server
+from tests.scripted_engine import Script, scripted_engine
 from tests.test_train_support import published_template, with_chat_template
 
 MODEL = "tiny-qwen3"
@@ -105,33 +105,10 @@ def server(qwen3_model: Path) -> Iterator[RunningServer]:
     srv.stop()
 
 
-Script = Callable[..., list[GenerationRequest]]
-
-
 @pytest.fixture
 def scripted(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Script:
-    """Make the engine "write" a given reply, and record the requests (their rendered prompts) it got.
-
-    A model that calls tools is not available offline, and the random tiny model never writes
-    ``<tool_call>``; so only the engine's ``stream`` hook is replaced, by one yielding the reply a few
-    characters at a time as an engine would. Everything else is real: the HTTP server, parsing,
-    validation, the template rendering, admission, the parser, SSE and the openai client.
-    """
-    seen: list[GenerationRequest] = []
-
-    def script(*replies: str, piece: int = 4) -> list[GenerationRequest]:
-        async def stream(request: GenerationRequest, native: Any) -> AsyncIterator[ChoiceDelta]:
-            seen.append(request)
-            for index in range(request.sampling.n):
-                text = replies[index % len(replies)]
-                for start in range(0, len(text), piece):
-                    yield ChoiceDelta(index=index, text=text[start : start + piece], token_ids=[1])
-                yield ChoiceDelta(index=index, finish_reason="stop")
-
-        monkeypatch.setattr(server.engine, "stream", stream)
-        return seen
-
-    return script
+    """Make the engine "write" a given reply, and record the requests (their rendered prompts) it got."""
+    return scripted_engine(server, monkeypatch)
 
 
 def test_the_prompt_carries_the_tool_schema_as_the_template_writes_it(server: RunningServer, scripted: Script) -> None:
@@ -275,16 +252,10 @@ def _post(server: RunningServer, **body: Any) -> httpx.Response:
 
 REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     (
-        "required",
-        {"tools": [WEATHER], "tool_choice": "required"},
+        "named function not among the tools",
+        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
         "tool_choice",
-        "tool_choice 'required' must be enforced by constrained decoding, which is not available yet",
-    ),
-    (
-        "named function",
-        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-        "tool_choice",
-        "tool_choice naming the function 'get_weather' must be enforced by constrained decoding",
+        "names the function 'get_time', which is not among the tools",
     ),
     ("choice without tools", {"tool_choice": "auto"}, "tool_choice", "only allowed when tools are specified"),
     ("duplicate names", {"tools": [WEATHER, WEATHER]}, "tools", "'get_weather' appears twice"),

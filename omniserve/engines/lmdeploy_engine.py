@@ -40,6 +40,7 @@ from omniserve.engines.base import ChoiceDelta, GenerationRequest, ModelInfo, To
 from omniserve.engines.streams import merge_streams
 from omniserve.errors import EngineError, InvalidRequest, ModelLoadError
 from omniserve.sampling import SamplingParams
+from omniserve.structured.spec import StructuredOutput
 
 ENGINE = "lmdeploy"
 BACKENDS = ("pytorch", "turbomind")
@@ -109,7 +110,21 @@ def to_generation_config(params: SamplingParams, choice: int = 0) -> Any:
         ignore_eos=params.ignore_eos,
         skip_special_tokens=True,
         logprobs=params.top_logprobs if params.logprobs else None,
+        response_format=lmdeploy_response_format(params.structured),
     )
+
+
+def lmdeploy_response_format(spec: StructuredOutput | None) -> dict[str, Any] | None:
+    """The constraint as LMDeploy's ``response_format`` (which it compiles with xgrammar, as omniserve checks it)."""
+    if spec is None:
+        return None
+    if spec.kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "omniserve", "schema": spec.loaded()}}
+    if spec.kind == "json_object":
+        return {"type": "json_object"}
+    if spec.kind == "regex":
+        return {"type": "regex_schema", "regex_schema": spec.value}
+    return spec.as_structural_tag()
 
 
 def image_items(token_ids: list[int], mm_inputs: dict[str, Any], image_token_id: int) -> list[dict[str, Any]]:

@@ -1,13 +1,15 @@
 """Per-sequence token sampling for the transformers engine.
 
 Each sequence in a batch has its own parameters and its own seeded generator, so a request's
-output at a fixed seed does not depend on which other requests share the batch.
+output at a fixed seed does not depend on which other requests share the batch. A sequence with a
+structured-output constraint also carries its grammar matcher: its row's forbidden tokens are masked
+before the pick (rows without one are not touched), and the pick advances the matcher.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omniserve.sampling import SamplingParams
 
@@ -17,16 +19,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class SamplerState:
-    """What sampling remembers about one sequence: its generator and the tokens it produced."""
+    """What sampling remembers about one sequence: its generator, its grammar and the tokens it produced."""
 
     params: SamplingParams
     eos_ids: tuple[int, ...] = ()  # the ids that end the sequence, blocked until ``min_tokens``
     generator: torch.Generator | None = None
     output_counts: dict[int, int] = field(default_factory=dict)
     generated: int = 0
+    grammar: Any = None  # an ``xgrammar.GrammarMatcher`` when the output is constrained
+    grammar_rejected: bool = False  # the matcher refused a pick (cannot happen with its mask; ends the sequence)
 
     @classmethod
-    def create(cls, params: SamplingParams, choice_index: int, eos_ids: tuple[int, ...] = ()) -> SamplerState:
+    def create(
+        cls, params: SamplingParams, choice_index: int, eos_ids: tuple[int, ...] = (), grammar: Any = None
+    ) -> SamplerState:
+        """``grammar``: the request's compiled grammar (``structured.grammar``); each choice gets its own matcher."""
         import torch
 
         generator = None
@@ -36,11 +43,23 @@ class SamplerState:
                 generator.manual_seed(params.seed + choice_index)
             else:
                 generator.seed()
-        return cls(params=params, eos_ids=eos_ids, generator=generator)
+        matcher = None
+        if grammar is not None:
+            from omniserve.structured.grammar import new_matcher
+
+            matcher = new_matcher(grammar, eos_ids)
+        return cls(params=params, eos_ids=eos_ids, generator=generator, grammar=matcher)
 
     def record(self, token_id: int) -> None:
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         self.generated += 1
+        if self.grammar is not None and not self.grammar.accept_token(token_id):
+            self.grammar_rejected = True
+
+    @property
+    def grammar_ended(self) -> bool:
+        """The constraint is over: its grammar terminated (an end token or its last character), or it failed."""
+        return self.grammar is not None and (self.grammar_rejected or self.grammar.is_terminated())
 
 
 @dataclass(frozen=True)
@@ -62,8 +81,8 @@ def _apply_penalties(row: torch.Tensor, state: SamplerState) -> torch.Tensor:
             vals = row[ids]
             row[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         row[ids] -= p.frequency_penalty * counts + p.presence_penalty
-    if state.generated < p.min_tokens and state.eos_ids:
-        row[list(state.eos_ids)] = float("-inf")
+    if state.generated < p.min_tokens and state.eos_ids and state.grammar is None:
+        row[list(state.eos_ids)] = float("-inf")  # a grammar decides itself when the output may end
     return row
 
 
@@ -94,11 +113,16 @@ def sample_rows(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample
     import torch
 
     rows = logits.float()
-    if any(_needs_penalties(s) for s in states):
-        rows = rows.clone()
+    constrained = [i for i, s in enumerate(states) if s.grammar is not None]
+    if constrained or any(_needs_penalties(s) for s in states):
+        rows = rows.clone()  # never write into the caller's logits (prefill hands an expanded view)
         for i, state in enumerate(states):
             if _needs_penalties(state):
                 _apply_penalties(rows[i], state)
+    if constrained:
+        from omniserve.structured.grammar import mask_rows
+
+        mask_rows(rows, [states[i].grammar for i in constrained], constrained)
     tokens = torch.argmax(rows, dim=-1)
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if sampled:
@@ -125,7 +149,7 @@ def _needs_penalties(state: SamplerState) -> bool:
     penalised = bool(state.output_counts) and (
         p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1.0
     )
-    return penalised or (state.generated < p.min_tokens and bool(state.eos_ids))
+    return penalised or (state.generated < p.min_tokens and bool(state.eos_ids) and state.grammar is None)
 
 
 def _draw(rows: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:

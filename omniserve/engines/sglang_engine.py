@@ -18,6 +18,7 @@ but generation was not run here.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from omniserve.config import EngineConfig
 from omniserve.engines.adapter_support import ChoiceDecoder, InProcessEngine, engine_args_from_cli_parser
 from omniserve.engines.base import ChoiceDelta, GenerationRequest, ModelInfo, TokenLogprobs, finish_reason
 from omniserve.sampling import SamplingParams
+from omniserve.structured.spec import StructuredOutput
 
 ENGINE = "sglang"
 
@@ -72,7 +74,21 @@ def to_sglang_sampling(params: SamplingParams) -> dict[str, Any]:
         "ignore_eos": params.ignore_eos,
         "skip_special_tokens": True,
         "no_stop_trim": False,
+        **sglang_constraint(params.structured),
     }
+
+
+def sglang_constraint(spec: StructuredOutput | None) -> dict[str, Any]:
+    """The constraint as SGLang's ``SamplingParams`` fields (``json_schema``, ``regex``, ``structural_tag``)."""
+    if spec is None:
+        return {}
+    if spec.kind == "json_schema":
+        return {"json_schema": spec.value}
+    if spec.kind == "json_object":
+        return {"json_schema": '{"type": "object"}'}
+    if spec.kind == "regex":
+        return {"regex": spec.value}
+    return {"structural_tag": json.dumps(spec.as_structural_tag())}
 
 
 def logprob_request(params: SamplingParams) -> dict[str, Any]:

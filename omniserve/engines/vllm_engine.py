@@ -36,6 +36,7 @@ from omniserve.engines.adapter_support import InProcessEngine, engine_args_from_
 from omniserve.engines.base import ChoiceDelta, GenerationRequest, ModelInfo, TokenLogprobs, finish_reason
 from omniserve.errors import EngineError, EngineUnavailable, InvalidRequest
 from omniserve.sampling import SamplingParams
+from omniserve.structured.spec import StructuredOutput
 
 if TYPE_CHECKING:
     from omniserve.media.loader import MediaItem
@@ -107,9 +108,33 @@ def to_vllm_sampling(params: SamplingParams) -> Any:
             skip_special_tokens=True,
             include_stop_str_in_output=False,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=to_vllm_structured(params.structured),
         )
     except (ValueError, VLLMClientError) as exc:  # vLLM's own validation
         raise InvalidRequest(f"the {ENGINE} engine rejects these sampling parameters: {exc}") from exc
+
+
+def to_vllm_structured(spec: StructuredOutput | None) -> Any:
+    """omniserve's constraint as vLLM's ``StructuredOutputsParams``: each kind is one of its fields.
+
+    The gateway has already checked the constraint (``structured.check``); vLLM compiles it with its own
+    grammar backend (xgrammar by default), with the whitespace rule of ``DEFAULTS``.
+    """
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if spec.kind == "json_schema":
+        return StructuredOutputsParams(json=spec.value)
+    if spec.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if spec.kind == "regex":
+        return StructuredOutputsParams(regex=spec.value)
+    if spec.kind == "choice":
+        return StructuredOutputsParams(choice=spec.loaded())
+    if spec.kind == "grammar":
+        return StructuredOutputsParams(grammar=spec.value)
+    return StructuredOutputsParams(structural_tag=spec.value)
 
 
 def greedy_copies(params: SamplingParams) -> int:
@@ -169,11 +194,16 @@ class VllmEngine(InProcessEngine[Any]):
 
     def build_engine_args(self) -> Any:
         """The ``AsyncEngineArgs`` this engine starts with: omniserve's options, defaults, then engine args."""
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
         cfg = self._config
         defaults = {**DEFAULTS, **(CPU_DEFAULTS if current_platform.is_cpu() else {})}
+        # constraints compiled by xgrammar, the library the gateway checks them with; JSON written compact, as the
+        # transformers engine writes it: free whitespace lets a model that is not trained for the format spend
+        # its whole budget on spaces and end with JSON that does not parse
+        defaults["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         return AsyncEngineArgs(
             model=str(cfg.model),
             tokenizer=str(cfg.model),

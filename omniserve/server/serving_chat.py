@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from omniserve.engines.base import GenerationRequest, TokenLogprobs
-from omniserve.errors import InvalidRequest
+from omniserve.errors import InvalidRequest, UnsupportedParameter
 from omniserve.media.loader import MediaOptions, loaded_media
 from omniserve.protocol import (
     AssistantOut,
@@ -22,6 +23,7 @@ from omniserve.protocol import (
     DeltaToolCall,
     FunctionCallOut,
     MultiModalOptions,
+    NamedToolChoice,
     TokenLogprob,
     ToolCallOut,
     TopLogprob,
@@ -30,7 +32,9 @@ from omniserve.protocol import (
     new_id,
     now,
 )
+from omniserve.reasoning import Piece, ReasoningSplitter, prompt_opens_block, split, template_thinks
 from omniserve.server.serving_base import OpenAIServing, Submitted
+from omniserve.structured.spec import StructuredOutput, length_bounds_as_patterns
 from omniserve.templates.conversation import to_hf_messages
 from omniserve.templates.render import RenderOptions
 from omniserve.tools.base import Event, ParsedCall, TextPiece, ToolCallParser
@@ -112,19 +116,64 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         messages, sources = to_hf_messages(request.messages)
         for source in sources:  # refuse before fetching anything the model cannot use
             if source.kind not in renderer.modalities:
-                raise InvalidRequest(f"this model does not accept {source.kind} input", param=source.param)
+                raise InvalidRequest(
+                    f"model {self.ctx.model_name!r} does not accept {source.kind} input ({source.param})",
+                    param=source.param,
+                )
         opts = request.mm_processor_kwargs or MultiModalOptions()
         limits = self.ctx.server.media
         media_options = MediaOptions(fps=opts.fps, max_frames=opts.max_frames).check(limits)
         self._parser_class(request, check_template=True)  # a model that cannot take tools: 400 before any work
         tools = tuple(t.model_dump(exclude_none=True) for t in request.tools or ()) if request.tools_enabled else ()
-        render_options = RenderOptions(max_pixels=opts.max_pixels, min_pixels=opts.min_pixels, tools=tools)
+        template_kwargs = request.chat_template_kwargs or {}
+        renderer.check_template_kwargs(template_kwargs)  # a 400 before any media is fetched
+        render_options = RenderOptions(
+            max_pixels=opts.max_pixels,
+            min_pixels=opts.min_pixels,
+            tools=tools,
+            template_kwargs=tuple(template_kwargs.items()),
+        )
         # the decoded media count against the app's bound until the prompt holds the model's inputs
         async with loaded_media(sources, limits, media_options, self.ctx.media_gate) as media:
             prompt = await self.ctx.rendering.chat(messages, media, options=render_options)  # threads of its own
         max_tokens = renderer.check_length(prompt, request.requested_max_tokens)
-        sampling = request.to_sampling_params(max_tokens=max_tokens)
+        sampling = request.to_sampling_params(max_tokens=max_tokens, structured=await self._constraint(request))
         return [GenerationRequest(request_id=new_id("chatcmpl"), prompt=prompt, sampling=sampling)]
+
+    async def _constraint(self, request: ChatCompletionRequest) -> StructuredOutput | None:
+        """What the reply must match: the parser's call grammar when ``tool_choice`` forces calls (or a tool is
+        ``strict``), else the request's ``response_format`` / extra-body constraint; checked (a 400) here."""
+        spec = self._call_constraint(request) or request.structured_output()
+        if spec is not None:
+            from omniserve.structured.check import check
+
+            await asyncio.to_thread(check, spec)  # the first call imports the grammar library: off the loop
+        return spec
+
+    def _call_constraint(self, request: ChatCompletionRequest) -> StructuredOutput | None:
+        choice, tools = request.tool_choice, request.tools or []
+        strict = request.tools_enabled and any(t.function.strict for t in tools)
+        if not request.forces_tool_call and not (strict and request.structured_output() is None):
+            return None
+        parser = self._parser_class(request)
+        if parser is None:  # tools_enabled is true here: the parser exists or _parser_class refused
+            return None
+        if isinstance(choice, NamedToolChoice):
+            mode, tools = "named", [t for t in tools if t.function.name == choice.function.name]
+        else:
+            mode = "required" if choice == "required" else "auto"
+        functions = [
+            (t.function.name, length_bounds_as_patterns(t.function.parameters or {"type": "object", "properties": {}}))
+            for t in tools
+        ]
+        tag = parser.call_format(functions, mode=mode, parallel=request.parallel_tool_calls is not False)
+        if tag is None:
+            raise UnsupportedParameter(
+                f"the {parser.NAME} tool-call format has no grammar: tool_choice {choice!r} and strict tools cannot "
+                "be enforced with it",
+                param="tool_choice",
+            )
+        return StructuredOutput.structural_tag(tag, "tools")
 
     def _parser_class(
         self, request: ChatCompletionRequest, *, check_template: bool = False
@@ -145,8 +194,9 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
     async def chunks(self, request: ChatCompletionRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
         request_id, created, model = submitted.jobs[0].request_id, now(), self.ctx.model_name
         parser_class = self._parser_class(request)
-        if parser_class is not None:
-            async for item in self._tool_chunks(request, submitted, parser_class):
+        starts = self._reasoning_start(submitted)
+        if parser_class is not None or starts is not None:
+            async for item in self._parsed_chunks(request, submitted, parser_class, starts):
                 yield item
             return
 
@@ -171,26 +221,54 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         if request.stream_options is not None and request.stream_options.include_usage:
             yield chunk([], usage=submitted.usage())
 
-    async def _tool_chunks(
-        self, request: ChatCompletionRequest, submitted: Submitted, parser_class: type[ToolCallParser]
+    def _reasoning_start(self, submitted: Submitted) -> bool | None:
+        """None when replies are not split into reasoning and content; else whether they start as reasoning."""
+        mode = self.ctx.server.reasoning_parser
+        if mode == "none" or (mode == "auto" and not template_thinks(self.ctx.renderer.chat_template or "")):
+            return None
+        return prompt_opens_block(submitted.jobs[0].prompt.text or "")
+
+    async def _parsed_chunks(
+        self,
+        request: ChatCompletionRequest,
+        submitted: Submitted,
+        parser_class: type[ToolCallParser] | None,
+        starts_in_reasoning: bool | None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """``chunks`` with each choice's text run through its own parser: content and calls as they complete."""
+        """``chunks`` with each choice's text split into reasoning and answer, and the answer run through the
+        tool parser: reasoning, content and calls as each becomes certain."""
         request_id, created, model = submitted.jobs[0].request_id, now(), self.ctx.model_name
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
             return dump(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
-        parsers = [parser_class() for _ in range(request.n)]
+        parsers = [parser_class() if parser_class else None for _ in range(request.n)]
+        splitters = [
+            ReasoningSplitter(starts_in_reasoning=starts_in_reasoning) if starts_in_reasoning is not None else None
+            for _ in range(request.n)
+        ]
         calls = [0] * request.n
         for i in range(request.n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         async for _, delta in submitted.deltas():
             i = delta.index
-            events = parsers[i].feed(delta.text)
-            if delta.finish_reason is not None:
-                events += parsers[i].finish()
-            deltas = stream_deltas(events, calls[i])
-            calls[i] += sum(isinstance(e, ParsedCall) for e in events)
+            splitter, parser = splitters[i], parsers[i]
+            pieces = splitter.feed(delta.text) if splitter else [Piece("content", delta.text)]
+            if delta.finish_reason is not None and splitter:
+                pieces += splitter.finish()
+            deltas: list[DeltaMessage] = []
+            for piece in pieces:
+                if piece.kind == "reasoning":
+                    deltas.append(DeltaMessage(reasoning_content=piece.text))
+                    continue
+                events = parser.feed(piece.text) if parser else [TextPiece(piece.text)]
+                deltas += stream_deltas(events, calls[i])
+                calls[i] += sum(isinstance(e, ParsedCall) for e in events)
+            if delta.finish_reason is not None and parser:
+                events = parser.finish()
+                deltas += stream_deltas(events, calls[i])
+                calls[i] += sum(isinstance(e, ParsedCall) for e in events)
+            deltas = [d for d in deltas if d.tool_calls or d.content or d.reasoning_content]
             if not deltas and (delta.finish_reason is not None or delta.logprobs):
                 deltas = [DeltaMessage()]  # nothing to say yet, but logprobs or the end to report
             for k, message in enumerate(deltas):
@@ -219,9 +297,12 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
             if delta.finish_reason:
                 finish[delta.index] = delta.finish_reason
         parser_class = self._parser_class(request)
+        starts = self._reasoning_start(submitted)
         choices = []
         for i in range(request.n):
-            message, calls = message_of(texts[i], parser_class() if parser_class else None)
+            reasoning, answer = split(texts[i], starts_in_reasoning=starts) if starts is not None else (None, texts[i])
+            message, calls = message_of(answer, parser_class() if parser_class else None)
+            message.reasoning_content = reasoning
             choices.append(
                 ChatChoice(
                     index=i,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,13 +40,18 @@ class CompletionServing(OpenAIServing[CompletionRequest]):
         renderer = self.ctx.renderer
         renderer.check_token_ids(request.stop_token_ids or (), param="stop_token_ids")
         request_id = new_id("cmpl")
+        structured = request.structured_output()
+        if structured is not None:  # the extra body's guided_* / structured_outputs, checked before any work
+            from omniserve.structured.check import check
+
+            await asyncio.to_thread(check, structured)
         jobs = []
         prompts = request.prompts()
         for i, raw in enumerate(prompts):
             prompt = await self.ctx.rendering.text(raw)  # threads media work cannot take
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             max_tokens = renderer.check_length(prompt, request.max_tokens, param=param)
-            sampling = request.to_sampling_params(max_tokens=max_tokens)
+            sampling = request.to_sampling_params(max_tokens=max_tokens, structured=structured)
             jobs.append(GenerationRequest(request_id=f"{request_id}-{i}", prompt=prompt, sampling=sampling))
         return jobs
 

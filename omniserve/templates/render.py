@@ -24,6 +24,28 @@ from omniserve.templates.conversation import HFMessage
 _TOKEN_KEYS = ("input_ids", "attention_mask")
 
 
+#: What the server itself gives a chat template (or transformers does): never a request's to set.
+_TEMPLATE_OWN_VARIABLES = frozenset(
+    {
+        "messages",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "bos_token",
+        "eos_token",
+        "pad_token",
+        "unk_token",
+        "raise_exception",
+        "strftime_now",
+        "namespace",
+        "range",
+        "dict",
+        "loop",
+    }
+)
+
+
 @dataclass(frozen=True)
 class RenderOptions:
     """Per-request processor settings (already validated against the server's caps)."""
@@ -32,6 +54,8 @@ class RenderOptions:
     min_pixels: int | None = None
     #: OpenAI function tools (``{"type": "function", "function": {...}}``), given to the template as ``tools``.
     tools: tuple[dict[str, Any], ...] = ()
+    #: Extra template variables (``chat_template_kwargs``), already checked by ``check_template_kwargs``.
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass
@@ -111,6 +135,7 @@ class PromptRenderer:
         self._lock = threading.Lock()
         self._template_owner = processor if getattr(processor, "chat_template", None) else self.tokenizer
         self._renders_tools: bool | None = None  # found out on the first request with tools
+        self._template_variables: frozenset[str] | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, max_model_len: int | None = None) -> PromptRenderer:
@@ -158,8 +183,9 @@ class PromptRenderer:
             )
         conversation = self.template_conversation(messages)
         tools = list(options.tools) if options is not None and options.tools else None
+        extra = dict(options.template_kwargs) if options is not None else {}
         with self._lock:
-            text = self._apply_template(conversation, add_generation_prompt, tools=tools)
+            text = self._apply_template(conversation, add_generation_prompt, tools=tools, extra=extra)
             if not media:
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
                 return RenderedPrompt(token_ids=list(ids), text=text)
@@ -235,14 +261,41 @@ class PromptRenderer:
                 self._renders_tools = with_tools != plain
         return self._renders_tools
 
+    def template_variables(self) -> frozenset[str]:
+        """The variables the chat template reads that a request may set (``chat_template_kwargs``)."""
+        if self._template_variables is None:
+            from jinja2 import Environment, meta
+
+            template = self.chat_template or ""
+            found = meta.find_undeclared_variables(Environment().parse(template)) if template else set()
+            self._template_variables = frozenset(found) - _TEMPLATE_OWN_VARIABLES
+        return self._template_variables
+
+    def check_template_kwargs(self, kwargs: dict[str, Any], *, param: str = "chat_template_kwargs") -> None:
+        """A 400 naming a key the template does not read, or one the server sets itself."""
+        for key in kwargs:
+            if key in _TEMPLATE_OWN_VARIABLES:
+                raise InvalidRequest(f"{param}.{key} is set by the server and cannot be given", param=f"{param}.{key}")
+            if key not in self.template_variables():
+                known = ", ".join(sorted(self.template_variables())) or "none"
+                raise InvalidRequest(
+                    f"this model's chat template does not use {key!r} (variables it reads: {known})",
+                    param=f"{param}.{key}",
+                )
+
     def _apply_template(
-        self, conversation: list[HFMessage], add_generation_prompt: bool, *, tools: list[dict[str, Any]] | None = None
+        self,
+        conversation: list[HFMessage],
+        add_generation_prompt: bool,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
         from jinja2 import TemplateError
 
         try:
             return self._template_owner.apply_chat_template(
-                conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+                conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **(extra or {})
             )
         except TemplateError as exc:
             # the checkpoint's own template refuses this conversation (e.g. roles out of order)

@@ -9,7 +9,13 @@ become part of a call. A non-streamed reply goes through the same parser in one 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
+
+#: How a request's ``tool_choice`` constrains the reply: calls only ("required"), exactly one call of one
+#: function ("named"), or free text whose calls must match their schemas ("auto" with strict tools).
+CallMode = Literal["required", "named", "auto"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,18 @@ class ToolCallParser(abc.ABC):
     @abc.abstractmethod
     def finish(self) -> list[Event]:
         """The reply ended: whatever was held, as text (an unfinished call is not a call)."""
+
+    @classmethod
+    def call_format(
+        cls, functions: Sequence[tuple[str, dict[str, Any]]], *, mode: CallMode, parallel: bool
+    ) -> dict[str, Any] | None:
+        """An xgrammar structural tag whose sentences are calls in this format, arguments matching each schema.
+
+        ``functions``: (name, parameters schema) of the tools a call may use (for "named", the one).
+        The grammar of a format belongs with its parser: what one writes, the other reads back.
+        None: this format has no grammar yet (the gateway then refuses to force calls with a 400).
+        """
+        return None
 
     def parse_all(self, text: str) -> list[Event]:
         """A whole reply at once (non-streamed), through the same path as a stream."""

@@ -9,8 +9,10 @@ the model wrote something, and a client sees it rather than an error.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import Any
 
-from omniserve.tools.base import Event, ParsedCall, TextPiece, ToolCallParser
+from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser
 
 START = "<tool_call>"
 END = "</tool_call>"
@@ -60,6 +62,34 @@ class HermesParser(ToolCallParser):
     @classmethod
     def matches(cls, chat_template: str) -> bool:
         return START in chat_template and END in chat_template
+
+    @classmethod
+    def call_format(
+        cls, functions: Sequence[tuple[str, dict[str, Any]]], *, mode: CallMode, parallel: bool
+    ) -> dict[str, Any] | None:
+        """Each call as the Qwen templates write one (``tojson``: ``{"name": ..., "arguments": {...}}``).
+
+        The name is part of a tag's fixed opening, the arguments its JSON-schema content; several calls
+        are separated by a newline. "auto": text is free until ``<tool_call>``, after which the call must
+        match (xgrammar's triggered tags).
+        """
+        tags = [
+            {
+                "type": "tag",
+                "begin": f'{START}\n{{"name": {json.dumps(name)}, "arguments": ',
+                "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
+                "end": f"}}\n{END}",
+            }
+            for name, schema in functions
+        ]
+        if mode == "named":
+            fmt: dict[str, Any] = tags[0]
+        elif mode == "required":
+            fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
+            fmt["stop_after_first"] = not parallel
+        else:
+            fmt = {"type": "triggered_tags", "triggers": [START], "tags": tags, "stop_after_first": not parallel}
+        return {"type": "structural_tag", "format": fmt}
 
     def feed(self, text: str) -> list[Event]:
         self._buffer += text
