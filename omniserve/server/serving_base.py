@@ -144,13 +144,20 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
     async def collect(self, request: RequestT, submitted: Submitted) -> dict[str, Any]:
         """Non-stream: return the whole response object."""
 
+    async def parse(self, http_request: Request) -> RequestT:
+        """The validated request from the HTTP body: JSON by default (the audio endpoints read a form)."""
+        return parse_body(self.request_model, await http_request.body())
+
+    def response(self, request: RequestT, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        """The non-streamed answer: JSON by default (the audio endpoints also answer text and subtitles)."""
+        return JSONResponse(body, headers=headers)
+
     # ---------------------------------------------------------------- template method
 
     async def handle(self, http_request: Request) -> Response:
         timing = Timing()
         self.ctx.drain.check_admitting()  # shutting down: 503 + Retry-After before reading anything
-        raw = await http_request.body()
-        request = parse_body(self.request_model, raw)
+        request = await self.parse(http_request)
         self.ctx.check_model(request.model)  # type: ignore[attr-defined]
         n = request.n  # type: ignore[attr-defined]
         if n > self.ctx.engine_config.max_n:
@@ -168,8 +175,8 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         overhead, engine = self._observe(submitted)
         # Server-Timing lets clients and benchmarks see where the time went without scraping metrics
-        return JSONResponse(
-            body, headers={"Server-Timing": f"gateway;dur={overhead * 1000:.3f}, engine;dur={engine * 1000:.3f}"}
+        return self.response(
+            request, body, {"Server-Timing": f"gateway;dur={overhead * 1000:.3f}, engine;dur={engine * 1000:.3f}"}
         )
 
     def _submit(self, jobs: list[GenerationRequest], timing: Timing) -> Submitted:
