@@ -34,6 +34,8 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> Lo
     checkpoint = load_checkpoint(path, dtype=dtype, device=None)
     refuse_missing(path, checkpoint.report)
     model = checkpoint.model
+    if getattr(model, "has_talker", False):
+        model.disable_talker()  # text is all the engine makes; speech/ loads its own talker when it speaks
     model.to(device).eval()
     lm = generating_module(model)
     text_config = checkpoint.config.get_text_config()

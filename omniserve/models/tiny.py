@@ -106,9 +106,23 @@ def build_tiny_omni(output: Path, *, seed: int = 0) -> Path:
     return _build_atomically(Path(output), lambda folder: _write_omni(folder, seed))
 
 
-def build_tiny_qwen2_vl(output: Path, *, seed: int = 0) -> Path:
-    """Write a tiny Qwen2-VL (text, image, video in; text out) to ``output``."""
-    return _build_atomically(Path(output), lambda folder: _write_qwen2_vl(folder, seed))
+def build_tiny_omni_speaking(output: Path, *, seed: int = 0) -> Path:
+    """Write a tiny full Qwen2.5-Omni (thinker + talker + token2wav, two voices) to ``output``.
+
+    The same thinker as ``build_tiny_omni`` plus the speech half: a 2-layer talker over a 64-code codec
+    and a 2-layer DiT + small BigVGAN (the real 240-sample hop, so 24 kHz audio at 50 codes a second).
+    Its sound is noise; its path, rates and formats are the real model's (``omniserve/speech``).
+    """
+    return _build_atomically(Path(output), lambda folder: _write_omni(folder, seed, speaking=True))
+
+
+def build_tiny_qwen2_vl(output: Path, *, seed: int = 0, text: Mapping[str, Any] | None = None) -> Path:
+    """Write a tiny Qwen2-VL (text, image, video in; text out) to ``output``.
+
+    ``text`` overrides the text model's shape (hidden_size, num_hidden_layers, ...): benchmarks build a
+    medium model this way, with the same tokenizer and processors as the tiny one.
+    """
+    return _build_atomically(Path(output), lambda folder: _write_qwen2_vl(folder, seed, text or {}))
 
 
 def build_tiny_qwen2(output: Path, *, seed: int = 0) -> Path:
@@ -144,7 +158,7 @@ def omni_videos_kwargs(processor: ProcessorMixin) -> dict[str, Any]:
 # --------------------------------------------------------------------------- per-architecture writers
 
 
-def _write_omni(folder: Path, seed: int) -> None:
+def _write_omni(folder: Path, seed: int, *, speaking: bool = False) -> None:
     from transformers import (
         Qwen2_5OmniConfig,
         Qwen2_5OmniForConditionalGeneration,
@@ -152,7 +166,7 @@ def _write_omni(folder: Path, seed: int) -> None:
         Qwen2_5OmniThinkerConfig,
     )
 
-    tokenizer = _tokenizer(_OMNI_TOKENS, _OMNI_NAMED)
+    tokenizer = _tokenizer((*_OMNI_TOKENS, *_TTS_TOKENS) if speaking else _OMNI_TOKENS, _OMNI_NAMED)
     ids = _token_ids(tokenizer)
     thinker = Qwen2_5OmniThinkerConfig(
         text_config={**_TEXT, "rope_parameters": _MROPE, **_special_ids(ids)},
@@ -189,7 +203,8 @@ def _write_omni(folder: Path, seed: int) -> None:
     )
     # Talker and token2wav stay out: no weights are created or saved; the config still carries their
     # sections with the real model's defaults, as Qwen2_5OmniConfig requires.
-    config = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)
+    speech = _speech_configs(thinker, ids) if speaking else {}
+    config = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=speaking, **speech)
     processor = Qwen2_5OmniProcessor(
         image_processor=_image_processor(),
         video_processor=_video_processor(),
@@ -199,23 +214,118 @@ def _write_omni(folder: Path, seed: int) -> None:
     )
     model = _init_model(Qwen2_5OmniForConditionalGeneration, config, seed)
     _save(folder, model, processor, ids)
-    _write_speaker_dict(folder)
+    if speaking:
+        _write_voices(folder, ids, speech["token2wav_config"], seed)
+    else:
+        _write_speaker_dict(folder)
 
 
-def _write_qwen2_vl(folder: Path, seed: int) -> None:
+# The talker reads these thinker-vocabulary tokens (text bos/eos/pad of the reply it speaks, one start
+# token per voice); the real checkpoint has them among its 151k tokens.
+_TTS_TOKENS = ("<|tts_pad|>", "<|tts_text_bos|>", "<|tts_text_eod|>", "<|tts_bos_chelsie|>", "<|tts_bos_ethan|>")
+#: The voices of the speaking model: the real Qwen2.5-Omni's two names, random timbres.
+TINY_VOICES = {"Chelsie": "<|tts_bos_chelsie|>", "Ethan": "<|tts_bos_ethan|>"}
+_CODEC_CODES = 60  # codec codes 0..59, then pad (also an end), start, end, mask
+_MEL_DIM = 80  # DiT output = BigVGAN input
+_SPEAKER_DIM = 32  # the DiT's speaker-embedding width (the "cond" vector of each voice)
+
+
+def _speech_configs(thinker: Any, ids: Mapping[str, int]) -> dict[str, Any]:
+    """Talker and token2wav sections for ``Qwen2_5OmniConfig``: tiny, but the real frame geometry.
+
+    The codec vocabulary is cut to 64 so that every code a random talker can sample is a valid DiT
+    embedding (the real 8448-entry vocabulary has ids above the DiT's 8193 that a trained talker never
+    emits). BigVGAN keeps the real upsampling rates (5*3*2*2*2*2 = 240 samples per mel frame, two mel
+    frames per code): 24 kHz and 50 codes per second, as the real model.
+    """
+    text = thinker.text_config
+    talker = {
+        "vocab_size": _CODEC_CODES + 4,
+        "tts_codec_pad_token_id": _CODEC_CODES,
+        "tts_codec_start_token_id": _CODEC_CODES + 1,
+        "tts_codec_end_token_id": _CODEC_CODES + 2,
+        "tts_codec_mask_token_id": _CODEC_CODES + 3,
+        "tts_text_pad_token_id": ids["<|tts_pad|>"],
+        "tts_text_start_token_id": ids["<|tts_text_bos|>"],
+        "tts_text_end_token_id": ids["<|tts_text_eod|>"],
+        "embedding_size": text.hidden_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "max_position_embeddings": MAX_POSITIONS,
+        "rope_parameters": _MROPE,
+        "audio_token_index": ids["<|AUDIO|>"],
+        "image_token_index": ids["<|IMAGE|>"],
+        "video_token_index": ids["<|VIDEO|>"],
+        "audio_start_token_id": ids["<|audio_bos|>"],
+        "audio_end_token_id": ids["<|audio_eos|>"],
+        "vision_start_token_id": ids["<|vision_bos|>"],
+        "vision_end_token_id": ids["<|vision_eos|>"],
+    }
+    token2wav = {
+        "dit_config": {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "head_dim": 32,
+            "ff_mult": 2,
+            "emb_dim": 32,
+            "look_ahead_layers": [1],
+            "look_backward_layers": [0],
+            "num_embeds": _CODEC_CODES + 4,
+            "mel_dim": _MEL_DIM,
+            "enc_emb_dim": _SPEAKER_DIM,
+            "enc_dim": 32,
+            "enc_channels": [32, 32, 32, 32, 96],
+            "enc_attention_channels": 16,
+            "enc_se_channels": 16,
+            "max_position_embeddings": MAX_POSITIONS,
+        },
+        "bigvgan_config": {
+            "mel_dim": _MEL_DIM,
+            "upsample_initial_channel": 64,
+            "resblock_kernel_sizes": [3],
+            "resblock_dilation_sizes": [[1, 3, 5]],
+        },
+    }
+    return {"talker_config": talker, "token2wav_config": token2wav}
+
+
+def _write_voices(folder: Path, ids: Mapping[str, int], token2wav: Mapping[str, Any], seed: int) -> None:
+    """``spk_dict.pt`` as the real checkpoint lays it out: per voice a talker start token (``bos_token``),
+    the DiT's speaker vector (``cond``) and a reference mel spectrogram (``ref_mel``, frames x mel bins)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    voices = {
+        name: {
+            "bos_token": ids[token],
+            "cond": torch.randn(token2wav["dit_config"]["enc_emb_dim"], generator=generator),
+            "ref_mel": torch.randn(100, _MEL_DIM, generator=generator),
+        }
+        for name, token in TINY_VOICES.items()
+    }
+    torch.save(voices, folder / "spk_dict.pt")
+
+
+def _write_qwen2_vl(folder: Path, seed: int, text: Mapping[str, Any]) -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
     tokenizer = _tokenizer(_VL_TOKENS, _VL_NAMED)
     ids = _token_ids(tokenizer)
+    text_config = {**_TEXT, **text}
     config = Qwen2VLConfig(
-        text_config={**_TEXT, "rope_parameters": _MROPE, **_special_ids(ids)},
+        text_config={**text_config, "rope_parameters": _mrope_for(text_config), **_special_ids(ids)},
         vision_config={
             **_VISION_GEOMETRY,
             "depth": 2,
             "embed_dim": 32,
             "mlp_ratio": 2,
             "num_heads": 1,
-            "hidden_size": _TEXT["hidden_size"],
+            "hidden_size": text_config["hidden_size"],
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -232,6 +342,13 @@ def _write_qwen2_vl(folder: Path, seed: int) -> None:
     )
     model = _init_model(Qwen2VLForConditionalGeneration, config, seed)
     _save(folder, model, processor, ids)
+
+
+def _mrope_for(text_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen's multimodal rope split (temporal 1/4, height and width 3/8 each of the half head dim)."""
+    half = text_config["hidden_size"] // text_config["num_attention_heads"] // 2
+    temporal = half // 4  # the tiny models' half head dim of 16 gives _MROPE's [4, 6, 6]
+    return {**_MROPE, "mrope_section": [temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2]}
 
 
 def _write_qwen2(folder: Path, seed: int) -> None:

@@ -21,14 +21,23 @@ from omniserve.server.body_limit import BodyLimitMiddleware
 from omniserve.server.drain import CloseWhileDraining, Drain
 from omniserve.server.errors import install_error_handlers
 from omniserve.server.metrics import Metrics
+from omniserve.server.playground import build_playground_router, ui_enabled
 from omniserve.server.routes import build_router
 from omniserve.server.serving_base import ServingContext
 from omniserve.server.threads import Rendering, media_pool
+from omniserve.speech.synthesizer import SpeechSynthesizer
 from omniserve.templates.render import PromptRenderer
 
 log = logging.getLogger(__name__)
 
-_COUNTED_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/live"}
+_COUNTED_PATHS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/audio/speech",
+    "/v1/models",
+    "/health",
+    "/health/live",
+}
 
 
 class StartFailureReport:
@@ -97,8 +106,15 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
         try:
             ctx = await _start(app)
             try:
+                try:
+                    app.state.speech = await asyncio.to_thread(_load_speech)  # None: the checkpoint cannot speak
+                except ModelLoadError as exc:
+                    app.state.start_failure = exc  # one line, as an engine that fails to load
+                    raise
                 yield
             finally:
+                if app.state.speech is not None:
+                    app.state.speech.close()
                 await engine.stop()
                 ctx.rendering.close()
         finally:
@@ -129,12 +145,32 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
             media_gate=media_gate,
         )
         log.info("serving %s on the %s engine", engine_config.served_model_name, type(engine).__name__)
+        if ui_enabled(server_config):
+            host = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
+            log.info("playground: http://%s:%d/ (--no-ui turns it off)", host, server_config.port)
         return app.state.ctx
+
+    def _load_speech() -> SpeechSynthesizer | None:
+        """The talker and codec beside the engine, loaded after it (lazy imports are not thread-safe)."""
+        if not server_config.speech:
+            return None
+        return SpeechSynthesizer.load(
+            engine_config.model,
+            dtype=engine_config.dtype,
+            device=engine_config.device,
+            max_waiting=server_config.speech_max_waiting,
+            timeout_seconds=server_config.speech_timeout_seconds,
+            max_seconds=server_config.speech_max_seconds,
+            threads=engine_config.threads,
+        )
 
     app = FastAPI(title="omniserve", version=__version__, lifespan=lifespan)
     app.state.drain = drain
+    app.state.speech = None  # the speech component (omniserve/speech), set at start-up when the model speaks
     install_error_handlers(app, retry_after=server_config.retry_after_seconds)
     app.include_router(build_router(ApiKeyAuth(server_config.api_keys), metrics, server_config, drain))
+    if ui_enabled(server_config):  # the playground page: on for loopback, else only with --ui
+        app.include_router(build_playground_router())
     if server_config.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(server_config.cors_origins), allow_methods=["*"], allow_headers=["*"]
