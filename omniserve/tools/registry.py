@@ -9,8 +9,13 @@ from __future__ import annotations
 from omniserve.errors import InvalidRequest
 from omniserve.tools.base import ToolCallParser
 from omniserve.tools.hermes import HermesParser
+from omniserve.tools.llama3_json import Llama3JsonParser
+from omniserve.tools.mistral import MistralParser, MistralV11Parser
 
-PARSERS: dict[str, type[ToolCallParser]] = {parser.NAME: parser for parser in (HermesParser,)}
+#: In the order templates are tried: each matches on what only its own format's templates say.
+PARSERS: dict[str, type[ToolCallParser]] = {
+    parser.NAME: parser for parser in (HermesParser, MistralParser, MistralV11Parser, Llama3JsonParser)
+}
 
 
 def parser_class(name: str | None, chat_template: str | None) -> type[ToolCallParser] | None:

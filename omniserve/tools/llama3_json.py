@@ -1,0 +1,126 @@
+"""The Llama 3.1/3.2/3.3 JSON format: the whole reply is ``{"name": ..., "parameters": {...}}``.
+
+Meta's templates list the tools as JSON and tell the model to "respond in the format {"name": function
+name, "parameters": dictionary of argument name and its value}". A call is therefore not framed by tags:
+the reply *is* the call, optionally after the ``<|python_tag|>`` marker, and several calls are written
+one after the other separated by ``;``. So a reply that begins like a call (``{`` or the marker) is held
+whole and read when it ends; one that begins otherwise is text and streams as it comes. A held reply
+that is not a list of such objects (broken JSON, no name, text after the object) is given back as the
+text it was: a JSON answer to a question is content, not a failed call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser
+
+PYTHON_TAG = "<|python_tag|>"
+SEPARATOR = "; "
+#: What the published templates say to the model; a template that says it teaches this format.
+INSTRUCTION = '"parameters": dictionary of argument name and its value'
+
+
+def call_of(value: Any, *arguments_keys: str) -> ParsedCall | None:
+    """A decoded JSON value as a call: an object with a non-empty string ``name`` and an object of arguments.
+
+    The arguments are read from the first of ``arguments_keys`` present (none: no arguments); an
+    argument object the model wrote already encoded as a string is decoded. Else None.
+    """
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    arguments = next((value[key] for key in arguments_keys if key in value), {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ParsedCall(name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False))
+
+
+def _calls(body: str) -> list[ParsedCall] | None:
+    """``body`` as one or more call objects separated by ``;`` (whitespace around them free), else None."""
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while True:
+        while at < len(body) and body[at].isspace():
+            at += 1
+        try:
+            value, at = decoder.raw_decode(body, at)
+        except ValueError:
+            return None
+        call = call_of(value, "parameters", "arguments")
+        if call is None:
+            return None
+        calls.append(call)
+        rest = body[at:].lstrip()
+        if not rest:
+            return calls
+        if not rest.startswith(";"):
+            return None
+        at = len(body) - len(rest) + 1
+
+
+class Llama3JsonParser(ToolCallParser):
+    """Text replies stream; a reply that starts like a call is held to its end and read whole."""
+
+    NAME = "llama3_json"
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._mode: str | None = None  # None: not decided yet (only whitespace so far); "text" or "call"
+
+    @classmethod
+    def matches(cls, chat_template: str) -> bool:
+        return INSTRUCTION in chat_template
+
+    @classmethod
+    def call_format(
+        cls, functions: Sequence[tuple[str, dict[str, Any]]], *, mode: CallMode, parallel: bool
+    ) -> dict[str, Any] | None:
+        """Each call as the templates render a past one (``{"name": "f", "parameters": {...}}``), joined by ``; ``.
+
+        "auto" (a strict tool): text is free until ``{"name": ``, after which the call must match.
+        """
+        tags = [
+            {
+                "type": "tag",
+                "begin": f'{{"name": {json.dumps(name)}, "parameters": ',
+                "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
+                "end": "}",
+            }
+            for name, schema in functions
+        ]
+        if mode == "named":
+            fmt: dict[str, Any] = tags[0]
+        elif mode == "required":
+            fmt = {"type": "tags_with_separator", "tags": tags, "separator": SEPARATOR, "at_least_one": True}
+            fmt["stop_after_first"] = not parallel
+        else:
+            fmt = {"type": "triggered_tags", "triggers": ['{"name": '], "tags": tags, "stop_after_first": not parallel}
+        return {"type": "structural_tag", "format": fmt}
+
+    def feed(self, text: str) -> list[Event]:
+        self._buffer += text
+        if self._mode is None:
+            head = self._buffer.lstrip()
+            if not head or (len(head) < len(PYTHON_TAG) and PYTHON_TAG.startswith(head)):
+                return []  # whitespace or a possible marker: nothing decided yet
+            self._mode = "call" if head.startswith(("{", PYTHON_TAG)) else "text"
+        if self._mode == "call":
+            return []
+        out, self._buffer = self._buffer, ""
+        return [TextPiece(out)]
+
+    def finish(self) -> list[Event]:
+        held, self._buffer = self._buffer, ""
+        if self._mode == "call":
+            body = held.lstrip()
+            body = body[len(PYTHON_TAG) :] if body.startswith(PYTHON_TAG) else body
+            calls = _calls(body)
+            if calls:
+                return list(calls)
+        return [TextPiece(held)] if held else []

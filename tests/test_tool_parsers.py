@@ -1,0 +1,337 @@
+"""The Llama 3 JSON and Mistral ``[TOOL_CALLS]`` (v3 and v11) tool-call formats, on their publishers' own templates.
+
+The parsers on replies as those models write them (whole and streamed in pieces of several sizes must
+agree), the choice of parser from the published templates, and, through a real server whose tiny text
+model carries the published Llama 3.2, Mistral Nemo (v3) or Mistral Small 3.2 (v11) template: scripted
+replies coming back as OpenAI ``tool_calls`` (streamed and not), the tools and a past call rendered by the
+template, and ``tool_choice`` "required" / named on the untrained model, where only the format's grammar
+can make the calls parse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+
+from omniserve.tools.base import ParsedCall, TextPiece, ToolCallParser
+from omniserve.tools.hermes import HermesParser
+from omniserve.tools.llama3_json import Llama3JsonParser
+from omniserve.tools.mistral import MistralParser, MistralV11Parser
+from omniserve.tools.registry import parser_class
+from tests.conftest import RunningServer, start_server
+from tests.scripted_engine import Script, scripted_engine
+from tests.test_train_support import published_template, with_chat_template
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,10}$"}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME_SCHEMA = {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": TIME_SCHEMA}}
+SCHEMAS = {"get_weather": WEATHER_SCHEMA, "get_time": TIME_SCHEMA}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+PARIS = ParsedCall("get_weather", '{"city": "Paris", "unit": "c"}')
+NOW = ParsedCall("get_time", "{}")
+
+L_CALL = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}'
+L_TIME = '{"name": "get_time", "parameters": {}}'
+M_CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+M_TIME = '{"name": "get_time", "arguments": {}}'
+
+
+def _merged(events: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for event in events:
+        if out and isinstance(event, TextPiece) and isinstance(out[-1], TextPiece):
+            out[-1] = TextPiece(out[-1].text + event.text)
+        else:
+            out.append(event)
+    return out
+
+
+def _agree(parser: type[ToolCallParser], reply: str, expected: list[Any]) -> None:
+    assert _merged(parser().parse_all(reply)) == expected
+    for size in (1, 2, 5, 11):  # any split of the stream gives the same reply
+        one = parser()
+        events = [e for i in range(0, len(reply), size) for e in one.feed(reply[i : i + size])]
+        assert _merged(events + one.finish()) == expected, size
+
+
+# ---------------------------------------------------------------- Llama 3 JSON
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (L_CALL, [PARIS]),
+        ("<|python_tag|>" + L_CALL, [PARIS]),
+        ("\n " + L_CALL + "\n", [PARIS]),
+        (L_CALL + "; " + L_TIME, [PARIS, NOW]),
+        (L_CALL + ";" + L_TIME + ";", [TextPiece(L_CALL + ";" + L_TIME + ";")]),  # ";" promises another call
+        ('{"name": "get_time", "arguments": "{}"}', [NOW]),  # some fine-tunes say arguments, encoded
+        ("It is sunny in Paris.", [TextPiece("It is sunny in Paris.")]),
+        ("The JSON is {} here", [TextPiece("The JSON is {} here")]),  # a brace mid-text is text
+        (L_CALL[:-1], [TextPiece(L_CALL[:-1])]),  # broken JSON
+        (L_CALL + " and then text", [TextPiece(L_CALL + " and then text")]),
+        ('{"answer": 42}', [TextPiece('{"answer": 42}')]),  # a JSON answer: no name, not a call
+        ('{"name": "f", "parameters": [1]}', [TextPiece('{"name": "f", "parameters": [1]}')]),
+        ("<|python", [TextPiece("<|python")]),
+    ],
+    ids=[
+        "one call",
+        "python tag",
+        "blank around",
+        "two calls",
+        "dangling separator",
+        "encoded arguments",
+        "text",
+        "brace in text",
+        "broken json",
+        "text after call",
+        "json answer",
+        "arguments not an object",
+        "unfinished marker",
+    ],
+)
+def test_llama3_parser_whole_and_streamed_agree(reply: str, expected: list[Any]) -> None:
+    _agree(Llama3JsonParser, reply, expected)
+
+
+# ---------------------------------------------------------------- Mistral [TOOL_CALLS]
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("[TOOL_CALLS][" + M_CALL + "]", [PARIS]),
+        ("[TOOL_CALLS] [" + M_CALL + ", " + M_TIME + "]", [PARIS, NOW]),
+        ('[TOOL_CALLS][{"name": "get_time", "arguments": {}, "id": "abcdefghi"}]', [NOW]),
+        ("Let me check.\n[TOOL_CALLS][" + M_CALL + "]\n", [TextPiece("Let me check."), PARIS]),
+        ("[TOOL_CALLS][" + M_CALL + "] Done.", [PARIS, TextPiece(" Done.")]),
+        ("[TOOL_CALLS][" + M_CALL, [TextPiece("[TOOL_CALLS][" + M_CALL)]),  # cut off / broken
+        ('[TOOL_CALLS][{"arguments": {}}] x', [TextPiece('[TOOL_CALLS][{"arguments": {}}] x')]),  # no name
+        ("[TOOL_CALLS] sorry", [TextPiece("[TOOL_CALLS] sorry")]),
+        ("a [TOOL and [b]", [TextPiece("a [TOOL and [b]")]),
+        # the control token dropped by a decoder that skips special tokens: an opening array of calls
+        ("\n[" + M_CALL + "]", [PARIS]),
+        ('[{"answer": 1}] is it', [TextPiece('[{"answer": 1}] is it')]),
+        ("[1] says so", [TextPiece("[1] says so")]),
+        ("Text [" + M_CALL + "]", [TextPiece("Text [" + M_CALL + "]")]),  # only at the start
+    ],
+    ids=[
+        "one",
+        "two with space",
+        "id kept out",
+        "text then call",
+        "call then text",
+        "broken",
+        "no name",
+        "no array",
+        "text",
+        "bare array",
+        "bare array not calls",
+        "bracket text",
+        "array mid-text",
+    ],
+)
+def test_mistral_parser_whole_and_streamed_agree(reply: str, expected: list[Any]) -> None:
+    _agree(MistralParser, reply, expected)
+
+
+V_CALL = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}'
+V_TIME = "[TOOL_CALLS]get_time[ARGS]{}"
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (V_CALL, [PARIS]),
+        (V_CALL + V_TIME, [PARIS, NOW]),
+        ("[TOOL_CALLS]get_time[CALL_ID]abc123xyz[ARGS] {}", [NOW]),  # an id, as a history writes one
+        ("Let me check.\n" + V_CALL + "\n", [TextPiece("Let me check."), PARIS]),
+        (V_CALL + " Done.", [PARIS, TextPiece(" Done.")]),
+        (V_CALL[:-1], [TextPiece(V_CALL[:-1])]),  # cut off
+        (V_CALL + V_TIME[:-1], [PARIS, TextPiece(V_TIME[:-1])]),  # the first call stands
+        ("[TOOL_CALLS]get weather[ARGS]{}", [TextPiece("[TOOL_CALLS]get weather[ARGS]{}")]),  # not a name
+        ("[TOOL_CALLS][ARGS]{}", [TextPiece("[TOOL_CALLS][ARGS]{}")]),
+        ("[TOOL_CALLS]f[ARGS][1]", [TextPiece("[TOOL_CALLS]f[ARGS][1]")]),  # arguments not an object
+        ("[TOOL_CALLS] sorry,\nno", [TextPiece("[TOOL_CALLS] sorry,\nno")]),
+        ("[" + M_CALL + "]", [TextPiece("[" + M_CALL + "]")]),  # the v3 array is not this format
+    ],
+    ids=[
+        "one",
+        "two",
+        "call id",
+        "text then call",
+        "call then text",
+        "cut off",
+        "second cut off",
+        "bad name",
+        "no name",
+        "array arguments",
+        "no call",
+        "v3 array",
+    ],
+)
+def test_mistral_v11_parser_whole_and_streamed_agree(reply: str, expected: list[Any]) -> None:
+    _agree(MistralV11Parser, reply, expected)
+
+
+# ---------------------------------------------------------------- chosen from the published templates
+
+
+def test_each_published_template_picks_its_parser() -> None:
+    assert parser_class(None, published_template("llama3_2")) is Llama3JsonParser
+    assert parser_class(None, published_template("mistral_nemo")) is MistralParser
+    assert parser_class(None, published_template("mistral_small_3_2")) is MistralV11Parser
+    assert parser_class(None, published_template("qwen3")) is HermesParser
+    # Mistral Small 3.1's template renders no tools: nothing claims it
+    assert parser_class(None, published_template("mistral3")) is None
+    assert parser_class("llama3_json", published_template("qwen3")) is Llama3JsonParser  # the flag wins
+
+
+# ---------------------------------------------------------------- through a real server
+
+
+#: Per published template: two calls as the model writes them, the tools as the prompt lists them, and the
+#: past call of the history below as the template renders it.
+FORMATS = {
+    "llama3_2": (
+        L_CALL + "; " + L_TIME,
+        "\n\n".join(json.dumps(t, indent=4) for t in (WEATHER, TIME)),
+        "<|start_header_id|>assistant<|end_header_id|>\n\n" + L_CALL + "<|eot_id|>",
+    ),
+    "mistral_nemo": (
+        "[TOOL_CALLS][" + M_CALL + ", " + M_TIME + "]",
+        "[AVAILABLE_TOOLS][" + ", ".join(json.dumps(t) for t in (WEATHER, TIME)) + "][/AVAILABLE_TOOLS]",
+        "[TOOL_CALLS][" + M_CALL[:-1] + ', "id": "abc123xyz"}]',
+    ),
+    "mistral_small_3_2": (
+        V_CALL + V_TIME,
+        "[AVAILABLE_TOOLS]" + json.dumps([WEATHER, TIME]) + "[/AVAILABLE_TOOLS]",
+        '[TOOL_CALLS]get_weather[CALL_ID]abc123xyz[ARGS]{"city": "Paris", "unit": "c"}',
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def server(
+    request: pytest.FixtureRequest, tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    name = request.param
+    model = with_chat_template(tiny_qwen2, tmp_path_factory.mktemp("parsers") / name, published_template(name))
+    srv = start_server(model, name=name, engine={"max_concurrency": 8, "max_queue": 16})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def scripted(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Script:
+    return scripted_engine(server, monkeypatch)
+
+
+def test_the_prompt_carries_the_tools_and_a_past_call_as_the_template_writes_them(
+    server: RunningServer, scripted: Script
+) -> None:
+    _, tools_text, past = FORMATS[server.model_name]
+    seen = scripted("ok")
+    server.client().chat.completions.create(model=server.model_name, messages=ASK, tools=[WEATHER, TIME], max_tokens=4)
+    assert tools_text in (seen[-1].prompt.text or "")
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "abc123xyz",  # Mistral's template insists on 9 characters
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "abc123xyz", "content": '{"temp": 21}'},
+    ]
+    out = server.client().chat.completions.create(model=server.model_name, messages=history, tools=[WEATHER])
+    assert out.choices[0].message.content == "ok"
+    assert past in (seen[-1].prompt.text or "")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_call_comes_back_as_openai_tool_calls(server: RunningServer, scripted: Script, stream: bool) -> None:
+    scripted(FORMATS[server.model_name][0], piece=3)
+    client, kwargs = server.client(), {"model": server.model_name, "messages": ASK, "tools": [WEATHER, TIME]}
+    if stream:
+        with client.chat.completions.stream(**kwargs) as s:
+            choice = s.get_final_completion().choices[0]
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    calls = choice.message.tool_calls or []
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "c"}),
+        ("get_time", {}),
+    ]
+    assert len({c.id for c in calls}) == 2
+
+
+def test_broken_call_is_plain_content(server: RunningServer, scripted: Script) -> None:
+    reply = FORMATS[server.model_name][0]
+    reply = reply[: len(reply) // 2]  # the first call cut short
+    scripted(reply)
+    out = server.client().chat.completions.create(model=server.model_name, messages=ASK, tools=[WEATHER])
+    assert out.choices[0].message.content == reply and not out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "stop"
+
+
+def _check_calls(calls: list[Any], allowed: set[str]) -> None:
+    assert calls
+    for call in calls:
+        assert call.id.startswith("call_") and call.function.name in allowed
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_forced_tool_choice_on_the_untrained_model_gives_valid_calls(server: RunningServer, stream: bool) -> None:
+    client, model = server.client(), server.model_name
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice_kind, allowed in (("required", {"get_weather", "get_time"}), (named, {"get_weather"})):
+        kwargs = {"model": model, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": choice_kind}
+        kwargs |= {"max_tokens": 200, "seed": 3}
+        if stream:
+            with client.chat.completions.stream(**kwargs) as s:
+                choice = s.get_final_completion().choices[0]
+        else:
+            choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message
+        assert not choice.message.content
+        _check_calls(choice.message.tool_calls or [], allowed)
+        if choice_kind is named:
+            assert len(choice.message.tool_calls or []) == 1
+
+
+def test_a_history_the_template_refuses_is_a_400_with_its_reason(server: RunningServer) -> None:
+    """Llama 3.2 takes one call per assistant turn; Mistral Nemo wants 9-character call ids (omniserve's are
+    longer): the template's own message comes back as a 400, never a 500."""
+    calls = [
+        {"id": f"call_{i}" * 3, "type": "function", "function": {"name": name, "arguments": "{}"}}
+        for i, name in enumerate(("get_weather", "get_time"))
+    ]
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": "x"} for c in calls]
+    history = [*ASK, {"role": "assistant", "tool_calls": calls}, *results]
+    body = {"model": server.model_name, "messages": history, "tools": [WEATHER, TIME], "max_tokens": 2}
+    resp = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "messages" and "the model's chat template rejected the conversation" in error["message"]
+    reason = "single tool-calls" if server.model_name == "llama3_2" else "length 9"
+    assert reason in error["message"]
