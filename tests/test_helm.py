@@ -687,7 +687,7 @@ def test_images_are_what_the_chart_expects(dockerfile: str) -> None:
     assert image.executable("omniserve") == image.environments["/opt/omniserve"], "the server's omniserve on PATH"
     expected = {
         "Dockerfile.cpu": {"/opt/omniserve": {"quantize", "eval"}},
-        "Dockerfile.cuda": {"/opt/omniserve": {"vllm"}, "/opt/omniserve-quantize": {"quantize"}},
+        "Dockerfile.cuda": {"/opt/omniserve": {"vllm", "multinode"}, "/opt/omniserve-quantize": {"quantize"}},
     }[dockerfile]
     assert {prefix: set(env.extras) for prefix, env in image.environments.items()} == expected
 

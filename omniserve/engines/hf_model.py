@@ -34,6 +34,10 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> Lo
     checkpoint = load_checkpoint(path, dtype=dtype, device=None)
     refuse_missing(path, checkpoint.report)
     model = checkpoint.model
+    if checkpoint.dequantized and checkpoint.dtype != "auto":
+        # layers quantization left alone (lm_head, the towers) load in the dtype they were saved in, the
+        # dequantized ones in the asked dtype: serve in one dtype, or the first matmul across them fails
+        model.to(checkpoint.dtype)
     if getattr(model, "has_talker", False):
         model.disable_talker()  # text is all the engine makes; speech/ loads its own talker when it speaks
     model.to(device).eval()

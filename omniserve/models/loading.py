@@ -254,10 +254,6 @@ def load_checkpoint(
             # dequantizing leaves every weight behind compressed-tensors' offload wrapper, which keeps it on the
             # CPU through .to(device) and re-fetches it on each access: give the model plain parameters
             remove_dispatch(model, onload_tensors=True)
-            if torch_dtype != "auto":
-                # the layers quantization left alone (lm_head, the towers) load in the dtype they were saved in,
-                # the dequantized ones in the asked dtype: one dtype for all, or the first matmul across them fails
-                model.to(torch_dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
     if device is not None:

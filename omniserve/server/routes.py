@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -24,6 +24,11 @@ from omniserve.protocol import (
     ModelList,
     dump,
 )
+from omniserve.protocol_audio import Transcription, TranscriptionVerbose
+from omniserve.protocol_responses import InputItemList, ResponseDeleted, ResponsesRequest, ResponseStreamEvent
+from omniserve.protocol_responses import Response as ResponseObject
+from omniserve.protocol_speech import SpeechRequest, VoiceList
+from omniserve.responses_store import open_store
 from omniserve.server.auth import ApiKeyAuth
 from omniserve.server.drain import Drain, ServerDraining
 from omniserve.server.errors import error_response
@@ -31,6 +36,9 @@ from omniserve.server.metrics import Metrics
 from omniserve.server.serving_base import ServingContext
 from omniserve.server.serving_chat import ChatServing
 from omniserve.server.serving_completions import CompletionServing
+from omniserve.server.serving_responses import ResponsesServing
+from omniserve.server.serving_speech import SpeechServing, speech_answers
+from omniserve.server.serving_transcriptions import TranscriptionServing, TranslationServing
 
 
 def _ctx(request: Request) -> ServingContext:
@@ -109,6 +117,12 @@ def _stall(ctx: ServingContext, server: ServerConfig) -> EngineUnavailable | Non
 def build_router(auth: ApiKeyAuth, metrics: Metrics, server: ServerConfig, drain: Drain) -> APIRouter:
     router = APIRouter()
     api = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    # one store per app (an in-memory database is this app's own), opened now: a bad path stops start-up
+    store = open_store(
+        server.responses_store,
+        retention_seconds=server.responses_retention_seconds,
+        max_stored=server.responses_max_stored,
+    )
 
     @router.get("/health", responses=_ERRORS)
     async def health(request: Request) -> Response:
@@ -172,5 +186,94 @@ def build_router(auth: ApiKeyAuth, metrics: Metrics, server: ServerConfig, drain
     async def completions(request: Request) -> Response:
         return await CompletionServing(_ctx(request)).handle(request)
 
+    @api.post(
+        "/audio/transcriptions",
+        openapi_extra=_form_body(translation=False),
+        responses=_audio_answers(),
+    )
+    async def transcriptions(request: Request) -> Response:
+        return await TranscriptionServing(_ctx(request)).handle(request)
+
+    @api.post("/audio/translations", openapi_extra=_form_body(translation=True), responses=_audio_answers())
+    async def translations(request: Request) -> Response:
+        return await TranslationServing(_ctx(request)).handle(request)
+
+    @api.post("/audio/speech", openapi_extra=_json_body(SpeechRequest), responses=speech_answers(_ERRORS))
+    async def speech(request: Request) -> Response:
+        return await SpeechServing(_ctx(request), request.app.state.speech).handle(request)
+
+    @api.get("/audio/voices", responses={200: {"model": VoiceList}, **_ERRORS})
+    async def voices(request: Request) -> dict:
+        return await SpeechServing(_ctx(request), request.app.state.speech).voices()
+
+    @api.post(
+        "/responses",
+        openapi_extra=_json_body(ResponsesRequest),
+        responses=_generated(ResponseObject, ResponseStreamEvent),
+    )
+    async def responses(request: Request) -> Response:
+        return await ResponsesServing(_ctx(request), store).handle(request)
+
+    @api.get("/responses/{response_id}", responses={200: {"model": ResponseObject}, **_ERRORS})
+    async def get_response(response_id: str, request: Request) -> dict:
+        return await ResponsesServing(_ctx(request), store).retrieve(response_id)
+
+    @api.delete("/responses/{response_id}", responses={200: {"model": ResponseDeleted}, **_ERRORS})
+    async def delete_response(response_id: str, request: Request) -> dict:
+        return await ResponsesServing(_ctx(request), store).delete(response_id)
+
+    @api.get("/responses/{response_id}/input_items", responses={200: {"model": InputItemList}, **_ERRORS})
+    async def response_input_items(
+        response_id: str,
+        request: Request,
+        after: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> dict:
+        serving = ResponsesServing(_ctx(request), store)
+        return await serving.input_items(response_id, after=after, limit=limit, order=order)
+
     router.include_router(api)
     return router
+
+
+def _form_body(*, translation: bool) -> dict[str, Any]:
+    """The multipart form the audio endpoints read by hand (``TranscriptionRequest.from_form``)."""
+    properties: dict[str, Any] = {
+        "file": {
+            "type": "string",
+            "format": "binary",
+            "description": "The audio: flac, mp3, mp4, m4a, ogg, wav, webm.",
+        },
+        "model": {"type": "string"},
+        "prompt": {"type": "string"},
+        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "stream": {"type": "boolean"},
+    }
+    if not translation:
+        properties["language"] = {"type": "string"}
+        properties["timestamp_granularities[]"] = {"type": "array", "items": {"enum": ["segment"]}}
+    schema = {"type": "object", "required": ["file", "model"], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def _audio_answers() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "json / verbose_json (application/json), text / srt / vtt (text), or SSE when stream",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "anyOf": [
+                            _inline_refs(Transcription.model_json_schema()),
+                            _inline_refs(TranscriptionVerbose.model_json_schema()),
+                        ]
+                    }
+                },
+                "text/plain": {"schema": {"type": "string"}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        },
+        **_ERRORS,
+    }
