@@ -194,9 +194,7 @@ def api_schema(fuzz_server: RunningServer, fuzz_examples: int, fuzz_seed: int) -
     if fuzz_examples <= DEFAULT_FUZZ_EXAMPLES:
         # CI's budget: the Responses body's boundary-value phase alone is ~900 cases (~90 s here); its
         # examples and random phases still run. Longer hunts (--fuzz-examples above the default) run it all.
-        settings["operations"] = [
-            {"include-name": "POST /v1/responses", "phases": {"coverage": {"enabled": False}}}
-        ]
+        settings["operations"] = [{"include-name": "POST /v1/responses", "phases": {"coverage": {"enabled": False}}}]
     config = schemathesis.Config.from_dict(settings)
     return schemathesis.openapi.from_url(fuzz_server.base_url + "/openapi.json", config=config)
 
