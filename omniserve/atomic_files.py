@@ -23,8 +23,14 @@ import fcntl
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+#: What ``lock_holder`` says of a lock file nobody has signed (yet).
+UNNAMED_HOLDER = "a process that has not named itself yet"
+#: How long a waiter gives a new holder to sign its lock file before saying it does not know whom it waits for.
+SIGN_PATIENCE_SECONDS = 1.0
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -62,16 +68,40 @@ def exclusive_lock(path: Path, *, on_wait: Callable[[str], None] | None = None) 
     """
     fd = _open_lock(Path(path))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait(lock_holder(path))
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        if not _try_lock(fd):
+            holder = _signed_holder(Path(path), fd) if on_wait is not None else ""
+            if holder is not None:  # still held: say whom we wait for, then wait
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         _sign(fd)
         yield
     finally:
         _release(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _signed_holder(path: Path, fd: int, patience: float = SIGN_PATIENCE_SECONDS) -> str | None:
+    """The holder's name, or None once the lock was taken here after all.
+
+    A holder writes its name just after it takes the lock; a waiter that looks in between would read an
+    empty file, so it looks again for a moment (and takes the lock if it is released meanwhile).
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        holder = lock_holder(path)
+        if holder != UNNAMED_HOLDER or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.02)
+        if _try_lock(fd):
+            return None
 
 
 @contextlib.contextmanager
@@ -105,7 +135,7 @@ def lock_holder(path: Path) -> str:
         text = Path(path).read_text("utf-8", errors="replace").strip()
     except OSError:
         text = ""
-    return text or "a process that has not named itself yet"
+    return text or UNNAMED_HOLDER
 
 
 def _open_lock(path: Path) -> int:
