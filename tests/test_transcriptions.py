@@ -176,3 +176,29 @@ def test_a_model_without_audio_input_refuses_naming_the_modality(tiny_qwen2_vl: 
             srv.client().audio.transcriptions.create(model="vl", file=("clip.wav", wav))
     finally:
         srv.stop()
+
+
+def test_transcribes_on_a_published_template(tmp_path_factory: pytest.TempPathFactory, wav: bytes) -> None:
+    """Qwen2-Audio with the chat template Qwen publishes (default system prompt, 'Audio N:' labels): the
+    upload's turn is rendered by that template, and the answer is shaped the same way."""
+    from omniserve.models.families import get
+    from tests.test_train_support import published_template
+
+    family = get("qwen2_audio")
+    assert family.template is not None
+    model = family.build(tmp_path_factory.mktemp("qwen2-audio") / "ckpt", published_template(family.template))
+    srv = start_server(model, name="qwen2-audio", server={"transcription_max_tokens": 6})
+    try:
+        client = srv.client()
+        result = client.audio.transcriptions.create(model="qwen2-audio", file=("clip.wav", wav))
+        assert 0 < result.usage.output_tokens <= 6
+        chat = client.chat.completions.create(
+            model="qwen2-audio",
+            messages=[{"role": "user", "content": "hi"}],
+            max_completion_tokens=1,
+        )
+        assert result.usage.input_tokens > chat.usage.prompt_tokens + 20  # the clip's audio tokens are in the prompt
+        srt = client.audio.transcriptions.create(model="qwen2-audio", file=("clip.wav", wav), response_format="srt")
+        assert srt.startswith("1\n00:00:00,000 --> 00:00:01,5")
+    finally:
+        srv.stop()
