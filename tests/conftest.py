@@ -161,6 +161,14 @@ def tiny_qwen2(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3(tiny_qwen2: Path, models_dir: Path) -> Path:
+    """The tiny text model with the chat template Qwen publishes for Qwen3 (tools, <think> blocks)."""
+    from tests.test_train_support import published_template, with_chat_template
+
+    return with_chat_template(tiny_qwen2, models_dir / "tiny-qwen3", published_template("qwen3"))
+
+
+@pytest.fixture(scope="session")
 def omni_server(tiny_omni: Path) -> Iterator[RunningServer]:
     """The default server most tests talk to: tiny omni, no auth, loopback media allowed."""
     from omniserve.config import MediaLimits

@@ -83,14 +83,12 @@ def test_qwen3_template_teaches_blocks_and_its_prompts_say_where_the_reply_start
 from tests.conftest import RunningServer, start_server  # noqa: E402
 from tests.scripted_engine import Script, scripted_engine  # noqa: E402
 from tests.test_tools import CALL, WEATHER  # noqa: E402
-from tests.test_train_support import published_template, with_chat_template  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(tiny_qwen3: Path) -> Iterator[RunningServer]:
     """The tiny text model with Qwen3's published template, which teaches <think> blocks."""
-    model = with_chat_template(tiny_qwen2, tmp_path_factory.mktemp("reasoning") / "qwen3", published_template("qwen3"))
-    srv = start_server(model, name="tiny-qwen3", engine={"max_concurrency": 4, "max_queue": 8})
+    srv = start_server(tiny_qwen3, name="tiny-qwen3", engine={"max_concurrency": 4, "max_queue": 8})
     yield srv
     srv.stop()
 

@@ -27,7 +27,6 @@ from omniserve.engines.base import ChoiceDelta, GenerationRequest
 from omniserve.responses_store import PostgresStore, SqliteStore, StoredResponse, StoreUnavailable, open_store
 from tests.conftest import RunningServer, free_port, start_server
 from tests.media_factory import audio_bytes, png_bytes
-from tests.test_train_support import published_template, with_chat_template
 
 OMNI = "tiny-omni"
 MODEL = "tiny-qwen3"
@@ -44,10 +43,9 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</
 
 
 @pytest.fixture(scope="module")
-def server(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    model = with_chat_template(tiny_qwen2, tmp_path_factory.mktemp("responses") / "qwen3", published_template("qwen3"))
+def server(tiny_qwen3: Path) -> Iterator[RunningServer]:
     srv = start_server(
-        model, name=MODEL, engine={"max_concurrency": 4, "max_queue": 8}, server={"responses_max_stored": 3}
+        tiny_qwen3, name=MODEL, engine={"max_concurrency": 4, "max_queue": 8}, server={"responses_max_stored": 3}
     )
     yield srv
     srv.stop()

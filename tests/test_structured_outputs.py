@@ -25,7 +25,6 @@ import jsonschema
 import pytest
 
 from tests.conftest import RunningServer, start_server
-from tests.test_train_support import published_template, with_chat_template
 
 MODEL = "tiny-qwen3"
 ASK = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -69,13 +68,8 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 @pytest.fixture(scope="module")
-def qwen3_model(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return with_chat_template(tiny_qwen2, tmp_path_factory.mktemp("structured") / "qwen3", published_template("qwen3"))
-
-
-@pytest.fixture(scope="module")
-def server(qwen3_model: Path) -> Iterator[RunningServer]:
-    srv = start_server(qwen3_model, name=MODEL, engine={"max_concurrency": 24, "max_queue": 100})
+def server(tiny_qwen3: Path) -> Iterator[RunningServer]:
+    srv = start_server(tiny_qwen3, name=MODEL, engine={"max_concurrency": 24, "max_queue": 100})
     yield srv
     srv.stop()
 

@@ -18,7 +18,7 @@ from omniserve.tools.hermes import HermesParser
 from omniserve.tools.registry import parser_class, require_parser
 from tests.conftest import RunningServer, start_server
 from tests.scripted_engine import Script, scripted_engine
-from tests.test_train_support import published_template, with_chat_template
+from tests.test_train_support import published_template
 
 MODEL = "tiny-qwen3"
 WEATHER = {
@@ -94,13 +94,8 @@ def test_the_parser_is_chosen_by_flag_or_by_the_template() -> None:
 
 
 @pytest.fixture(scope="module")
-def qwen3_model(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return with_chat_template(tiny_qwen2, tmp_path_factory.mktemp("tools") / "qwen3", published_template("qwen3"))
-
-
-@pytest.fixture(scope="module")
-def server(qwen3_model: Path) -> Iterator[RunningServer]:
-    srv = start_server(qwen3_model, name=MODEL, engine={"max_concurrency": 4, "max_queue": 8})
+def server(tiny_qwen3: Path) -> Iterator[RunningServer]:
+    srv = start_server(tiny_qwen3, name=MODEL, engine={"max_concurrency": 4, "max_queue": 8})
     yield srv
     srv.stop()
 
