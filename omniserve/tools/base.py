@@ -70,3 +70,25 @@ class ToolCallParser(abc.ABC):
     def parse_all(self, text: str) -> list[Event]:
         """A whole reply at once (non-streamed), through the same path as a stream."""
         return self.feed(text) + self.finish()
+
+
+def schema_tag(begin: str, schema: dict[str, Any], end: str) -> dict[str, Any]:
+    """One call in a structural tag: a fixed opening (the name is part of it), arguments matching ``schema``."""
+    content = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
+    return {"type": "tag", "begin": begin, "content": content, "end": end}
+
+
+def calls_format(
+    tags: list[dict[str, Any]], *, mode: CallMode, parallel: bool, separator: str, trigger: str
+) -> dict[str, Any]:
+    """The structural tag forcing calls as ``mode`` asks: the one named call; one or more calls joined by
+    ``separator`` ("required"; one when not ``parallel``); or free text until ``trigger`` opens a call that
+    must then match ("auto" with strict tools)."""
+    if mode == "named":
+        fmt: dict[str, Any] = tags[0]
+    elif mode == "required":
+        fmt = {"type": "tags_with_separator", "tags": tags, "separator": separator, "at_least_one": True}
+        fmt["stop_after_first"] = not parallel
+    else:
+        fmt = {"type": "triggered_tags", "triggers": [trigger], "tags": tags, "stop_after_first": not parallel}
+    return {"type": "structural_tag", "format": fmt}

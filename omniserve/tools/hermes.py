@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser
+from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser, calls_format, schema_tag
 
 START = "<tool_call>"
 END = "</tool_call>"
@@ -74,22 +74,10 @@ class HermesParser(ToolCallParser):
         match (xgrammar's triggered tags).
         """
         tags = [
-            {
-                "type": "tag",
-                "begin": f'{START}\n{{"name": {json.dumps(name)}, "arguments": ',
-                "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
-                "end": f"}}\n{END}",
-            }
+            schema_tag(f'{START}\n{{"name": {json.dumps(name)}, "arguments": ', schema, f"}}\n{END}")
             for name, schema in functions
         ]
-        if mode == "named":
-            fmt: dict[str, Any] = tags[0]
-        elif mode == "required":
-            fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True}
-            fmt["stop_after_first"] = not parallel
-        else:
-            fmt = {"type": "triggered_tags", "triggers": [START], "tags": tags, "stop_after_first": not parallel}
-        return {"type": "structural_tag", "format": fmt}
+        return calls_format(tags, mode=mode, parallel=parallel, separator="\n", trigger=START)
 
     def feed(self, text: str) -> list[Event]:
         self._buffer += text

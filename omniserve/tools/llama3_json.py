@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser
+from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser, calls_format, schema_tag
 
 PYTHON_TAG = "<|python_tag|>"
 SEPARATOR = "; "
@@ -85,23 +85,8 @@ class Llama3JsonParser(ToolCallParser):
 
         "auto" (a strict tool): text is free until ``{"name": ``, after which the call must match.
         """
-        tags = [
-            {
-                "type": "tag",
-                "begin": f'{{"name": {json.dumps(name)}, "parameters": ',
-                "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
-                "end": "}",
-            }
-            for name, schema in functions
-        ]
-        if mode == "named":
-            fmt: dict[str, Any] = tags[0]
-        elif mode == "required":
-            fmt = {"type": "tags_with_separator", "tags": tags, "separator": SEPARATOR, "at_least_one": True}
-            fmt["stop_after_first"] = not parallel
-        else:
-            fmt = {"type": "triggered_tags", "triggers": ['{"name": '], "tags": tags, "stop_after_first": not parallel}
-        return {"type": "structural_tag", "format": fmt}
+        tags = [schema_tag(f'{{"name": {json.dumps(name)}, "parameters": ', schema, "}") for name, schema in functions]
+        return calls_format(tags, mode=mode, parallel=parallel, separator=SEPARATOR, trigger='{"name": ')
 
     def feed(self, text: str) -> list[Event]:
         self._buffer += text

@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser
+from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser, calls_format, schema_tag
 from omniserve.tools.llama3_json import call_of
 
 START = "[TOOL_CALLS]"
@@ -109,15 +109,7 @@ class MistralParser(ToolCallParser):
 
         "auto" (a strict tool): text is free until ``[TOOL_CALLS]``, after which the array must match.
         """
-        tags = [
-            {
-                "type": "tag",
-                "begin": f'{{"name": {json.dumps(name)}, "arguments": ',
-                "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
-                "end": "}",
-            }
-            for name, schema in functions
-        ]
+        tags = [schema_tag(f'{{"name": {json.dumps(name)}, "arguments": ', schema, "}") for name, schema in functions]
         if mode == "named":
             return {
                 "type": "structural_tag",
@@ -210,20 +202,5 @@ class MistralV11Parser(MistralParser):
 
         "auto" (a strict tool): text is free until ``[TOOL_CALLS]``, after which the call must match.
         """
-        tags = [
-            {
-                "type": "tag",
-                "begin": f"{START}{name}{ARGS}",
-                "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
-                "end": "",
-            }
-            for name, schema in functions
-        ]
-        if mode == "named":
-            fmt: dict[str, Any] = tags[0]
-        elif mode == "required":
-            fmt = {"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True}
-            fmt["stop_after_first"] = not parallel
-        else:
-            fmt = {"type": "triggered_tags", "triggers": [START], "tags": tags, "stop_after_first": not parallel}
-        return {"type": "structural_tag", "format": fmt}
+        tags = [schema_tag(f"{START}{name}{ARGS}", schema, "") for name, schema in functions]
+        return calls_format(tags, mode=mode, parallel=parallel, separator="", trigger=START)
