@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from omniserve.eval.bench import BenchOptions, BenchReport, run_bench
+from omniserve.eval.bench_data import write_synthetic
 from omniserve.eval.cli import bench_command, eval_app
 from omniserve.eval.errors import BenchError, DatasetMissing
 from tests.conftest import RunningServer, start_server
@@ -79,6 +80,66 @@ def test_multimodal_load_carries_images_and_audio(
     # the server counted the image and audio tokens: far more prompt tokens than the text-only load
     assert level.avg_input_tokens is not None and text_bench.levels[0].avg_input_tokens is not None
     assert level.avg_input_tokens > text_bench.levels[0].avg_input_tokens + 20
+
+
+def _prompt_tokens(server: RunningServer, content: list[dict[str, object]]) -> int:
+    reply = server.client().chat.completions.create(
+        model="tiny-omni", messages=[{"role": "user", "content": content}], max_tokens=1
+    )
+    return reply.usage.prompt_tokens
+
+
+def _mean_prompt_tokens(server: RunningServer, requests: Path) -> float:
+    """The server's prompt-token count of each request in a bench's requests.jsonl, averaged."""
+    lines = requests.read_text().splitlines()
+    return sum(_prompt_tokens(server, json.loads(line)["messages"][0]["content"]) for line in lines) / len(lines)
+
+
+def test_multi_image_and_video_shapes_reach_the_model_whole(server: RunningServer, tmp_path: Path) -> None:
+    """``--media image --images 3`` and ``--media video --video-frames 8``: every image and frame is counted.
+
+    The server's own prompt-token counts of one request's parts (text alone, with one image, with all
+    three; a 4-frame against the 8-frame clip) are what EvalScope's averages must show.
+    """
+
+    def bench(folder: str, **shape: object) -> BenchReport:
+        options = BenchOptions(
+            url=f"{server.base_url}/v1", concurrency=[2], requests=2, max_tokens=4, output=tmp_path / folder,
+            cache_dir=tmp_path / "cache", **shape,
+        )  # fmt: skip
+        return run_bench(options)
+
+    images = bench("images", media="image", images=3)
+    [level] = images.levels
+    assert (level.succeeded, level.failed) == (2, 0)
+    first = json.loads((tmp_path / "images" / "requests.jsonl").read_text().splitlines()[0])
+    parts = first["messages"][0]["content"]
+    assert [part["type"] for part in parts] == ["image_url"] * 3 + ["text"]
+    assert len({part["image_url"]["url"] for part in parts[:3]}) == 3  # three different pictures
+    text, one, three = (_prompt_tokens(server, parts[3:]), _prompt_tokens(server, [parts[0], parts[3]]),
+                        _prompt_tokens(server, parts))  # fmt: skip
+    assert one > text and three - text == pytest.approx(3 * (one - text), abs=2)
+    assert level.avg_input_tokens == pytest.approx(_mean_prompt_tokens(server, tmp_path / "images" / "requests.jsonl"))
+    assert "media image x3 images" in images.markdown()
+
+    video = bench("video", media="video", video_frames=8)
+    [level] = video.levels
+    assert (level.succeeded, level.failed) == (2, 0)
+    first = json.loads((tmp_path / "video" / "requests.jsonl").read_text().splitlines()[0])
+    parts = first["messages"][0]["content"]
+    assert [part["type"] for part in parts] == ["video_url", "text"]
+    assert parts[0]["video_url"]["url"].startswith("data:video/mp4;base64,")
+    short = tmp_path / "short.jsonl"
+    write_synthetic(short, 1, "video", video_frames=4)
+    four = _prompt_tokens(server, json.loads(short.read_text())["messages"][0]["content"])
+    eight = _prompt_tokens(server, parts)
+    assert eight > four > _prompt_tokens(server, parts[1:])
+    assert level.avg_input_tokens == pytest.approx(_mean_prompt_tokens(server, tmp_path / "video" / "requests.jsonl"))
+    assert "media video (8 frames)" in video.markdown()
+    with pytest.raises(ValidationError, match="--images applies to --media image"):
+        BenchOptions(url="http://127.0.0.1:9/v1", media="video", images=2)
+    with pytest.raises(ValidationError, match="--video-frames applies to --media video"):
+        BenchOptions(url="http://127.0.0.1:9/v1", media="image", video_frames=4)
 
 
 def test_bench_with_model_and_a_user_file_through_the_cli(tiny_qwen2: Path, tmp_path: Path) -> None:

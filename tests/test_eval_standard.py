@@ -2,9 +2,11 @@
 
 The data are fixtures written for these tests in each benchmark's published layout
 (``tests/fixtures/evalscope/``, made by ``make_fixtures.py``): EvalScope's own loader reads them as it
-reads a download. One run scores every family (mcq, math, instruction following, vqa, asr, video)
-against a real server on the demo model; the golden check feeds fixed predictions through EvalScope's
-scoring (its mock model) and compares with the value each benchmark's metric is documented to give.
+reads a download. One run scores every family (mcq, math, instruction following, vqa, asr, video) and
+every image and audio set (MMMU, MMBench, AI2D, ChartQA, DocVQA, MathVista, LibriSpeech, MMAU) against
+one real server on the demo model (12 EvalScope processes: the bulk of this file's time); the golden
+check feeds fixed predictions through EvalScope's scoring (its mock model) and compares with the value
+each benchmark's metric is documented to give.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from omniserve.eval.runner import EvalOptions, run_evaluation
 from omniserve.eval.standard import CATALOGUE, UnsupportedModality
 from omniserve.eval.worker import evalscope_env
 from tests.conftest import RunningServer, start_server
+from tests.fixtures.evalscope.make_fixtures import MMMU_SUBJECTS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "evalscope"
 #: Benchmark -> items per subset in the fixtures (with --limit 2).
@@ -41,6 +44,12 @@ EXPECTED = {
     "chartqa": {"human_test": 2, "augmented_test": 1},
     "librispeech": {"test_clean": 2, "test_other": 1},
     "mvbench": {"action_antonym": 2},
+    "mmmu": dict.fromkeys(MMMU_SUBJECTS, 1),  # EvalScope reads all 30 subject configs: one item each
+    "mm_bench": {"en": 2, "cn": 1},
+    "ai2d": {"default": 2},
+    "docvqa": {"DocVQA": 2},
+    "math_vista": {"default": 2},
+    "mmau": {"test_mini": 2},
 }
 
 
@@ -94,6 +103,7 @@ def test_every_family_runs_end_to_end_with_evalscope_scoring(standard_run: RunRe
     metrics = {name: saved["suites"][f"evalscope:{name}"]["metric"] for name in EXPECTED}
     assert metrics["chartqa"].startswith("relaxed_acc") and metrics["librispeech"].startswith("wer")
     assert metrics["ifeval"].startswith("prompt_level_strict") and metrics["mmlu"].startswith("accuracy")
+    assert metrics["docvqa"].startswith("anls") and metrics["mmau"].startswith("accuracy")
     markdown = (folder / "report.md").read_text()
     assert all(f"| evalscope:{name} |" in markdown for name in EXPECTED)
 
@@ -118,7 +128,7 @@ def test_report_records_items_evalscope_version_file_hashes_and_media_options(st
 def test_video_and_audio_reach_the_model_as_media_parts(standard_run: RunReport, demo_server: RunningServer) -> None:
     """The server counted the media's tokens: each item's prompt is longer than its text alone."""
     client = demo_server.client()
-    for name, kind in (("mvbench", "video"), ("librispeech", "audio")):
+    for name, kind in (("mvbench", "video"), ("librispeech", "audio"), ("mmau", "audio")):
         work = Path(standard_run.suites[f"evalscope:{name}"].evalscope_dir or "")
         for file in work.glob("predictions/**/*.jsonl"):
             for line in file.read_text().splitlines():
@@ -131,6 +141,22 @@ def test_video_and_audio_reach_the_model_as_media_parts(standard_run: RunReport,
                     model="tiny-omni-demo", messages=[{"role": "user", "content": text}], max_tokens=1
                 )
                 assert record["model_output"]["usage"]["input_tokens"] > alone.usage.prompt_tokens + 8
+
+
+def test_image_benchmarks_send_every_image_of_an_item(standard_run: RunReport) -> None:
+    """Each image item reached the model with its pictures as image parts; MMMU's Art item carries two."""
+    counts: dict[str, list[int]] = {}
+    for name in ("mmmu", "mm_bench", "ai2d", "docvqa", "math_vista"):
+        work = Path(standard_run.suites[f"evalscope:{name}"].evalscope_dir or "")
+        for file in work.glob("predictions/**/*.jsonl"):
+            for line in file.read_text().splitlines():
+                message = next(m for m in json.loads(line)["messages"] if m["role"] == "user")
+                counts.setdefault(f"{name}/{file.stem}", []).append(
+                    sum(part["type"] == "image" for part in message["content"])
+                )
+    assert counts["mmmu/mmmu_Art"] == [2] and counts["mmmu/mmmu_Math"] == [1]
+    assert counts["mm_bench/mm_bench_en"] == [1, 1] and counts["docvqa/docvqa_DocVQA"] == [1, 1]
+    assert counts["ai2d/ai2d_default"] == [1, 1] and counts["math_vista/math_vista_default"] == [1, 1]
 
 
 def test_media_options_are_sent_per_request(demo_server: RunningServer, eval_cache: Path, tmp_path: Path) -> None:
@@ -160,6 +186,14 @@ def test_fixed_predictions_give_the_documented_metric_values(tmp_path: Path) -> 
     - MMLU accuracy: every reply "ANSWER: B"; one of the four answers is B: 1/4.
     - IFEval prompt-level strict: a lowercase sentence without commas follows 2 of the 3 prompts'
       instructions (no comma, lowercase; not the end phrase): 2/3.
+    - DocVQA ANLS gives partial credit: "totals" against "TOTAL" is 1 - 1/6 (one edit over six
+      characters, case folded); against "MEMO" the similarity is under the 0.5 threshold, so 0:
+      (5/6 + 0) / 2 = 5/12 (exact match would give 0).
+    - MMAU accuracy: "ANSWER: B" is the second choice; one of the two answers ("low") is: 1/2.
+    - MathVista: "ANSWER: A" is right for both multiple-choice items and not the number 5 of the
+      free-form one: 2/3.
+    - MMMU: "ANSWER: A" is right in the 28 subjects whose item answers A, wrong for Art (B) and for the
+      open Math question (1): 28/30.
     """
     golden = {
         "gsm8k": ("The answer is \\boxed{7}", 1 / 3),
@@ -167,6 +201,10 @@ def test_fixed_predictions_give_the_documented_metric_values(tmp_path: Path) -> 
         "librispeech": ("high tone", 3 / 7),
         "mmlu": ("ANSWER: B", 1 / 4),
         "ifeval": ("the sea is calm today.", 2 / 3),
+        "docvqa": ("ANSWER: totals", 5 / 12),
+        "mmau": ("ANSWER: B", 1 / 2),
+        "math_vista": ("ANSWER: A", 2 / 3),
+        "mmmu": ("ANSWER: A", 28 / 30),
     }
     script = """
 import json, sys
@@ -179,7 +217,7 @@ scores = {}
 for name, (reply, _) in golden.items():
     config = TaskConfig(
         model="golden", eval_type="mock_llm",
-        model_args={"custom_outputs": [ModelOutput.from_content("golden", reply) for _ in range(10)]},
+        model_args={"custom_outputs": [ModelOutput.from_content("golden", reply) for _ in range(40)]},
         datasets=[name], dataset_args={name: {"local_path": str(fixtures / name)}}, dataset_hub="local",
         dataset_dir=str(work / "data"), work_dir=str(work / name), no_timestamp=True, eval_batch_size=1,
     )
@@ -213,6 +251,33 @@ def test_list_suites_shows_builtin_and_standard_with_modality_and_metric() -> No
         assert f"| {entry.modality} |" in row and f"| {entry.family} |" in row
     assert "| wer |" in rows["evalscope:librispeech"] and "| relaxed_acc |" in rows["evalscope:chartqa"]
     assert "videomme" in result.output  # what EvalScope 1.14.1 cannot run is listed, not hidden
+
+
+@pytest.mark.parametrize(
+    ("name", "modality", "metric", "files"),
+    [
+        ("mmmu", "image", "accuracy", "<Subject>/validation-*.parquet"),
+        ("mm_bench", "image", "accuracy", "en/dev-*.parquet, cn/dev-*.parquet"),
+        ("ai2d", "image", "accuracy", "data/test-*.parquet"),
+        ("docvqa", "image", "anls", "DocVQA/validation-*.parquet"),
+        ("math_vista", "image", "accuracy", "data/testmini-*.parquet"),
+        ("mmau", "audio", "accuracy", "data/test_mini-*.parquet"),
+    ],
+)
+def test_each_image_and_audio_benchmark_is_listed_and_names_its_files_when_missing(
+    name: str, modality: str, metric: str, files: str, tmp_path: Path
+) -> None:
+    listed = CliRunner().invoke(_cli(), ["eval", "--list-suites"])
+    row = next(line for line in listed.output.splitlines() if line.startswith(f"| evalscope:{name} |"))
+    assert f"| {modality} |" in row and f"| {metric} |" in row and files in row
+    (tmp_path / "data" / name).mkdir(parents=True)  # the folder is there, its files are not
+    url = ["--url", "http://127.0.0.1:9/v1", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "o")]
+    result = CliRunner().invoke(
+        _cli(), ["eval", "--suite", f"evalscope:{name}", "--dataset-dir", str(tmp_path / "data"), *url]
+    )
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert f"no data in {tmp_path / 'data' / name}" in errors[0] and files in errors[0]
 
 
 def test_bad_benchmark_requests_exit_2_in_one_line_before_any_server(tmp_path: Path) -> None:

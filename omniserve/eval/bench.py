@@ -38,7 +38,15 @@ class BenchOptions(TargetOptions):
     dataset: str = Field(
         "synthetic", description="synthetic (generated prompts) or a JSONL FILE: lines with 'question' or 'messages'."
     )
-    media: Media = Field("none", description="With --dataset synthetic: media in every request.")
+    media: Media = Field(
+        "none", description="With --dataset synthetic: media in every request (video: an MP4 clip as video_url)."
+    )
+    images: int = Field(
+        1, ge=1, le=32, description="With --media image or image+audio: distinct images per request (multi-image load)."
+    )
+    video_frames: int = Field(
+        8, ge=1, le=1024, description="With --media video: frames in each request's clip (64x64, 2 fps)."
+    )
     stream: bool = Field(True, description="Stream replies (needed for TTFT/ITL).")
     max_tokens: int = Field(64, ge=1, description="Tokens generated per request.")
     ignore_eos: bool = Field(
@@ -76,6 +84,10 @@ class BenchOptions(TargetOptions):
             raise ValueError("--slo-ttft-ms sweeps --request-rate levels and needs --stream (TTFT)")
         if self.media != "none" and self.dataset != "synthetic":
             raise ValueError("--media applies to --dataset synthetic; put media in your file's messages instead")
+        if self.images > 1 and "image" not in self.media:
+            raise ValueError("--images applies to --media image or image+audio")
+        if "video_frames" in self.model_fields_set and self.media != "video":
+            raise ValueError("--video-frames applies to --media video")
         return self
 
 
@@ -121,7 +133,7 @@ class BenchReport(BaseModel):
             f"Benchmark of {self.target.get('model')} ({'stream' if self.options.get('stream') else 'no stream'}, "
             f"{'' if self.options.get('ignore_eos') else 'up to '}{self.options.get('max_tokens')} tokens out, "
             f"dataset {self.options.get('dataset')}"
-            f"{', media ' + str(self.options.get('media')) if self.options.get('media') != 'none' else ''})",
+            f"{_media(self.options)})",
             "",
             f"| {'rate' if open_loop else 'concurrency'} | ok/failed | req/s | out tok/s | TTFT ms mean/p50/p99 "
             "| TPOT ms mean/p50/p99 | ITL ms mean/p50/p99 | latency s p50/p99 |",
@@ -153,7 +165,9 @@ def run_bench(options: BenchOptions) -> BenchReport:
     count = options.requests
     if options.dataset == "synthetic":
         data_file = folder / "requests.jsonl"
-        dataset = write_synthetic(data_file, count, options.media)
+        dataset = write_synthetic(
+            data_file, count, options.media, images=options.images, video_frames=options.video_frames
+        )
     else:
         data_file = Path(options.dataset).expanduser().resolve()
         dataset = inspect_file(data_file)
@@ -242,6 +256,17 @@ def _open_loop(
     if options.slo_ttft_ms is not None:
         slo = {"ttft_p99_ms": options.slo_ttft_ms, "highest_rate_held": held, "exceeded_at": exceeded}
     return levels, slo
+
+
+def _media(options: dict[str, Any]) -> str:
+    """The load's media for the table's title: ``, media image x3 images`` or ``, media video (8 frames)``."""
+    media = options.get("media", "none")
+    if media == "none":
+        return ""
+    if media == "video":
+        return f", media video ({options.get('video_frames')} frames)"
+    images = options.get("images") or 1
+    return f", media {media}" + (f" x{images} images" if images > 1 else "")
 
 
 def _load(level: LevelResult) -> str:

@@ -67,7 +67,7 @@ CATALOGUE: dict[str, Entry] = {
     "mmlu": Entry("mcq", "text", "README.md (configs) + all/test-*.parquet, all/dev-*.parquet (5-shot)"),
     "gsm8k": Entry("math", "text", "README.md (configs) + main/test-*.parquet, main/train-*.parquet (4-shot)"),
     "ifeval": Entry("instruction", "text", "ifeval_input_data.jsonl (the train split)"),
-    "mmmu": Entry("mcq", "image", "README.md (configs) + <Subject>/validation-*.parquet per subject"),
+    "mmmu": Entry("mcq", "image", "README.md (configs) + <Subject>/validation-*.parquet, all 30 subjects"),
     "mm_bench": Entry("mcq", "image", "README.md (configs) + en/dev-*.parquet, cn/dev-*.parquet"),
     "ai2d": Entry("mcq", "image", "data/test-*.parquet"),
     "chartqa": Entry("vqa", "image", "data/test-*.parquet (question, answer, type, image)"),
