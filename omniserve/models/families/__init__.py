@@ -17,6 +17,7 @@ from omniserve.errors import ModelLoadError
 from omniserve.models.families import (
     gemma3,
     idefics3,
+    internvl,
     llava,
     llava_onevision,
     mistral3,
@@ -24,6 +25,7 @@ from omniserve.models.families import (
     qwen2_5_vl,
     qwen2_audio,
     qwen2_vl,
+    qwen3_vl,
 )
 from omniserve.models.families.base import MEDIA_KINDS, Family
 
@@ -43,11 +45,13 @@ FAMILIES: tuple[Family, ...] = (
     qwen2_5_omni.FAMILY,
     qwen2_vl.FAMILY,
     qwen2_5_vl.FAMILY,
+    qwen3_vl.FAMILY,
     qwen2_audio.FAMILY,
     llava.FAMILY,
     llava_onevision.FAMILY,
     gemma3.FAMILY,
     idefics3.FAMILY,
+    internvl.FAMILY,
     mistral3.FAMILY,
 )
 _BY_ARCH = {arch: family for family in FAMILIES for arch in family.architectures}
