@@ -13,6 +13,7 @@ from omniserve.cli_errors import exit_on
 from omniserve.config import DeployOptions, EngineConfig, ServerConfig
 from omniserve.flags import OptionError, options_command
 from omniserve.logs import configure_logging
+from omniserve.models.demo import builtin_model, builtin_name, builtin_served_name
 from omniserve.models.describe import ModelsOptions
 from omniserve.paths import Folders
 
@@ -66,7 +67,7 @@ def prepared_checkpoint(options: DeployOptions, folders: Folders) -> Path:
 
     if options.gate is not None:  # a bad suite or a missing eval extra fails in a second, before quantizing
         check_gate_spec(options.gate, dataset_dir=options.gate_dataset_dir)
-    model = options.model if options.model is not None else _builtin_model()
+    model = _model_folder(options.model, folders)
     if options.quant is None:
         return model
     from omniserve.quantize.cache import ensure_quantized
@@ -83,21 +84,32 @@ def prepared_checkpoint(options: DeployOptions, folders: Folders) -> Path:
 
 def engine_config(options: DeployOptions, model: Path) -> EngineConfig:
     """What the engine is created with; clients see the model's own name, not a quantization cache entry's."""
+    from omniserve.lora.serving import serves_lora
+
     source = options.model if options.model is not None else model
+    builtin = builtin_name(options.model)
+    served = builtin_served_name(builtin) if builtin is not None else source.resolve().name
+    engine_options = options.engine_options.model_dump()
+    # vLLM reserves LoRA slots only when told at start: whenever adapters may be served at all
+    engine_options["enable_lora"] = engine_options["enable_lora"] or serves_lora(options.server)
     return EngineConfig(
         model=model.resolve(),
-        served_model_name=options.served_model_name or source.resolve().name,
-        **options.engine_options.model_dump(),
+        served_model_name=options.served_model_name or served,
+        **engine_options,
     )
 
 
-def _builtin_model() -> Path:
-    from omniserve.models.demo import demo_model_path
-
-    typer.echo(
-        "no --model given: serving the built-in demo model (tiny Qwen2.5-Omni trained on omniserve synth)", err=True
-    )
-    return demo_model_path()
+def _model_folder(model: Path | None, folders: Folders) -> Path:
+    """``--model``'s folder; a built-in model (none given, or ``builtin:NAME``) is shipped or built on first use."""
+    if model is not None and builtin_name(model) is None:
+        return model
+    name = builtin_name(model) or "omni"
+    if model is None:
+        typer.echo(
+            "no --model given: serving the built-in demo model (tiny Qwen2.5-Omni trained on omniserve synth)",
+            err=True,
+        )
+    return builtin_model(name, folders.models)
 
 
 def serve(engine_name: str, engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:

@@ -204,6 +204,15 @@ class EngineOptions(BaseModel):
         None, gt=0, description="Context window (prompt + completion); default: the checkpoint's."
     )
     max_n: int = Field(8, gt=0, description="Largest `n` (choices per request) accepted.")
+    max_batch_tokens: int = Field(
+        2048,
+        gt=0,
+        description=(
+            "Tokens one step of the transformers engine computes: each running sequence counts 1, the rest "
+            "goes to prompts being prefilled, so a long prompt is prefilled in chunks between decode steps "
+            "(a prompt with media is prefilled whole)."
+        ),
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description=(
@@ -228,6 +237,26 @@ class EngineOptions(BaseModel):
     )
     engine_args: dict[str, str] = Field(
         default_factory=dict, description="Engine-specific option.", json_schema_extra={"flag": "engine-arg"}
+    )
+    ray_address: str | None = Field(
+        None,
+        description="vLLM only: run the engine's workers on this existing Ray cluster, HOST:PORT of its head "
+        "(the address `ray start --address` takes), or auto for the cluster `ray start` began on this node; "
+        "implies --engine-arg distributed_executor_backend=ray. Checked at start (multinode extra).",
+    )
+    # LoRA (omniserve/lora, docs/lora.md): engines size their adapter slots from these
+    max_loras: int = Field(
+        4,
+        gt=0,
+        description="Most LoRA adapters resident at once; the least recently used one is unloaded to make room "
+        "(and reloaded from its folder when asked for again).",
+    )
+    max_lora_rank: int = Field(64, gt=0, description="Largest LoRA rank accepted (an adapter above it is refused).")
+    enable_lora: bool = Field(
+        False,
+        description="Whether adapters may be served at all (set by deploy when --lora or --allow-runtime-lora is "
+        "given): vLLM reserves LoRA slots and kernels only then.",
+        json_schema_extra={"cli": False},
     )
 
     @field_validator("dtype", mode="before")
@@ -364,7 +393,40 @@ class ServerConfig(BaseModel):
         gt=0,
         description="Most responses kept; the oldest go first (each may hold its conversation's media).",
     )
+    # LoRA adapters served beside the base (omniserve/lora, docs/lora.md)
+    lora: dict[str, Path] = Field(
+        default_factory=dict,
+        description="LoRA adapter to serve: NAME=PATH (a PEFT folder, as omniserve train --lora --no-merge-lora "
+        "writes); clients ask for it with model=NAME.",
+    )
+    lora_file: Path | None = Field(
+        None,
+        description="File listing LoRA adapters: NAME=PATH lines, or a YAML/JSON mapping of names to paths or list "
+        "of {name, path}.",
+    )
+    allow_runtime_lora: bool = Field(
+        False, description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --lora-root)."
+    )
+    lora_root: Path | None = Field(
+        None, description="Folder under which run-time LoRA loads may read (symlinks resolved); others are refused."
+    )
+    lora_admin_key: str | None = Field(
+        None,
+        description="If set, the LoRA load/unload endpoints need this bearer key instead of an API key.",
+    )
     media: MediaLimits = Field(default_factory=MediaLimits)
+
+    @field_validator("lora_root")
+    @classmethod
+    def _resolved_root(cls, path: Path | None) -> Path | None:
+        """Checked against resolved adapter paths, so it must be resolved itself (``..``, links)."""
+        return path.expanduser().resolve() if path is not None else None
+
+    @model_validator(mode="after")
+    def _lora_root_given(self) -> ServerConfig:
+        if self.allow_runtime_lora and self.lora_root is None:
+            raise ValueError("--allow-runtime-lora needs --lora-root: the folder run-time loads may read from")
+        return self
 
     @field_validator("responses_store")
     @classmethod
@@ -384,7 +446,11 @@ class DeployOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: Path | None = Field(None, description="Checkpoint folder. Default: the built-in demo omni model.")
+    model: Path | None = Field(
+        None,
+        description="Checkpoint folder, or a built-in model: builtin:omni (the trained tiny demo omni model, the "
+        "default) or builtin:omni-speech (the same demo with a tiny random talker and codec: audio output).",
+    )
     engine: str = Field("transformers", description="Inference engine: transformers | vllm | sglang | lmdeploy.")
     served_model_name: str | None = Field(None, description="Name clients use; default: the folder name.")
     api_key_file: Path | None = Field(None, description="File with one API key per line.")
@@ -429,4 +495,6 @@ class DeployOptions(BaseModel):
             raise ValueError("--gate-dataset-dir is the data of a --gate evalscope:NAME benchmark: it needs --gate")
         if self.quantize_only and self.quant is None:
             raise ValueError("--quantize-only needs --quant")
+        if self.engine_options.ray_address is not None and self.engine != "vllm":
+            raise ValueError("--ray-address runs vLLM's workers on a Ray cluster: it needs --engine vllm")
         return self

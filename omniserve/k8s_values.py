@@ -5,11 +5,13 @@ re-deriving every limit by hand: :func:`values_from_deploy` turns the option obj
 into chart values, and :func:`dump_values_yaml` writes them with the few steps the cluster still
 needs from a person (a Secret for the API keys, the checkpoint on a volume).
 
-Three things deliberately do not travel:
+Four things deliberately do not travel:
 
 - API keys. Values files end up in git, CI logs and ``helm get values``; the values name a Secret and
   the header says how to create it. The chart mounts it and passes ``--api-key-file``.
 - The host address. In a pod the server binds ``0.0.0.0`` and the Service is the way in.
+- The Ray address. A command that shards a model over Ray nodes (pipeline parallel) becomes the chart's
+  multi-node mode, whose leader pod starts its group's own Ray head.
 - Local paths. The checkpoint folder becomes ``/models/<folder name>`` on a PersistentVolumeClaim
   (the header says so); a local quantization cache is replaced by the chart's cache volume.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -36,6 +39,9 @@ API_KEY_SECRET_KEY = "api-keys"
 
 DEFAULT_MODELS_CLAIM = "omniserve-models"
 """PersistentVolumeClaim the values expect the checkpoint on when the local command named a folder."""
+
+DEFAULT_ADAPTERS_CLAIM = "omniserve-adapters"
+"""PersistentVolumeClaim the values expect LoRA adapters on (mounted at /adapters) when the command served any."""
 
 GPU_ENGINES = frozenset({"vllm", "sglang", "lmdeploy"})
 """Engines that only run on a GPU, so a pod for them needs at least one."""
@@ -55,6 +61,12 @@ CHART_VALUES = frozenset(
         "engine_options.max_concurrency",
         "engine_options.max_queue",
         "engine_options.max_n",
+        "engine_options.max_loras",
+        "engine_options.max_lora_rank",
+        "server.lora",
+        "server.lora_file",
+        "server.allow_runtime_lora",
+        "server.lora_root",
         "quant",
         "gate",
         "force",
@@ -93,6 +105,8 @@ REPLACED_IN_THE_POD: dict[str, str] = {
     "quant_cache_dir": "the chart's cache volume",
     "print_k8s": "prints these values",
     "quantize_only": "the chart's quantize init step passes it itself",
+    "engine_options.ray_address": "multiNode: the group's Ray head, started on the leader, where vLLM finds it",
+    "server.lora_admin_key": "not carried (a secret): run-time LoRA loads in the pod are guarded by the API keys",
 }
 
 SHUTDOWN_MARGIN_SECONDS = 25
@@ -116,6 +130,7 @@ def values_from_deploy(
     engine = options.engine
     media = server_config.media
     gpus = _gpus_needed(engine, engine_options)
+    nodes = multi_node_size(options)
     values: dict[str, Any] = {
         "model": _model_values(options, models_claim),
         "engine": {
@@ -171,8 +186,12 @@ def values_from_deploy(
             "secretKey": API_KEY_SECRET_KEY,
         },
         "accelerator": {"count": gpus, "resourceName": "nvidia.com/gpu"},
+        "lora": _lora_values(options),
     }
     values["server"]["extraArgs"] = extra_args(options)
+    if nodes > 1:  # one pipeline stage per pod, tensor parallel over each pod's GPUs (the chart checks the product)
+        values["multiNode"] = {"enabled": True, "size": nodes}
+        values["accelerator"]["count"] = gpus // nodes
     if gpus > 1:  # tensor-parallel workers exchange tensors through /dev/shm
         values["shm"] = {"enabled": True, "sizeLimit": "8Gi"}
     if options.quant:  # quantizing is slow: keep the result across restarts
@@ -235,6 +254,22 @@ def dump_values_yaml(values: Mapping[str, Any]) -> str:
             "# (mounted read-only at /models). Or set model.source to download (an init container copies it",
             "# from object storage) or hostPath.",
         ]
+    multi = values.get("multiNode") or {}
+    if multi.get("enabled"):
+        lines += [
+            "#",
+            f"# One model over {multi.get('size')} pods per group (multiNode): a LeaderWorkerSet, which needs the",
+            "# LeaderWorkerSet controller (https://github.com/kubernetes-sigs/lws). The leader starts the Ray head",
+            "# and omniserve, the workers join it; the local --ray-address is not used in the pods.",
+        ]
+    lora = values.get("lora") or {}
+    claim = (lora.get("volume") or {}).get("claimName")
+    if claim:
+        lines += [
+            "#",
+            f"# LoRA adapters must be on the PersistentVolumeClaim {claim!r} (mounted read-only at /adapters), each",
+            "# folder at its lora.adapters path; run-time loads (lora.allowRuntime) may read anywhere on it.",
+        ]
     media = values.get("media") or {}
     if media.get("allowedLocalPath"):
         lines += [
@@ -257,6 +292,61 @@ def _model_values(options: DeployOptions, models_claim: str) -> dict[str, Any]:
         "servedModelName": options.served_model_name or options.model.resolve().name,
         "pvc": {"claimName": models_claim, "readOnly": True},
     }
+
+
+def _lora_values(options: DeployOptions) -> dict[str, Any]:
+    """LoRA adapters on the chart's adapters volume (/adapters): each under its path relative to
+    ``--lora-root`` when it lies there (run-time loads then name the same layout), else its folder's name."""
+    server_config = options.server
+    adapters: dict[str, Path] = {}
+    if server_config.lora or server_config.lora_file:
+        from omniserve.lora.serving import configured_adapters  # reads --lora-file: only when adapters are given
+
+        adapters = configured_adapters(server_config)
+    root = server_config.lora_root
+    entries, taken = [], set()
+    for name, path in adapters.items():
+        resolved = path.expanduser().resolve()
+        inside = root is not None and resolved.is_relative_to(root)
+        relative = resolved.relative_to(root).as_posix() if inside and resolved != root else resolved.name
+        relative = relative if relative not in taken else name  # two folders of the same name
+        taken.add(relative)
+        entries.append({"name": name, "path": relative})
+    uses_volume = bool(entries) or server_config.allow_runtime_lora
+    return {
+        "adapters": entries,
+        "volume": {"claimName": DEFAULT_ADAPTERS_CLAIM if uses_volume else "", "source": {}},
+        "maxLoras": options.engine_options.max_loras,
+        "maxLoraRank": options.engine_options.max_lora_rank,
+        "allowRuntime": server_config.allow_runtime_lora,
+        "root": "",  # --lora-root is the adapters volume itself in the pod
+    }
+
+
+def multi_node_size(options: DeployOptions) -> int:
+    """Pods per group (the chart's ``multiNode.size``) for a command that shards one model on Ray: vLLM with
+    the Ray backend (``--engine-arg distributed_executor_backend=ray`` or ``--ray-address``) and
+    ``pipeline_parallel_size`` > 1 spreads its pipeline stages over that many pods; otherwise 1 (one pod).
+
+    What the chart would refuse for such a group is refused here, naming the local flags to change.
+    """
+    engine_options = options.engine_options
+    args = engine_options.engine_args
+    over_ray = args.get("distributed_executor_backend") == "ray" or engine_options.ray_address is not None
+    stages = _positive_int(args, "pipeline_parallel_size")
+    if options.engine != "vllm" or not over_ray or stages < 2:
+        return 1
+    if options.model is None:
+        raise OptionError(
+            "pipeline parallel over Ray spreads the model over several pods, which all load it from a volume: "
+            "give --model (the built-in demo model only exists on the pod that builds it)"
+        )
+    if options.quant:
+        raise OptionError(
+            "pipeline parallel over Ray with --quant: the workers would need the quantized weights the leader "
+            "writes into its own cache. Quantize first (--quantize-only) and serve the folder it prints"
+        )
+    return stages
 
 
 def _gpus_needed(engine: str, engine_options: EngineOptions) -> int:

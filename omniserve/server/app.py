@@ -15,6 +15,7 @@ from omniserve import __version__
 from omniserve.config import EngineConfig, ServerConfig
 from omniserve.engines.base import Engine
 from omniserve.errors import ModelLoadError
+from omniserve.lora.serving import build_lora_router, start_loras
 from omniserve.media.budget import MediaGate
 from omniserve.server.auth import ApiKeyAuth
 from omniserve.server.body_limit import BodyLimitMiddleware
@@ -125,6 +126,7 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
         # (a concurrent first import fails with "cannot import name 'AutoProcessor'").
         try:
             await engine.start()
+            loras = await start_loras(engine, engine_config, server_config)  # --lora adapters, checked and loaded
         except ModelLoadError as exc:
             app.state.start_failure = exc  # reported by StartFailureReport and `omniserve deploy`'s exit code
             raise
@@ -143,7 +145,9 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
             drain=drain,
             rendering=Rendering(renderer, media_renderer),
             media_gate=media_gate,
+            loras=loras,
         )
+        metrics.loras = loras
         log.info("serving %s on the %s engine", engine_config.served_model_name, type(engine).__name__)
         if ui_enabled(server_config):
             host = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
@@ -168,7 +172,9 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
     app.state.drain = drain
     app.state.speech = None  # the speech component (omniserve/speech), set at start-up when the model speaks
     install_error_handlers(app, retry_after=server_config.retry_after_seconds)
-    app.include_router(build_router(ApiKeyAuth(server_config.api_keys), metrics, server_config, drain))
+    auth = ApiKeyAuth(server_config.api_keys)
+    app.include_router(build_router(auth, metrics, server_config, drain))
+    app.include_router(build_lora_router(server_config, auth))  # 403 unless --allow-runtime-lora
     if ui_enabled(server_config):  # the playground page: on for loopback, else only with --ui
         app.include_router(build_playground_router())
     if server_config.cors_origins:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -10,6 +12,9 @@ from prometheus_client.registry import Collector
 
 from omniserve.engines.base import Engine
 from omniserve.server.drain import Drain
+
+if TYPE_CHECKING:
+    from omniserve.lora.registry import LoraRegistry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -21,26 +26,33 @@ class Metrics:
         self._engine = engine
         self._drain = drain
         labels = {"model_name": model_name}
+        # per-request metrics carry `adapter`: the base's served name or a served LoRA adapter's (never a raw
+        # request string: an unknown model is a 404 before anything is recorded), so the series stay bounded
+        self.loras: LoraRegistry | None = None  # set at start-up when the server serves adapters
+        self._series: set[tuple[str, str]] = set()  # (endpoint, adapter) pairs of ``latency`` observed
         self.requests = Counter(
             "omniserve_requests",
             "Finished HTTP requests by endpoint and status code.",
             ["endpoint", "status"],
             registry=self.registry,
         )
-        self.prompt_tokens = Counter("omniserve_prompt_tokens", "Prompt tokens processed.", registry=self.registry)
+        self.prompt_tokens = Counter(
+            "omniserve_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=self.registry
+        )
         self.completion_tokens = Counter(
-            "omniserve_completion_tokens", "Completion tokens generated.", registry=self.registry
+            "omniserve_completion_tokens", "Completion tokens generated.", ["adapter"], registry=self.registry
         )
         self.ttft = Histogram(
             "omniserve_time_to_first_token_seconds",
             "Time from request arrival to the first generated token.",
+            ["adapter"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.latency = Histogram(
             "omniserve_request_latency_seconds",
             "Time from request arrival to the last byte of the answer.",
-            ["endpoint"],
+            ["endpoint", "adapter"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -61,6 +73,8 @@ class Metrics:
         )
         # what inference-gateway endpoint pickers route on besides the queue (vLLM: vllm:kv_cache_usage_perc)
         self.registry.register(_KvCacheUsage(engine))
+        # ... and the LoRA adapters in use (vLLM: vllm:lora_requests_info), for LoRA-affinity routing
+        self.registry.register(_LoraInfo(self))
         # why /health is red, for alerts: a stalled engine pages someone, a draining pod does not
         self.stalled = Gauge(
             "omniserve_engine_stalled_seconds",
@@ -72,6 +86,20 @@ class Metrics:
         )
         self.info = Gauge("omniserve_model_info", "The served model.", list(labels), registry=self.registry)
         self.info.labels(**labels).set(1)
+
+    def latency_of(self, endpoint: str, adapter: str) -> Histogram:
+        """``latency``'s series for one endpoint and adapter (remembered, for ``forget_adapter``)."""
+        self._series.add((endpoint, adapter))
+        return self.latency.labels(endpoint, adapter)
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop an unloaded adapter's series, so adapters loaded and unloaded at run time do not pile up."""
+        for metric in (self.prompt_tokens, self.completion_tokens, self.ttft):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)
+        for endpoint, adapter in [key for key in self._series if key[1] == name]:
+            self._series.discard((endpoint, adapter))
+            self.latency.remove(endpoint, adapter)
 
     def render(self) -> bytes:
         stats = self._engine.stats()
@@ -97,3 +125,31 @@ class _KvCacheUsage(Collector):
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # values are read at scrape time; nothing to check at registration
+
+
+class _LoraInfo(Collector):
+    """``omniserve_lora_requests_info``: vLLM's ``vllm:lora_requests_info``, the same labels and value.
+
+    ``running_lora_adapters``: adapters that requests hold (comma-separated); ``waiting_lora_adapters``:
+    adapters requests wait to have loaded; ``max_lora``: ``--max-loras``. The value is the time of the
+    last change, as vLLM's (endpoint pickers read the labels of the newest sample). Exported only by a
+    server that serves adapters.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        loras = self._metrics.loras
+        if loras is None:
+            return
+        family = GaugeMetricFamily(
+            "omniserve_lora_requests_info",
+            "LoRA adapters in use: running and waiting adapter names, and the most resident at once.",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        family.add_metric([",".join(loras.running()), ",".join(loras.waiting()), str(loras.max_loras)], loras.updated)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

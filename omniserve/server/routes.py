@@ -163,16 +163,25 @@ def build_router(auth: ApiKeyAuth, metrics: Metrics, server: ServerConfig, drain
     def card(ctx: ServingContext) -> ModelCard:
         return ModelCard(id=ctx.model_name, max_model_len=ctx.engine.model_info.max_model_len)
 
+    def cards(ctx: ServingContext) -> list[ModelCard]:
+        """The base, then each LoRA adapter (``parent``: the base, ``root``: its folder), as vLLM lists them."""
+        base = card(ctx)
+        adapters = ctx.loras.adapters if ctx.loras is not None else []
+        return [base] + [
+            ModelCard(id=a.name, max_model_len=base.max_model_len, root=str(a.path), parent=ctx.model_name)
+            for a in adapters
+        ]
+
     @api.get("/models", responses={200: {"model": ModelList}, **_ERRORS})
     async def list_models(request: Request) -> dict:
-        return dump(ModelList(data=[card(_ctx(request))]))
+        return dump(ModelList(data=cards(_ctx(request))))
 
     @api.get("/models/{model_id:path}", responses={200: {"model": ModelCard}, **_ERRORS})
     async def get_model(model_id: str, request: Request) -> dict:
-        ctx = _ctx(request)
-        if model_id != ctx.model_name:
-            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-        return dump(card(ctx))
+        for found in cards(_ctx(request)):
+            if found.id == model_id:
+                return dump(found)
+        raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 
     @api.post(
         "/chat/completions",
@@ -180,7 +189,7 @@ def build_router(auth: ApiKeyAuth, metrics: Metrics, server: ServerConfig, drain
         responses=_generated(ChatCompletion, ChatCompletionChunk),
     )
     async def chat(request: Request) -> Response:
-        return await ChatServing(_ctx(request)).handle(request)
+        return await ChatServing(_ctx(request), request.app.state.speech).handle(request)
 
     @api.post("/completions", openapi_extra=_json_body(CompletionRequest), responses=_generated(Completion, Completion))
     async def completions(request: Request) -> Response:

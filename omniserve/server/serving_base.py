@@ -21,6 +21,8 @@ from omniserve.config import EngineConfig, ServerConfig
 from omniserve.engines.base import ChoiceDelta, Engine, GenerationRequest
 from omniserve.engines.streams import close_stream, merge_streams
 from omniserve.errors import InvalidRequest, ModelNotFound, OmniServeError
+from omniserve.lora.adapter import LoraAdapter
+from omniserve.lora.registry import LoraRegistry, leased
 from omniserve.media.budget import MediaGate
 from omniserve.protocol import Usage
 from omniserve.server.drain import Drain
@@ -45,10 +47,18 @@ class ServingContext:
     drain: Drain  # refuses new work once shutting down; cuts running work off at the drain timeout
     rendering: Rendering  # renders prompts in threads media work cannot take
     media_gate: MediaGate  # bounds concurrent decodes and decoded bytes across all of the app's requests
+    loras: LoraRegistry | None = None  # LoRA adapters served beside the base; None: none can be
 
     @property
     def model_name(self) -> str:
         return self.engine_config.served_model_name
+
+    def resolve_model(self, name: str) -> LoraAdapter | None:
+        """The LoRA adapter a request's ``model`` names, None for the base model; 404 for any other name."""
+        if self.loras is None:
+            self.check_model(name)
+            return None
+        return self.loras.resolve(name)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -158,12 +168,14 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
         timing = Timing()
         self.ctx.drain.check_admitting()  # shutting down: 503 + Retry-After before reading anything
         request = await self.parse(http_request)
-        self.ctx.check_model(request.model)  # type: ignore[attr-defined]
+        adapter = self.ctx.resolve_model(request.model)  # type: ignore[attr-defined]
         n = request.n  # type: ignore[attr-defined]
         if n > self.ctx.engine_config.max_n:
             raise InvalidRequest(f"n must be at most {self.ctx.engine_config.max_n}", param="n")
         jobs = await self.ctx.drain.bounded(self.prepare(request))
-        submitted = self._submit(jobs, timing)
+        for job in jobs:
+            job.adapter = adapter
+        submitted = await self._submit_with(adapter, jobs, timing)
         if request.stream:  # type: ignore[attr-defined]
             return StreamingResponse(
                 self._sse(request, submitted),
@@ -178,6 +190,21 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
         return self.response(
             request, body, {"Server-Timing": f"gateway;dur={overhead * 1000:.3f}, engine;dur={engine * 1000:.3f}"}
         )
+
+    async def _submit_with(
+        self, adapter: LoraAdapter | None, jobs: list[GenerationRequest], timing: Timing
+    ) -> Submitted:
+        """``_submit``, holding the request's LoRA adapter (resident, not unloaded) until its streams end."""
+        if adapter is None or self.ctx.loras is None:
+            return self._submit(jobs, timing)
+        lease = await self.ctx.drain.bounded(self.ctx.loras.acquire(adapter.name))
+        try:
+            submitted = self._submit(jobs, timing)
+        except BaseException:
+            lease.release()
+            raise
+        submitted.streams = list(leased(submitted.streams, [job.sampling.n for job in jobs], lease))
+        return submitted
 
     def _submit(self, jobs: list[GenerationRequest], timing: Timing) -> Submitted:
         timing.engine_started = time.perf_counter()
@@ -220,11 +247,13 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
         """Record the request's metrics; return (gateway overhead, engine time) in seconds."""
         m, t = self.ctx.metrics, submitted.timing
         end = time.perf_counter()
-        m.prompt_tokens.inc(submitted.prompt_tokens)
-        m.completion_tokens.inc(submitted.completion_tokens)
-        m.latency.labels(self.endpoint).observe(end - t.arrived)
+        adapter = submitted.jobs[0].adapter if submitted.jobs else None
+        label = adapter.name if adapter is not None else self.ctx.model_name  # served names only: bounded
+        m.prompt_tokens.labels(label).inc(submitted.prompt_tokens)
+        m.completion_tokens.labels(label).inc(submitted.completion_tokens)
+        m.latency_of(self.endpoint, label).observe(end - t.arrived)
         if t.first_token is not None:
-            m.ttft.observe(t.first_token - t.arrived)
+            m.ttft.labels(label).observe(t.first_token - t.arrived)
         engine = (t.engine_finished - t.engine_started) if t.engine_started and t.engine_finished else 0.0
         overhead = max(0.0, (end - t.arrived) - engine)
         m.gateway_overhead.observe(overhead)

@@ -56,7 +56,7 @@ class CompletionServing(OpenAIServing[CompletionRequest]):
         return jobs
 
     async def chunks(self, request: CompletionRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
-        request_id, created, model = submitted.jobs[0].request_id.rsplit("-", 1)[0], now(), self.ctx.model_name
+        request_id, created, model = submitted.jobs[0].request_id.rsplit("-", 1)[0], now(), request.model
         offsets: dict[int, int] = {}
         async for job_index, delta in submitted.deltas():
             if not delta.text and delta.finish_reason is None and not delta.logprobs:
@@ -91,4 +91,4 @@ class CompletionServing(OpenAIServing[CompletionRequest]):
             for i in range(total)
         ]
         request_id = submitted.jobs[0].request_id.rsplit("-", 1)[0]
-        return dump(Completion(id=request_id, model=self.ctx.model_name, choices=choices, usage=submitted.usage()))
+        return dump(Completion(id=request_id, model=request.model, choices=choices, usage=submitted.usage()))

@@ -187,7 +187,7 @@ class ResponsesServing(OpenAIServing[ResponsesRequest]):
             status="in_progress",
             instructions=request.instructions,
             max_output_tokens=request.max_output_tokens,
-            model=self.ctx.model_name,
+            model=request.model,  # the base's name, or the LoRA adapter's the request named
             parallel_tool_calls=request.parallel_tool_calls is not False,
             previous_response_id=request.previous_response_id,
             store=request.stores and self.store is not None,

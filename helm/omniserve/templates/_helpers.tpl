@@ -63,6 +63,12 @@ The image: an explicit tag wins; otherwise the CPU or CUDA flavour of this chart
 {{- define "omniserve.cacheDir" -}}/var/cache/omniserve{{- end }}
 {{- define "omniserve.modelsDir" -}}/models{{- end }}
 {{- define "omniserve.apiKeysDir" -}}/etc/omniserve/api-keys{{- end }}
+{{- define "omniserve.adaptersDir" -}}/adapters{{- end }}
+
+{{/* "true" when the LoRA adapters volume is configured (a claim or another volume source). */}}
+{{- define "omniserve.loraVolume" -}}
+{{- if or .Values.lora.volume.claimName .Values.lora.volume.source }}true{{ end }}
+{{- end }}
 
 {{- define "omniserve.modelPath" -}}
 {{- $path := trimAll "/" .Values.model.path }}
@@ -115,6 +121,8 @@ left out so the CLI's defaults apply. Returned as a YAML list.
   (list "--max-concurrency" $v.engine.maxConcurrency)
   (list "--max-queue" $v.engine.maxQueue)
   (list "--max-n" $v.engine.maxN)
+  (list "--max-loras" $v.lora.maxLoras)
+  (list "--max-lora-rank" $v.lora.maxLoraRank)
   (list "--max-request-bytes" $v.server.maxRequestBytes)
   (list "--drain-delay" $v.server.drainDelaySeconds)
   (list "--drain-timeout" $v.server.drainTimeoutSeconds)
@@ -145,6 +153,13 @@ left out so the CLI's defaults apply. Returned as a YAML list.
 {{- end }}
 {{- range $key, $value := $engineArgs }}
 {{- $args = concat $args (list "--engine-arg" (printf "%s=%s" $key (include "omniserve.word" $value))) }}
+{{- end }}
+{{- range $v.lora.adapters }}
+{{- $args = concat $args (list "--lora" (printf "%s=%s/%s" .name (include "omniserve.adaptersDir" $) (trimAll "/" .path))) }}
+{{- end }}
+{{- if $v.lora.allowRuntime }}
+{{- $root := trimAll "/" $v.lora.root }}
+{{- $args = concat $args (list "--allow-runtime-lora" "--lora-root" (ternary (printf "%s/%s" (include "omniserve.adaptersDir" .) $root) (include "omniserve.adaptersDir" .) (ne $root ""))) }}
 {{- end }}
 {{- range $key, $value := $v.media.limitPerRequest }}
 {{- $args = concat $args (list "--limit-media-per-request" (printf "%s=%s" $key (include "omniserve.word" $value))) }}
@@ -230,6 +245,33 @@ read-only), plus extraEnv for the libraries below omniserve. No omniserve option
 - name: models
   mountPath: {{ include "omniserve.modelsDir" . }}
   readOnly: true
+{{- end }}
+{{- if include "omniserve.loraVolume" . }}
+- name: lora-adapters
+  mountPath: {{ include "omniserve.adaptersDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+LoRA adapters are read from their volume: adapters or run-time loading without one would fail at start
+(or at every load), a root without run-time loading would be ignored, and two adapters under one name
+would leave the second unreachable.
+*/}}
+{{- define "omniserve.checkLora" -}}
+{{- $lora := .Values.lora }}
+{{- if and (or $lora.adapters $lora.allowRuntime) (not (include "omniserve.loraVolume" .)) }}
+{{- fail "lora.adapters and lora.allowRuntime read adapters from a volume mounted at /adapters: set lora.volume.claimName (a PersistentVolumeClaim) or lora.volume.source (e.g. {hostPath: {path: /data/adapters}})" }}
+{{- end }}
+{{- if and $lora.root (not $lora.allowRuntime) }}
+{{- fail "lora.root is where run-time loading (POST /v1/load_lora_adapter) may read from: it needs lora.allowRuntime" }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $lora.adapters }}
+{{- if hasKey $seen .name }}
+{{- fail (printf "lora.adapters: the name %q is used twice; each adapter needs its own name" .name) }}
+{{- end }}
+{{- $_ := set $seen .name true }}
 {{- end }}
 {{- end }}
 

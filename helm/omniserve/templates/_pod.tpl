@@ -253,6 +253,16 @@ spec:
       emptyDir:
         sizeLimit: {{ $v.model.download.sizeLimit }}
     {{- end }}
+    {{- if include "omniserve.loraVolume" $root }}
+    - name: lora-adapters
+      {{- if $v.lora.volume.claimName }}
+      persistentVolumeClaim:
+        claimName: {{ $v.lora.volume.claimName }}
+        readOnly: true
+      {{- else }}
+      {{- toYaml $v.lora.volume.source | nindent 6 }}
+      {{- end }}
+    {{- end }}
     {{- if and $serves $v.auth.existingSecret }}
     - name: api-keys
       secret:
