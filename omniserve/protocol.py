@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from omniserve.errors import InvalidRequest, UnsupportedParameter
+from omniserve.protocol_speech import VoiceId
 from omniserve.sampling import SamplingParams
 from omniserve.structured.spec import StructuredOutput
 
@@ -133,16 +134,25 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
+class AudioRef(_Strict):
+    """A previous spoken reply, sent back by id as OpenAI's clients do (``message.audio.id`` of that reply)."""
+
+    id: str = Field(min_length=1)
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
+    #: A spoken reply in the history: the server puts its transcript in the turn when it still knows the id,
+    #: else the turn is read as empty text (``omniserve.speech.chat_audio.SpokenReplies``).
+    audio: AudioRef | None = None
 
     @model_validator(mode="after")
     def _content_or_calls(self) -> AssistantMessage:
-        if self.content is None and not self.tool_calls:
-            raise ValueError("an assistant message needs content or tool_calls")
+        if self.content is None and not self.tool_calls and self.audio is None:
+            raise ValueError("an assistant message needs content, tool_calls or audio")
         return self
 
 
@@ -194,6 +204,24 @@ class NamedFunction(_Strict):
 class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: NamedFunction
+
+
+#: ``audio.format`` values OpenAI defines; ``pcm16`` is raw 16-bit little-endian mono at the model's rate.
+ChatAudioFormat = Literal["wav", "aac", "mp3", "flac", "opus", "pcm16"]
+#: The formats a streamed reply can carry: OpenAI streams audio output as ``pcm16`` only (raw samples can be
+#: played as they come; the others are files whose pieces are not playable on their own).
+STREAMED_AUDIO_FORMATS = ("pcm16",)
+
+
+class ChatAudioParam(_Strict):
+    """``audio`` of a chat request (``openai.types.chat.ChatCompletionAudioParam``): how to speak the reply."""
+
+    voice: str | VoiceId = Field(description="One of the checkpoint's speakers (GET /v1/audio/voices lists them).")
+    format: ChatAudioFormat
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice.id if isinstance(self.voice, VoiceId) else self.voice
 
 
 class StreamOptions(_Strict):
@@ -392,6 +420,9 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    #: ``["text", "audio"]`` asks for a spoken reply too, in the voice and format of ``audio``.
+    modalities: Annotated[list[Literal["text", "audio"]], Field(min_length=1)] | None = None
+    audio: ChatAudioParam | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -400,7 +431,34 @@ class ChatCompletionRequest(_SamplingFields):
         if self.store:
             raise UnsupportedParameter("store=true is not supported: this server keeps no completions", param="store")
         self._check_tools()
+        self._check_audio()
         return self
+
+    def _check_audio(self) -> None:
+        """``audio`` exactly when ``modalities`` asks for audio; one choice; a streamable format when streaming."""
+        if not self.speaks:
+            if self.audio is not None:
+                raise InvalidRequest(
+                    'audio is only used when modalities asks for audio output: ["text", "audio"]', param="modalities"
+                )
+            return
+        if self.audio is None:
+            raise InvalidRequest(
+                'modalities asks for audio output: give audio: {"voice": ..., "format": ...} too', param="audio"
+            )
+        if self.n > 1:  # each choice would be spoken in turn by the one talker: a reply costs n syntheses
+            raise InvalidRequest("audio output is produced for one choice only: n must be 1", param="n")
+        if self.stream and self.audio.format not in STREAMED_AUDIO_FORMATS:
+            raise InvalidRequest(
+                f"a streamed reply carries audio as {' or '.join(map(repr, STREAMED_AUDIO_FORMATS))} only, not "
+                f"{self.audio.format!r}: ask for pcm16, or leave stream off for {self.audio.format}",
+                param="audio.format",
+            )
+
+    @property
+    def speaks(self) -> bool:
+        """The reply is to be spoken as well as written."""
+        return "audio" in (self.modalities or ())
 
     def _check_tools(self) -> None:
         """Tool names unique, ``tool_choice`` one we can honour, every tool result answering an earlier call."""
@@ -542,6 +600,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "omniserve"
     max_model_len: int | None = None
+    root: str | None = None  # a LoRA adapter's folder (as vLLM lists it)
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):
@@ -592,6 +652,15 @@ class ToolCallOut(BaseModel):
     function: FunctionCallOut
 
 
+class ChatAudioOut(BaseModel):
+    """A spoken reply (``openai.types.chat.ChatCompletionAudio``); ``transcript`` is the reply's text."""
+
+    id: str
+    data: str  # base64 of the whole audio in the request's format
+    expires_at: int  # until then the id can stand for the reply in a later request's history
+    transcript: str
+
+
 class AssistantOut(_OmitsNone):
     _keep = frozenset({"role", "content"})
 
@@ -599,6 +668,7 @@ class AssistantOut(_OmitsNone):
     content: str | None = None
     reasoning_content: str | None = None  # the reply's reasoning block, apart from the answer (vLLM's name)
     tool_calls: list[ToolCallOut] | None = None
+    audio: ChatAudioOut | None = None  # with audio output: the text is its transcript, and content is null
 
 
 class ChatChoice(BaseModel):
@@ -631,6 +701,16 @@ class DeltaToolCall(_OmitsNone):
     function: DeltaFunctionCall
 
 
+class DeltaAudio(_OmitsNone):
+    """A piece of a streamed spoken reply (``ChoiceDeltaAudio``): the id once, then transcript text and base64
+    audio as each comes, and ``expires_at`` last. Clients concatenate each field, as the openai helpers do."""
+
+    id: str | None = None
+    data: str | None = None
+    expires_at: int | None = None
+    transcript: str | None = None
+
+
 class DeltaMessage(_OmitsNone):
     _keep = frozenset({"role", "content"})
 
@@ -638,6 +718,7 @@ class DeltaMessage(_OmitsNone):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    audio: DeltaAudio | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -32,13 +32,6 @@ TEXT = "The quick brown fox jumps over the lazy dog near the river."
 
 
 @pytest.fixture(scope="module")
-def speaking_model(models_dir: Path) -> Path:
-    from omniserve.models.tiny import build_tiny_omni_speaking
-
-    return build_tiny_omni_speaking(models_dir / "tiny-omni-speaking")
-
-
-@pytest.fixture(scope="module")
 def speech_server(speaking_model: Path) -> Iterator[RunningServer]:
     srv = start_server(
         speaking_model,
@@ -193,7 +186,7 @@ def test_a_busy_synthesizer_refuses_beyond_its_waiting_room(speech_server: Runni
 def test_metrics_count_speech(speech_server: RunningServer) -> None:
     text = httpx.get(speech_server.base_url + "/metrics", timeout=30).text
     assert 'omniserve_requests_total{endpoint="/v1/audio/speech",status="200"}' in text
-    assert 'omniserve_request_latency_seconds_count{endpoint="/v1/audio/speech"}' in text
+    assert 'omniserve_request_latency_seconds_count{adapter="tiny-speaking",endpoint="/v1/audio/speech"}' in text
 
 
 def test_a_thinker_only_checkpoint_cannot_speak(omni_server: RunningServer) -> None:

@@ -12,7 +12,7 @@ import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -67,6 +67,16 @@ class BenchOptions(TargetOptions):
         description="Open loop instead of --concurrency: requests/s levels (Poisson arrivals, concurrency unbounded).",
         json_schema_extra={"csv": True},
     )
+    audio_output: Literal["none", "chat", "speech"] = Field(
+        "none",
+        description="Measure spoken replies instead of text (omniserve/eval/bench_audio.py): chat (chat completions "
+        "with audio output, streamed pcm16) or speech (/v1/audio/speech, streamed pcm); reports time to first audio "
+        "byte and the real-time factor per concurrency level.",
+    )
+    voice: str | None = Field(None, description="With --audio-output: the voice (default: the server's first).")
+    audio_sample_rate: int = Field(
+        24_000, gt=0, description="With --audio-output: the rate of the pcm the server sends (24 kHz for Qwen2.5-Omni)."
+    )
     slo_ttft_ms: float | None = Field(
         None,
         gt=0,
@@ -88,6 +98,13 @@ class BenchOptions(TargetOptions):
             raise ValueError("--images applies to --media image or image+audio")
         if "video_frames" in self.model_fields_set and self.media != "video":
             raise ValueError("--video-frames applies to --media video")
+        audio_only = {"voice", "audio_sample_rate"} & self.model_fields_set
+        if self.audio_output == "none" and audio_only:
+            raise ValueError("--voice and --audio-sample-rate apply to --audio-output chat or speech")
+        text_only = self.request_rate is not None or self.media != "none" or self.dataset != "synthetic"
+        if self.audio_output != "none" and (text_only or not self.stream):
+            raise ValueError("--audio-output streams its own text requests at --concurrency levels: no "
+                             "--request-rate, --media, --dataset FILE or --no-stream")  # fmt: skip
         return self
 
 
@@ -162,6 +179,14 @@ def run_bench(options: BenchOptions) -> BenchReport:
     cache_dir = required_cache_dir(options.cache_dir)
     folder = options.output or Path("omniserve-bench") / datetime.now().strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
+    if options.audio_output != "none":
+        from omniserve.eval.bench_audio import run_audio_bench
+
+        target = connect(options, log_file=folder / "server.log")
+        try:
+            return run_audio_bench(options, target, folder)  # type: ignore[return-value]  # same folder/markdown
+        finally:
+            target.close()
     count = options.requests
     if options.dataset == "synthetic":
         data_file = folder / "requests.jsonl"

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 #: Part of the cache folder name of the built-in model: bump whenever the builders' output changes.
-TINY_OMNI_VERSION = "1"
+TINY_OMNI_VERSION = "2"
 
 MAX_POSITIONS = 8192
 #: Pixel bounds per image or video frame: a 64x64 input costs 4 tokens, a 448x448 one 256.
@@ -203,7 +203,7 @@ def _write_omni(folder: Path, seed: int, *, speaking: bool = False) -> None:
     )
     # Talker and token2wav stay out: no weights are created or saved; the config still carries their
     # sections with the real model's defaults, as Qwen2_5OmniConfig requires.
-    speech = _speech_configs(thinker, ids) if speaking else {}
+    speech = speech_configs(thinker, ids) if speaking else {}
     config = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=speaking, **speech)
     processor = Qwen2_5OmniProcessor(
         image_processor=_image_processor(),
@@ -215,7 +215,7 @@ def _write_omni(folder: Path, seed: int, *, speaking: bool = False) -> None:
     model = _init_model(Qwen2_5OmniForConditionalGeneration, config, seed)
     _save(folder, model, processor, ids)
     if speaking:
-        _write_voices(folder, ids, speech["token2wav_config"], seed)
+        write_voices(folder, ids, speech["token2wav_config"], seed)
     else:
         _write_speaker_dict(folder)
 
@@ -230,7 +230,7 @@ _MEL_DIM = 80  # DiT output = BigVGAN input
 _SPEAKER_DIM = 32  # the DiT's speaker-embedding width (the "cond" vector of each voice)
 
 
-def _speech_configs(thinker: Any, ids: Mapping[str, int]) -> dict[str, Any]:
+def speech_configs(thinker: Any, ids: Mapping[str, int]) -> dict[str, Any]:
     """Talker and token2wav sections for ``Qwen2_5OmniConfig``: tiny, but the real frame geometry.
 
     The codec vocabulary is cut to 64 so that every code a random talker can sample is a valid DiT
@@ -294,7 +294,7 @@ def _speech_configs(thinker: Any, ids: Mapping[str, int]) -> dict[str, Any]:
     return {"talker_config": talker, "token2wav_config": token2wav}
 
 
-def _write_voices(folder: Path, ids: Mapping[str, int], token2wav: Mapping[str, Any], seed: int) -> None:
+def write_voices(folder: Path, ids: Mapping[str, int], token2wav: Mapping[str, Any], seed: int) -> None:
     """``spk_dict.pt`` as the real checkpoint lays it out: per voice a talker start token (``bos_token``),
     the DiT's speaker vector (``cond``) and a reference mel spectrogram (``ref_mel``, frames x mel bins)."""
     import torch

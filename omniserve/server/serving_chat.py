@@ -11,12 +11,15 @@ from omniserve.engines.base import GenerationRequest, TokenLogprobs
 from omniserve.errors import InvalidRequest, UnsupportedParameter
 from omniserve.media.loader import MediaOptions, loaded_media
 from omniserve.protocol import (
+    AssistantMessage,
     AssistantOut,
+    ChatAudioOut,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
     ChoiceLogprobs,
     DeltaFunctionCall,
     DeltaMessage,
@@ -33,7 +36,11 @@ from omniserve.protocol import (
     now,
 )
 from omniserve.reasoning import Piece, ReasoningSplitter, prompt_opens_block, split, template_thinks
-from omniserve.server.serving_base import OpenAIServing, Submitted
+from omniserve.server.serving_base import OpenAIServing, ServingContext, Submitted
+from omniserve.server.serving_speech import CannotSpeak
+from omniserve.speech.chat_audio import SpokenStream, b64, spoken_chunks, wire_format
+from omniserve.speech.encode import encode
+from omniserve.speech.synthesizer import SpeechSynthesizer
 from omniserve.structured.spec import StructuredOutput, length_bounds_as_patterns
 from omniserve.templates.conversation import to_hf_messages
 from omniserve.templates.render import RenderOptions
@@ -110,10 +117,16 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
     request_model = ChatCompletionRequest
     endpoint = "chat"
 
+    def __init__(self, ctx: ServingContext, speech: SpeechSynthesizer | None = None) -> None:
+        super().__init__(ctx)
+        self.speech = speech  # the talker beside the engine, when the checkpoint speaks (audio output)
+
     async def prepare(self, request: ChatCompletionRequest) -> list[GenerationRequest]:
         renderer = self.ctx.renderer
         renderer.check_token_ids(request.stop_token_ids or (), param="stop_token_ids")  # before fetching media
-        messages, sources = to_hf_messages(request.messages)
+        if request.speaks:
+            self._speaker(request)  # a model that cannot speak, or an unknown voice: 400 before any work
+        messages, sources = to_hf_messages(self._with_transcripts(request.messages))
         for source in sources:  # refuse before fetching anything the model cannot use
             if source.kind not in renderer.modalities:
                 raise InvalidRequest(
@@ -191,8 +204,48 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
             )
         return require_parser(self.ctx.server.tool_call_parser, renderer.chat_template, model)
 
+    def _speaker(self, request: ChatCompletionRequest) -> SpeechSynthesizer:
+        """The synthesizer that speaks this request's reply; a 400 when there is none or the voice is unknown."""
+        if self.speech is None:
+            reason = (
+                "this server runs with --no-speech"
+                if not self.ctx.server.speech
+                else "its checkpoint has no talker and codec (a thinker-only or text model)"
+            )
+            raise CannotSpeak(f"the model '{self.ctx.model_name}' cannot produce audio: {reason}", param="modalities")
+        assert request.audio is not None  # the request's own check: audio output comes with ``audio``
+        self.speech.check_voice(request.audio.voice_name, param="audio.voice")
+        return self.speech
+
+    def _with_transcripts(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """Assistant turns sent back as ``audio: {id}`` alone, with the text of that spoken reply when this server
+        still knows the id (``expires_at``); else they are read as empty turns."""
+        replies = self.speech.replies if self.speech is not None else None
+        resolved: list[ChatMessage] = []
+        for message in messages:
+            if isinstance(message, AssistantMessage) and message.audio is not None and message.content is None:
+                text = replies.transcript(message.audio.id) if replies is not None else None
+                message = message.model_copy(update={"content": text or ""})
+            resolved.append(message)
+        return resolved
+
     async def chunks(self, request: ChatCompletionRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
-        request_id, created, model = submitted.jobs[0].request_id, now(), self.ctx.model_name
+        if not request.speaks:
+            async for item in self._text_chunks(request, submitted):
+                yield item
+            return
+        speaker, voice = self._speaker(request), request.audio.voice_name  # type: ignore[union-attr]
+
+        async def speak(text: str) -> Any:
+            return (await speaker.synthesize(text, voice=voice, instructions=None)).samples
+
+        stream = SpokenStream(speak, speaker.sample_rate)
+        spoken = spoken_chunks(self._text_chunks(request, submitted), stream, speaker.replies, new_id("audio"))
+        async for item in spoken:
+            yield item
+
+    async def _text_chunks(self, request: ChatCompletionRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
+        request_id, created, model = submitted.jobs[0].request_id, now(), request.model
         parser_class = self._parser_class(request)
         starts = self._reasoning_start(submitted)
         if parser_class is not None or starts is not None:
@@ -237,7 +290,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
     ) -> AsyncIterator[dict[str, Any]]:
         """``chunks`` with each choice's text split into reasoning and answer, and the answer run through the
         tool parser: reasoning, content and calls as each becomes certain."""
-        request_id, created, model = submitted.jobs[0].request_id, now(), self.ctx.model_name
+        request_id, created, model = submitted.jobs[0].request_id, now(), request.model
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
             return dump(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
@@ -311,11 +364,28 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
                     finish_reason=tool_finish(finish[i], calls),
                 )
             )
+        if request.speaks:
+            await self._speak_reply(request, choices[0].message)
         return dump(
             ChatCompletion(
                 id=submitted.jobs[0].request_id,
-                model=self.ctx.model_name,
+                model=request.model,  # the base's name, or the LoRA adapter's the request named
                 choices=choices,
                 usage=submitted.usage(),
             )
         )
+
+    async def _speak_reply(self, request: ChatCompletionRequest, message: AssistantOut) -> None:
+        """The reply's text spoken whole into ``message.audio``; the text becomes its transcript (content null, as
+        OpenAI answers). A reply without text (only tool calls) has nothing to speak and stays as it is."""
+        text = message.content or ""
+        if not text.strip():
+            return
+        speaker, audio = self._speaker(request), request.audio
+        assert audio is not None
+        speech = await speaker.synthesize(text, voice=audio.voice_name, instructions=None)
+        data = await asyncio.to_thread(encode, speech.samples, speech.sample_rate, wire_format(audio.format))
+        audio_id = new_id("audio")
+        expires_at = speaker.replies.remember(audio_id, text)
+        message.audio = ChatAudioOut(id=audio_id, data=b64(data), expires_at=expires_at, transcript=text)
+        message.content = None

@@ -60,8 +60,8 @@ class SpeechServing:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         data = await asyncio.to_thread(_render, speech, request)
         metrics = self.ctx.metrics
-        metrics.prompt_tokens.inc(speech.input_tokens)
-        metrics.latency.labels(self.endpoint).observe(time.perf_counter() - arrived)
+        metrics.prompt_tokens.labels(self.ctx.model_name).inc(speech.input_tokens)
+        metrics.latency.labels(self.endpoint, self.ctx.model_name).observe(time.perf_counter() - arrived)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if request.stream_format == "sse":
             usage = SpeechUsage(

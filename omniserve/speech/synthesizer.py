@@ -25,6 +25,7 @@ from pathlib import Path
 
 from omniserve.errors import EngineUnavailable, InvalidRequest, QueueFull
 from omniserve.speech.base import Speech, SpeechModel
+from omniserve.speech.chat_audio import SpokenReplies
 from omniserve.speech.detect import speech_family
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class SpeechSynthesizer:
         )
         self._turn = asyncio.Semaphore(1)
         self._waiting = 0
+        self.replies = SpokenReplies()  # chat replies spoken by this server, by audio id (for later histories)
 
     @classmethod
     def load(
@@ -98,10 +100,10 @@ class SpeechSynthesizer:
         """A synthesis is running (or about to): a new request would wait its turn."""
         return self._turn.locked()
 
-    def check_voice(self, voice: str) -> None:
+    def check_voice(self, voice: str, *, param: str = "voice") -> None:
         if voice not in self.voices:
             raise InvalidRequest(
-                f"unknown voice {voice!r}; this model's voices are: {', '.join(self.voices)}", param="voice"
+                f"unknown voice {voice!r}; this model's voices are: {', '.join(self.voices)}", param=param
             )
 
     async def synthesize(self, text: str, *, voice: str, instructions: str | None) -> Speech:
