@@ -99,6 +99,26 @@ class LoraBase:
         )
 
 
+def adapter_base(folder: Path) -> Path | None:
+    """The base checkpoint folder an adapter folder was trained on, when ``folder`` is an adapter.
+
+    PEFT records the base as ``base_model_name_or_path``; ``omniserve train --lora --no-merge-lora`` writes
+    the path it trained from. Commands that only need the base's template and processor (``check-parity``)
+    accept the adapter folder itself this way. None: not an adapter folder, or its base is not a folder here.
+    """
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    recorded = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not recorded:
+        return None
+    base = Path(recorded)
+    if not base.is_absolute():
+        base = (folder / base) if (folder / base).is_dir() else base
+    return base if (base / "config.json").is_file() else None
+
+
 def is_tower_module(path: str) -> bool:
     """Whether a module path lies outside the language model (a vision/audio tower or a projector)."""
     return any(word in part for part in path.split(".") for word in _TOWER_WORDS)

@@ -70,6 +70,7 @@ def train(options: TrainOptions) -> None:
 def check_parity(options: ParityOptions) -> None:
     """Check that every training prompt is token-for-token the prompt the server builds; exit 1 if not."""
     from omniserve.errors import ModelLoadError
+    from omniserve.lora.adapter import adapter_base
     from omniserve.templates.render import PromptRenderer
     from omniserve.train.data import DataError, read_conversations
     from omniserve.train.features import limits_for
@@ -77,9 +78,11 @@ def check_parity(options: ParityOptions) -> None:
     from omniserve.train.parity import check_parity as run_check
 
     try:
-        check_model_folder(options.model)
+        # a LoRA adapter folder (train --lora --no-merge-lora) is checked through its base's template and processor
+        model = adapter_base(options.model) or options.model
+        check_model_folder(model)
         conversations = read_conversations(options.data)
-        renderer = PromptRenderer.from_pretrained(options.model)
+        renderer = PromptRenderer.from_pretrained(model)
         report = run_check(
             renderer, conversations, limits_for(options.data, options.media), strategy=options.mask_strategy
         )

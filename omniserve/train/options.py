@@ -86,7 +86,10 @@ class ParityOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: Path = Field(description="Checkpoint folder whose processor and chat template are checked.")
+    model: Path = Field(
+        description="Checkpoint folder whose processor and chat template are checked (or a LoRA adapter folder: its "
+        "base's are)."
+    )
     data: Path = Field(description="JSONL file of OpenAI-style conversations; media paths relative to it.")
     media: MediaLimits = Field(
         default_factory=MediaLimits,

@@ -207,6 +207,9 @@ def _save(options: TrainOptions, model: Any, peft_model: Any) -> Path | None:
     adapter = None
     if peft_model is not None:
         adapter = options.output / "adapter"
+        for config in peft_model.peft_config.values():
+            # where the base is, so the adapter folder alone is enough for deploy --lora and check-parity
+            config.base_model_name_or_path = str(options.model.resolve())
         peft_model.save_pretrained(str(adapter))
         if not options.merge_lora:
             return adapter
