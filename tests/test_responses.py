@@ -421,9 +421,22 @@ def test_replicas_share_a_postgresql_store(tiny_qwen2: Path, postgres_url: str) 
         second.responses.delete(begun.id)
         with pytest.raises(openai.NotFoundError):
             first.responses.retrieve(begun.id)
+        assert _sessions(postgres_url) >= 2
     finally:
         for srv in replicas:
             srv.stop()
+    assert _sessions(postgres_url) == 0, "a stopped server left its PostgreSQL session open"
+
+
+def _sessions(url: str) -> int:
+    """Client sessions open on the database, other than this one."""
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        return int(db.execute(query).fetchone()[0])
 
 
 def test_a_store_that_cannot_be_opened_stops_start_up_without_showing_the_password(tmp_path: Path) -> None:

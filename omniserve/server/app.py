@@ -17,6 +17,7 @@ from omniserve.engines.base import Engine
 from omniserve.errors import ModelLoadError
 from omniserve.lora.serving import build_lora_router, start_loras
 from omniserve.media.budget import MediaGate
+from omniserve.responses_store import open_store
 from omniserve.server.auth import ApiKeyAuth
 from omniserve.server.body_limit import BodyLimitMiddleware
 from omniserve.server.drain import CloseWhileDraining, Drain
@@ -120,6 +121,8 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
                 ctx.rendering.close()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+            if app.state.responses_store is not None:  # its connection (a file, a PostgreSQL session) goes too
+                app.state.responses_store.close()
 
     async def _start(app: FastAPI) -> ServingContext:
         # One after the other: transformers' lazy imports are not safe from two threads at once
@@ -173,7 +176,15 @@ def build_app(engine: Engine, engine_config: EngineConfig, server_config: Server
     app.state.speech = None  # the speech component (omniserve/speech), set at start-up when the model speaks
     install_error_handlers(app, retry_after=server_config.retry_after_seconds)
     auth = ApiKeyAuth(server_config.api_keys)
-    app.include_router(build_router(auth, metrics, server_config, drain))
+    # one Responses store per app (an in-memory database is this app's own), opened now so a bad path stops
+    # start-up, and closed when the app ends (a PostgreSQL connection, a file's handle)
+    store = open_store(
+        server_config.responses_store,
+        retention_seconds=server_config.responses_retention_seconds,
+        max_stored=server_config.responses_max_stored,
+    )
+    app.state.responses_store = store
+    app.include_router(build_router(auth, metrics, server_config, drain, store))
     app.include_router(build_lora_router(server_config, auth))  # 403 unless --allow-runtime-lora
     if ui_enabled(server_config):  # the playground page: on for loopback, else only with --ui
         app.include_router(build_playground_router())

@@ -28,7 +28,7 @@ from omniserve.protocol_audio import Transcription, TranscriptionVerbose
 from omniserve.protocol_responses import InputItemList, ResponseDeleted, ResponsesRequest, ResponseStreamEvent
 from omniserve.protocol_responses import Response as ResponseObject
 from omniserve.protocol_speech import SpeechRequest, VoiceList
-from omniserve.responses_store import open_store
+from omniserve.responses_store import ResponsesStore
 from omniserve.server.auth import ApiKeyAuth
 from omniserve.server.drain import Drain, ServerDraining
 from omniserve.server.errors import error_response
@@ -114,15 +114,12 @@ def _stall(ctx: ServingContext, server: ServerConfig) -> EngineUnavailable | Non
     )
 
 
-def build_router(auth: ApiKeyAuth, metrics: Metrics, server: ServerConfig, drain: Drain) -> APIRouter:
+def build_router(
+    auth: ApiKeyAuth, metrics: Metrics, server: ServerConfig, drain: Drain, store: ResponsesStore | None
+) -> APIRouter:
+    """Every route; ``store`` is the app's Responses store (None: off), opened and closed by the app."""
     router = APIRouter()
     api = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
-    # one store per app (an in-memory database is this app's own), opened now: a bad path stops start-up
-    store = open_store(
-        server.responses_store,
-        retention_seconds=server.responses_retention_seconds,
-        max_stored=server.responses_max_stored,
-    )
 
     @router.get("/health", responses=_ERRORS)
     async def health(request: Request) -> Response:
