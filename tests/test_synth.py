@@ -54,7 +54,14 @@ def test_every_task_is_in_both_splits_as_valid_training_data(synth: Path) -> Non
         assert {t: tasks.count(t) for t in TASKS} == dict.fromkeys(TASKS, size)
         for conversation in conversations:
             assert conversation.messages[-1].role == "assistant"
-            assert conversation.messages[-1].content == conversation.meta["answer"]
+            if conversation.meta["task"] != "tool_colour":
+                assert conversation.messages[-1].content == conversation.meta["answer"]
+                continue
+            # the answer is a call (followed, in some training lines, by the tool's result and a reply)
+            call = next(m for m in conversation.messages if getattr(m, "tool_calls", None)).tool_calls[0]
+            expected = json.loads(conversation.meta["answer"])
+            assert call.function.name == expected["name"]
+            assert json.loads(call.function.arguments) == expected["arguments"]
 
 
 def test_test_number_pairs_never_appear_in_training(synth: Path) -> None:
@@ -73,7 +80,7 @@ def test_test_number_pairs_never_appear_in_training(synth: Path) -> None:
 
 
 def _media(record: dict[str, Any], root: Path) -> list[tuple[str, bytes]]:
-    parts = record["messages"][-2]["content"]
+    parts = [m for m in record["messages"] if m["role"] == "user"][-1]["content"]  # a tool's result may follow it
     if isinstance(parts, str):
         return []
     return [(p["type"], (root / p[p["type"]]["url"]).read_bytes()) for p in parts if p["type"] != "text"]
@@ -117,6 +124,10 @@ def test_the_media_decoded_by_the_server_show_the_answer(synth: Path) -> None:
             colour = _dominant_colour(np.asarray(decode_image(media[0][1], limits)))
             audio = decode_audio(media[1][1], limits)
             assert f"{colour} {_pitch(audio.samples, audio.sample_rate)}" == answer
+        elif task in ("tool_colour", "json_colour"):
+            colour = _dominant_colour(np.asarray(decode_image(media[0][1], limits)))
+            answered = json.loads(answer)
+            assert answered.get("arguments", answered) == {"colour": colour}
         else:
             assert not media
             question = record["messages"][-2]["content"]

@@ -26,8 +26,10 @@ from omniserve.eval.suites import Suite
 
 #: EvalScope benchmark registered by ``evalscope_ext`` for exact-match scoring of messages.
 EXACT_BENCHMARK = "omniserve_exact_vqa"
+#: The name ``tools`` suites report as their benchmark: scored by ``eval/tools_suite.py``, not EvalScope.
+TOOLS_BENCHMARK = "omniserve_tool_calls"
 #: Bumped when the layout of generated data changes, so stale cache entries are not reused.
-GENERATED_FORMAT = "1"
+GENERATED_FORMAT = "2"  # 2: items keep their line's tools and response_format
 _URL_PARTS = ("image_url", "video_url")
 _MEDIA_KEYS = ("image", "video", "audio")
 
@@ -79,6 +81,8 @@ def _benchmark(suite: Suite) -> tuple[str, dict[str, Any]]:
     """The EvalScope benchmark and the ``dataset_args`` entries other than paths and subsets."""
     if suite.scoring == "exact":
         return EXACT_BENCHMARK, {}
+    if suite.format == "tools":
+        return TOOLS_BENCHMARK, {}
     if suite.format == "mcq":
         return "general_mcq", {"prompt_template": "english-single-answer"}
     if suite.format == "vmcq":
@@ -123,6 +127,7 @@ def _generated_omni_synth(suite: Suite, cache_dir: Path) -> Path:
             record = json.loads(line)
             # the request is the conversation without its final (assistant) answer
             item = {"id": record["id"], "messages": record["messages"][:-1], "answer": record["answer"]}
+            item.update({k: record[k] for k in ("tools", "response_format") if k in record})
             item = {**item, "messages": _relative_media(item["messages"], "raw/")}
             by_task.setdefault(record["task"], []).append(json.dumps(item, ensure_ascii=False))
         for task, lines in by_task.items():
@@ -193,7 +198,7 @@ def _absolute(suite: Suite, row: dict[str, Any], file: Path) -> dict[str, Any]:
             if isinstance(value, str) and key.split("_")[0] in _MEDIA_KEYS and key.split("_")[-1].isdigit():
                 row[key] = _local(value, base, suite, file)
         return row
-    if suite.format == "vqa":
+    if suite.format in ("vqa", "tools"):
         messages = []
         for message in row.get("messages", []):
             content = message.get("content")

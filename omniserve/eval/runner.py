@@ -116,6 +116,13 @@ def _run_suite(
     cache_dir: Path,
     progress: SuiteProgress,
 ) -> SuiteResult:
+    if staged.suite.format == "tools":  # tools and response_format: sent and scored by omniserve, not EvalScope
+        from omniserve.eval.tools_suite import run_tools_suite
+
+        assert isinstance(staged, StagedSuite)
+        return run_tools_suite(
+            staged, target, concurrency=options.concurrency, request_timeout=options.request_timeout, progress=progress
+        )
     folder = output / "evalscope" / _folder(staged.suite.name)
     if folder.exists():  # reviews of an earlier run in the same folder would mix into the partial score
         shutil.rmtree(folder)

@@ -10,6 +10,13 @@ Formats map to EvalScope's custom-data benchmarks:
 - ``vmcq``: vision multiple choice (``general_vmcq``, MMMU-style ``<image 1>`` placeholders, ``image_1``)
 - ``qa``: text question answering (``general_qa``, ``{subset}_test.jsonl`` with question, answer)
 - ``vqa``: OpenAI-style messages with image/video/audio parts (``general_vqa``, ``{subset}_test.jsonl``)
+
+One format is scored by omniserve itself, not EvalScope (EvalScope sends no ``tools`` or
+``response_format`` with custom data):
+
+- ``tools``: OpenAI-style messages sent with the item's ``tools`` (``tool_choice`` auto) or its
+  ``response_format``; scored ``tool-call`` (``eval/tools_suite.py``: function name, arguments, and
+  schema validity of calls; schema validity and value of JSON answers).
 """
 
 from __future__ import annotations
@@ -26,12 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from omniserve.eval.errors import InvalidSuite, UnknownSuite
 from omniserve.validation import describe_validation_error
 
-Format = Literal["mcq", "vmcq", "qa", "vqa"]
+Format = Literal["mcq", "vmcq", "qa", "vqa", "tools"]
 #: ``accuracy``: the chosen letter (multiple choice); ``exact``: the whole reply equals the answer after
 #: EvalScope's normalisation (case, punctuation, articles); ``rouge``: EvalScope's Rouge (primary Rouge-L recall).
-Scoring = Literal["accuracy", "exact", "rouge"]
+#: ``tool-call``: every check of ``synth.evaluate.score_reply`` holds (format ``tools`` only).
+Scoring = Literal["accuracy", "exact", "rouge", "tool-call"]
 #: Split EvalScope reads for each format (the file is ``{subset}_{split}.jsonl``).
-SPLITS: dict[str, str] = {"mcq": "val", "vmcq": "val", "qa": "test", "vqa": "test"}
+SPLITS: dict[str, str] = {"mcq": "val", "vmcq": "val", "qa": "test", "vqa": "test", "tools": "test"}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -86,8 +94,10 @@ class Suite(BaseModel):
             raise ValueError("'metrics' only applies to scoring: rouge")
         if self.metrics is not None and "Rouge" not in self.metrics:
             raise ValueError("'metrics' must include Rouge: it is the primary metric of scoring: rouge")
-        if self.generate is not None and self.format != "vqa":
-            raise ValueError("generated data is written as OpenAI messages: use format: vqa")
+        if (self.format == "tools") != (self.scoring == "tool-call"):
+            raise ValueError(f"format {self.format!r} cannot be scored with {self.scoring!r}")
+        if self.generate is not None and self.format not in ("vqa", "tools"):
+            raise ValueError("generated data is written as OpenAI messages: use format: vqa (or tools)")
         for subset in self.subsets:
             if not _NAME.match(subset):
                 raise ValueError(f"subset {subset!r} must be lower-case letters, digits, '.', '_' or '-'")

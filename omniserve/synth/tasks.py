@@ -10,13 +10,18 @@ served model really reads its image, clip or sound: the answer cannot be guessed
 - ``larger``: two digits in the text -> the larger one. The pairs are split between train and test
   by a fixed rule, so no test pair was seen in training: the model must have learned to compare.
 - ``mixed``: an image and a tone -> ``"<colour> <pitch>"`` (needs both modalities).
+- ``tool_colour``: an image and a ``report_colour(colour)`` function tool -> a call of it with the
+  dominant colour (the tools travel with the example, as a request's ``tools``).
+- ``json_colour``: an image -> ``{"colour": "<colour>"}``, the JSON schema given as the example's
+  ``response_format`` (what a client sends to have the reply constrained to it).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -46,13 +51,28 @@ class MediaFile:
 
 
 @dataclass(frozen=True)
+class ToolCallAnswer:
+    """The call a tool task expects: the function's name and its arguments (a JSON object)."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Example:
-    """One question: media first (in order), then the question text; ``answer`` is the exact reply."""
+    """One question: media first (in order), then the question text; ``answer`` is the exact reply.
+
+    A tool task also carries the request's ``tools`` and the expected ``call`` (its ``answer`` is the
+    call as JSON, ``{"name": ..., "arguments": {...}}``); a JSON task its ``response_format``.
+    """
 
     task: str
     question: str
     answer: str
     media: tuple[MediaFile, ...] = field(default_factory=tuple)
+    tools: tuple[dict[str, Any], ...] = ()
+    call: ToolCallAnswer | None = None
+    response_format: dict[str, Any] | None = None
 
 
 def _image(rng: np.random.Generator, colour: str) -> MediaFile:
@@ -136,10 +156,59 @@ def mixed_task(rng: np.random.Generator, split: Split) -> Example:
     return Example("mixed", _pick(rng, _MIXED_QUESTIONS), f"{colour} {pitch}", (image, audio))
 
 
+#: The colour of ``tool_colour`` and ``json_colour``: one of the image task's names, nothing else.
+COLOUR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"colour": {"type": "string", "enum": list(COLOURS)}},
+    "required": ["colour"],
+    "additionalProperties": False,
+}
+REPORT_COLOUR_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "report_colour",
+        "description": "Report the dominant colour of the image.",
+        "parameters": COLOUR_SCHEMA,
+    },
+}
+COLOUR_RESPONSE_FORMAT: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {"name": "colour_answer", "schema": COLOUR_SCHEMA, "strict": True},
+}
+_TOOL_QUESTIONS = (
+    "Report the dominant colour of this image.",
+    "Call the function with the main colour of the picture.",
+    "Use the tool to report which colour covers most of the image.",
+)
+_JSON_QUESTIONS = (
+    "What is the dominant colour of this image? Answer in JSON.",
+    "Give the main colour of the picture as a JSON object.",
+    "Which colour covers most of the image? Reply with JSON.",
+)
+
+
+def tool_colour_task(rng: np.random.Generator, split: Split) -> Example:
+    colour = _pick(rng, list(COLOURS))
+    image = _image(rng, colour)
+    call = ToolCallAnswer("report_colour", {"colour": colour})
+    answer = json.dumps({"name": call.name, "arguments": call.arguments})
+    return Example("tool_colour", _pick(rng, _TOOL_QUESTIONS), answer, (image,), tools=(REPORT_COLOUR_TOOL,), call=call)
+
+
+def json_colour_task(rng: np.random.Generator, split: Split) -> Example:
+    colour = _pick(rng, list(COLOURS))
+    image = _image(rng, colour)
+    answer = json.dumps({"colour": colour})
+    return Example("json_colour", _pick(rng, _JSON_QUESTIONS), answer, (image,), response_format=COLOUR_RESPONSE_FORMAT)
+
+
 TASKS: dict[str, Callable[[np.random.Generator, Split], Example]] = {
     "colour": colour_task,
     "motion": motion_task,
     "pitch": pitch_task,
     "larger": larger_task,
     "mixed": mixed_task,
+    # appended, not inserted: a task's seed stream is its position here, so the others' data stay the same
+    "tool_colour": tool_colour_task,
+    "json_colour": json_colour_task,
 }

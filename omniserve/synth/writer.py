@@ -1,8 +1,11 @@
 """Write synthetic tasks as training data: ``train.jsonl``, ``test.jsonl`` and the media files.
 
 Each line is an OpenAI-style conversation (the format ``omniserve train`` reads) plus ``id``,
-``task`` and ``answer`` fields for scoring. Media parts name their files relative to the JSONL
-file. Every example draws from its own generator, seeded by (seed, split, task, index): the
+``task`` and ``answer`` fields for scoring. A tool task's line carries its ``tools`` (rendered into
+the prompt by training, sent as the request's by the scorer) and ends in an assistant turn of
+``tool_calls``; in some training lines the tool's result and a short reply follow (results are
+input, never learned). A JSON task's line carries its ``response_format``. Media parts name their
+files relative to the JSONL file. Every example draws from its own generator, seeded by (seed, split, task, index): the
 output does not depend on the other sizes asked for, and the two splits never share a stream.
 """
 
@@ -22,6 +25,10 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 #: Share of examples that start with a system prompt / (train only) with an earlier question and answer.
 SYSTEM_SHARE = 0.25
 MULTI_TURN_SHARE = 0.15
+#: Share of tool-task training examples that go on after the call: the tool's result, then a short reply.
+TOOL_RESULT_SHARE = 0.15
+TOOL_RESULT = '{"status": "recorded"}'
+TOOL_REPLY = "Reported."
 _SPLIT_IDS: dict[Split, int] = {"train": 0, "test": 1}
 _PART_TYPES = {"image": "image_url", "video": "video_url", "audio": "audio_url"}
 
@@ -76,8 +83,24 @@ def _record(rng: np.random.Generator, task: str, split: Split, ident: str, media
         earlier = larger_task(rng, split)  # every assistant turn is trained on, not only the last
         messages += [{"role": "user", "content": earlier.question}, {"role": "assistant", "content": earlier.answer}]
     messages.append({"role": "user", "content": _user_content(example, ident, media_dir, root)})
-    messages.append({"role": "assistant", "content": example.answer})
-    return {"id": ident, "task": task, "answer": example.answer, "messages": messages}
+    record: dict[str, Any] = {"id": ident, "task": task, "answer": example.answer}
+    if example.call is None:
+        messages.append({"role": "assistant", "content": example.answer})
+    else:
+        call_id = f"call_{ident.replace('-', '_')}"
+        arguments = json.dumps(example.call.arguments)
+        function = {"name": example.call.name, "arguments": arguments}
+        calls = [{"id": call_id, "type": "function", "function": function}]
+        messages.append({"role": "assistant", "tool_calls": calls})
+        if split == "train" and rng.random() < TOOL_RESULT_SHARE:
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": TOOL_RESULT})
+            messages.append({"role": "assistant", "content": TOOL_REPLY})
+    if example.tools:
+        record["tools"] = list(example.tools)
+    if example.response_format is not None:
+        record["response_format"] = example.response_format
+    record["messages"] = messages
+    return record
 
 
 def _user_content(example: Example, ident: str, media_dir: Path, root: Path) -> str | list[dict[str, Any]]:

@@ -203,26 +203,30 @@ class PromptRenderer:
             token_ids=token_ids, mm_inputs=mm_inputs, media=list(media), text=text, processor_kwargs=processor_kwargs
         )
 
-    def template_token_ids(self, messages: list[HFMessage], *, add_generation_prompt: bool) -> list[int]:
+    def template_token_ids(
+        self, messages: list[HFMessage], *, add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """The tokenizer's reading of the template's text for ``messages``, media placeholders not expanded.
 
         The text half of ``render_chat`` (same conversation, same template call, same tokenizer call)
         without touching media, so training can render every prefix of a conversation cheaply and
         find each assistant turn's tokens by difference; ``templates/training.py`` then carries the
-        resulting mask onto the processor's media-expanded ids.
+        resulting mask onto the processor's media-expanded ids. ``tools``: as ``RenderOptions.tools``.
         """
         if not self.has_chat_template:
             raise InvalidRequest("this model has no chat template", param="messages")
         conversation = self.template_conversation(messages)
         with self._lock:
-            text = self._apply_template(conversation, add_generation_prompt)
+            text = self._apply_template(conversation, add_generation_prompt, tools=tools or None)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def template_conversation(self, messages: list[HFMessage]) -> list[HFMessage]:
         """The conversation exactly as the chat template receives it (string content for text-only models)."""
         return messages if self.modalities != {"text"} else _flatten_text(messages)
 
-    def assistant_text_mask(self, messages: list[HFMessage]) -> tuple[list[int], list[int]]:
+    def assistant_text_mask(
+        self, messages: list[HFMessage], *, tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], list[int]]:
         """Token ids of the whole conversation *before* media expansion, and a mask of the assistant tokens.
 
         For training labels (``templates/training.py``): the mask marks what the template wraps in
@@ -234,6 +238,7 @@ class PromptRenderer:
         with self._lock:
             out = self.tokenizer.apply_chat_template(
                 conversation,
+                tools=tools or None,
                 chat_template=self.chat_template,
                 tokenize=True,
                 return_dict=True,

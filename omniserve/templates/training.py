@@ -22,6 +22,12 @@ assistant tokens (the labels) are found:
 ``auto`` picks ``markers`` when the template has them, else ``prefix`` for each conversation
 whose prefix renderings are token prefixes of its whole rendering, else ``per-turn``.
 
+Tools: ``options.tools`` (the request's function tools) reach the template in every strategy,
+for the served prompts and the conversation alike, so a conversation with tools trains on the
+prompt a request with the same tools is served. An assistant turn of tool calls is learned as the
+template writes the calls (``<tool_call>{...}</tool_call>`` for Hermes/Qwen); a ``tool`` message
+(a result) is input like a user turn, never learned.
+
 Which tokens belong to a turn: everything the model must generate after the served prompt, up to
 and including the first stop token (the tokenizer's eos or ``generation_config.json``'s, e.g.
 ``<|im_end|>``); what the template writes after it (the newline before the next turn) is never
@@ -135,13 +141,17 @@ def render_training_examples(
     """Encode a conversation for supervised training with ``strategy`` (``auto``: see the module docstring)."""
     if not any(m["role"] == "assistant" for m in messages):
         raise LabelError("the conversation has no assistant tokens to learn from")
+    if _tools(options) and not renderer.renders_tools():
+        # the server refuses tools for such a model; training would teach calls to tools never shown
+        raise LabelError("the conversation has tools, but the model's chat template does not render tools")
     markers = has_generation_markers(renderer)
     if strategy == "markers" or (strategy == "auto" and markers):
         return LabelledConversation("markers", [_marker_example(renderer, messages, media, options)])
-    turns = _render_turns(renderer, messages)
+    tools = _tools(options)
+    turns = _render_turns(renderer, messages, tools)
     if strategy == "per-turn":
         return LabelledConversation("per-turn", _per_turn_examples(renderer, messages, media, turns, options))
-    whole = renderer.template_token_ids(messages, add_generation_prompt=False)
+    whole = renderer.template_token_ids(messages, add_generation_prompt=False, tools=tools)
     rewrite = _history_rewrite(renderer, whole, turns)
     if rewrite is None:
         return LabelledConversation("prefix", [_prefix_example(renderer, messages, media, whole, turns, options)])
@@ -179,7 +189,7 @@ def _marker_example(
             "told apart that way; use another mask strategy or add them around the assistant content"
         )
     prompt = renderer.render_chat(messages, media, add_generation_prompt=False, options=options)
-    text_ids, text_mask = renderer.assistant_text_mask(messages)
+    text_ids, text_mask = renderer.assistant_text_mask(messages, tools=_tools(options))
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     return _example(renderer, text_ids, text_mask, prompt, turns, "markers")
 
@@ -245,7 +255,14 @@ def _example(
 # --------------------------------------------------------------------------- prefix renderings
 
 
-def _render_turns(renderer: PromptRenderer, messages: list[HFMessage]) -> list[_Turn]:
+def _tools(options: RenderOptions | None) -> list[dict[str, Any]] | None:
+    """The tools the template is given, exactly as ``render_chat`` gives them (None: no tools)."""
+    return list(options.tools) if options is not None and options.tools else None
+
+
+def _render_turns(
+    renderer: PromptRenderer, messages: list[HFMessage], tools: list[dict[str, Any]] | None = None
+) -> list[_Turn]:
     """Each assistant turn's span, from the served prompt and the conversation through the turn.
 
     Refuses a turn whose served prompt is not a token prefix of the conversation through it: the
@@ -262,8 +279,8 @@ def _render_turns(renderer: PromptRenderer, messages: list[HFMessage]) -> list[_
                 "messages[0] is an assistant turn with nothing before it: no request leads to it, "
                 "so there is no served prompt to place its labels after"
             )
-        prompt = renderer.template_token_ids(messages[:index], add_generation_prompt=True)
-        through = renderer.template_token_ids(messages[: index + 1], add_generation_prompt=False)
+        prompt = renderer.template_token_ids(messages[:index], add_generation_prompt=True, tools=tools)
+        through = renderer.template_token_ids(messages[: index + 1], add_generation_prompt=False, tools=tools)
         position = first_difference(prompt, through)
         if position is not None:
             raise LabelError(

@@ -1,9 +1,13 @@
 """Read training conversations from JSONL: one OpenAI-style ``{"messages": [...]}`` object per line.
 
 Lines are validated with the server's own request types (``protocol.ChatMessage``), so anything a
-client may send can be trained on and nothing the server would refuse slips in. Every problem is
-reported as ``FILE:LINE: what is wrong``; other top-level keys (``id``, ``task``, ``answer``) are
-kept as metadata.
+client may send can be trained on and nothing the server would refuse slips in. A line may carry
+``"tools"`` (OpenAI function tools, ``protocol.FunctionTool``): the template renders them into the
+prompt as it does for a request with those tools; assistant ``tool_calls`` and ``role: "tool"``
+results may then appear in the history, each result answering an earlier call. A
+``"response_format"`` (``protocol.ResponseFormat``) is checked and kept as metadata: it constrains
+decoding when served, it is not part of the prompt. Every problem is reported as
+``FILE:LINE: what is wrong``; other top-level keys (``id``, ``task``, ``answer``) are kept as metadata.
 """
 
 from __future__ import annotations
@@ -12,9 +16,16 @@ import json
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from omniserve.protocol import AssistantMessage, ChatMessage
+from omniserve.protocol import (
+    MAX_TOOLS,
+    AssistantMessage,
+    ChatMessage,
+    FunctionTool,
+    ResponseFormat,
+    ToolMessage,
+)
 from omniserve.validation import describe_validation_error
 
 
@@ -36,6 +47,8 @@ class Conversation:
     line: int
     messages: list[ChatMessage]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The line's function tools as the server hands a request's to the template (``RenderOptions.tools``).
+    tools: tuple[dict[str, Any], ...] = ()
 
     @property
     def where(self) -> str:
@@ -50,6 +63,20 @@ def _messages_adapter() -> Any:
     from pydantic import TypeAdapter
 
     return TypeAdapter(list[ChatMessage])
+
+
+@cache
+def _tools_adapter() -> Any:
+    from pydantic import Field, TypeAdapter
+
+    return TypeAdapter(Annotated[list[FunctionTool], Field(min_length=1, max_length=MAX_TOOLS)])
+
+
+@cache
+def _response_format_adapter() -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(ResponseFormat)
 
 
 def read_conversations(path: Path, *, require_assistant: bool = True) -> list[Conversation]:
@@ -87,7 +114,48 @@ def parse_line(path: Path, number: int, line: str, *, require_assistant: bool = 
         raise DataError(path, number, f"invalid messages: {problem.message}") from None
     if not messages:
         raise DataError(path, number, "messages is empty")
-    conversation = Conversation(path, number, messages, {k: v for k, v in record.items() if k != "messages"})
+    tools = _tools(path, number, record)
+    _check_tool_results(path, number, messages)
+    if "response_format" in record:
+        try:
+            _response_format_adapter().validate_python(record["response_format"])
+        except ValidationError as exc:
+            problem = describe_validation_error(exc, root="response_format")
+            raise DataError(path, number, f"invalid response_format: {problem.message}") from None
+    meta = {k: v for k, v in record.items() if k not in ("messages", "tools")}
+    conversation = Conversation(path, number, messages, meta, tools)
     if require_assistant and not conversation.assistant_indices():
         raise DataError(path, number, "the conversation has no assistant turn to learn from")
     return conversation
+
+
+def _tools(path: Path, number: int, record: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The line's tools, validated as a request's and dumped as the server gives them to the template."""
+    from pydantic import ValidationError
+
+    if record.get("tools") is None:
+        return ()
+    try:
+        tools: list[FunctionTool] = _tools_adapter().validate_python(record["tools"])
+    except ValidationError as exc:
+        problem = describe_validation_error(exc, root="tools")
+        raise DataError(path, number, f"invalid tools: {problem.message}") from None
+    names = [tool.function.name for tool in tools]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate is not None:
+        raise DataError(path, number, f"tool names must be unique; '{duplicate}' appears twice")
+    return tuple(tool.model_dump(exclude_none=True) for tool in tools)
+
+
+def _check_tool_results(path: Path, number: int, messages: list[ChatMessage]) -> None:
+    """Every ``tool`` message answers a call an earlier assistant turn made, as the server requires."""
+    calls: set[str] = set()
+    for i, message in enumerate(messages):
+        if isinstance(message, AssistantMessage):
+            calls.update(call.id for call in message.tool_calls or ())
+        elif isinstance(message, ToolMessage) and message.tool_call_id not in calls:
+            raise DataError(
+                path,
+                number,
+                f"messages[{i}] answers tool call '{message.tool_call_id}', which no earlier assistant message made",
+            )

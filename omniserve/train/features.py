@@ -20,7 +20,7 @@ from omniserve.errors import OmniServeError
 from omniserve.media.loader import MediaItem, load_media
 from omniserve.protocol import ChatMessage
 from omniserve.templates.conversation import HFMessage, to_hf_messages
-from omniserve.templates.render import PromptRenderer
+from omniserve.templates.render import PromptRenderer, RenderOptions
 from omniserve.templates.training import (
     LabelError,
     MaskStrategy,
@@ -101,11 +101,16 @@ async def load_messages(
     return hf_messages, media
 
 
+def render_options(conversation: Conversation) -> RenderOptions:
+    """What a request with this conversation's tools renders with (the server's default media settings)."""
+    return RenderOptions(tools=conversation.tools)
+
+
 def encode_conversation(renderer: PromptRenderer, conversation: Conversation, limits: MediaLimits) -> Sample:
     """The whole conversation as one sample (markers or prefix masks); see ``render_training_example``."""
     hf_messages, media = asyncio.run(load_messages(conversation, conversation.messages, limits))
     try:
-        example = render_training_example(renderer, hf_messages, media)
+        example = render_training_example(renderer, hf_messages, media, options=render_options(conversation))
     except (OmniServeError, LabelError) as exc:
         raise DataError(conversation.path, conversation.line, _located(exc)) from None
     return Sample(
@@ -123,7 +128,9 @@ def encode_labelled(
     """The conversation's samples under ``strategy`` (one, or one per assistant turn for ``per-turn``)."""
     hf_messages, media = asyncio.run(load_messages(conversation, conversation.messages, limits))
     try:
-        labelled = render_training_examples(renderer, hf_messages, media, strategy=strategy)
+        labelled = render_training_examples(
+            renderer, hf_messages, media, strategy=strategy, options=render_options(conversation)
+        )
     except (OmniServeError, LabelError) as exc:
         raise DataError(conversation.path, conversation.line, _located(exc)) from None
     samples = [

@@ -4,8 +4,9 @@ Training way: the conversation through ``render_training_examples`` (input ids +
 same mask strategy ``omniserve train`` uses: one example holding every turn's labels, or one per
 assistant turn for templates that rewrite earlier turns. Serving way: for every assistant turn, the
 messages before it go through exactly what ``POST /v1/chat/completions`` does (``to_hf_messages``
--> ``load_media`` -> ``render_chat`` with ``add_generation_prompt=True``). Parity means, for every
-turn, in the example that trains it:
+-> ``load_media`` -> ``render_chat`` with ``add_generation_prompt=True``, and the line's ``tools``
+as a request with those tools passes them). Parity means, for every turn, in the example that
+trains it:
 
 1. the served prompt's token ids are the first tokens of the training ids;
 2. the turn's labels start exactly where the served prompt ends (the model learns to continue
@@ -36,7 +37,7 @@ from omniserve.templates.training import (
     token_context,
 )
 from omniserve.train.data import Conversation, DataError
-from omniserve.train.features import describe_strategies, load_messages
+from omniserve.train.features import describe_strategies, load_messages, render_options
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ def _training_way(
 ) -> tuple[str, list[TrainingExample]]:
     messages, media = asyncio.run(load_messages(conversation, conversation.messages, limits))
     try:
-        labelled = render_training_examples(renderer, messages, media, strategy=strategy)
+        labelled = render_training_examples(
+            renderer, messages, media, strategy=strategy, options=render_options(conversation)
+        )
     except (OmniServeError, LabelError) as exc:
         raise DataError(conversation.path, conversation.line, str(exc)) from None
     return labelled.strategy, labelled.examples
@@ -120,7 +123,7 @@ def _serving_way(
 ) -> RenderedPrompt:
     messages, media = asyncio.run(load_messages(conversation, conversation.messages[:index], limits))
     try:
-        return renderer.render_chat(messages, media, add_generation_prompt=True)
+        return renderer.render_chat(messages, media, add_generation_prompt=True, options=render_options(conversation))
     except OmniServeError as exc:
         raise DataError(conversation.path, conversation.line, f"serving the prefix fails: {exc}") from None
 
