@@ -85,12 +85,22 @@ def describe(path: Path) -> ModelDescription:
         architecture=architecture_of(config),
         family=family.title if family is not None else "text-only causal LM (no family module)",
         modalities=modalities,
-        engines=list(family.engines) if family is not None else ["transformers", "vllm"],
+        engines=_engines(config, list(family.engines) if family is not None else ["transformers", "vllm"]),
         chat_template="present" if renderer.has_chat_template else "none (only /v1/completions can serve it)",
         mask_strategy=_mask_strategy(renderer),
         quantization=_quantization(config),
         gaps=dict(family.gaps) if family is not None else {},
     )
+
+
+def _engines(config: dict[str, Any], engines: list[str]) -> list[str]:
+    """The family's engines, less transformers for a GPTQ/AWQ checkpoint it cannot run here (extra missing)."""
+    from omniserve.models.published_quant import published_format, transformers_can_serve
+
+    published = published_format(config)
+    if published is not None and not transformers_can_serve(published):
+        return [engine for engine in engines if engine != "transformers"]
+    return engines
 
 
 def _mask_strategy(renderer: Any) -> str:
@@ -117,6 +127,11 @@ def _mask_strategy(renderer: Any) -> str:
 
 
 def _quantization(config: dict[str, Any]) -> str:
+    from omniserve.models.published_quant import engines_line, published_format
+
+    published = published_format(config)  # GPTQ/AWQ: which engines run it here depends on an extra
+    if published is not None:
+        return engines_line(published)
     qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         return "none"

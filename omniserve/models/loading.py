@@ -10,6 +10,8 @@ quantize`` is not the model ``deploy`` serves. So this module alone:
 - dequantizes compressed-tensors checkpoints at load (``omniserve quantize``, llm-compressor), see
   ``load_checkpoint``; where the compressed-tensors package is missing it refuses in one line that names
   the extra (``omniserve.extras``) before loading any weight;
+- leaves published GPTQ/AWQ checkpoints to transformers' integration (GPTQModel's CPU kernels), or refuses
+  them in one line when that library is missing (``omniserve.models.published_quant``);
 - captures transformers' LOAD REPORT and parses it into rows (MISSING / UNEXPECTED / MISMATCH /
   CONVERSION). transformers logs that table and carries on with random or dropped weights;
   ``from_pretrained(..., output_loading_info=True)`` would return the same facts but breaks in
@@ -225,11 +227,14 @@ def load_checkpoint(
     from transformers import AutoConfig
 
     from omniserve.models.families import check_supported
+    from omniserve.models.published_quant import require_transformers_support
 
     check_supported(path)  # an unknown architecture: named, with the nearest supported family
 
     try:
         config = AutoConfig.from_pretrained(str(path))
+        # a published GPTQ/AWQ folder runs through transformers' integration (GPTQModel), or is refused here
+        require_transformers_support(path, config)
         dequantize = is_compressed_tensors(config)
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if dequantize:
