@@ -40,4 +40,5 @@ if ! wait "$vllm_setup"; then
     exit 1
 fi
 tail -n 3 "$vllm_log"
-.venv-vllm/bin/python -m pytest --durations=10 tests/test_engine_vllm.py tests/test_engine_mapping.py tests/test_families_vllm.py tests/test_multinode_ray.py tests/test_lora_vllm.py tests/test_speech_vllm.py
+.venv-vllm/bin/python -m pytest --durations=10 tests/test_engine_vllm.py tests/test_engine_mapping.py tests/test_families_vllm.py tests/test_multinode_ray.py tests/test_lora_vllm.py tests/test_speech_vllm.py \
+    tests/test_published_quant.py::test_vllm_serves_published_checkpoint
