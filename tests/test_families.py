@@ -12,6 +12,7 @@ is recorded (``tests/family_matrix.py``) and ``python -m omniserve.models.matrix
 from __future__ import annotations
 
 import base64
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -372,3 +373,21 @@ def test_models_command_on_a_text_only_causal_lm(tiny_qwen2: Path) -> None:
     )
     assert rows == {"family": "text-only causal LM (no family module)", "modalities": "text"}
     assert "markers: the template's {% generation %} blocks" in result.output  # omniserve's own tiny template
+
+
+def test_qwen3_vl_prompts_carry_each_videos_real_frame_times(family_checkpoint: Callable[[str], Path]) -> None:
+    """Qwen3-VL writes ``<t seconds>`` before each frame group from the video's metadata; without it the processor
+    assumes 24 fps. Frames sampled at 2 fps: groups of two frames start at 0.0 s, 1.0 s, ... (not 0.0, 0.1)."""
+    import numpy as np
+
+    from omniserve.media.loader import MediaItem
+    from omniserve.media.video import DecodedVideo
+    from omniserve.templates.render import PromptRenderer
+
+    renderer = PromptRenderer.from_pretrained(family_checkpoint("qwen3_vl"))
+    frames = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    video = DecodedVideo(frames=frames, fps=2.0, timestamps=(0.0, 0.5, 1.0, 1.5), duration=2.0)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]
+    rendered = renderer.render_chat(messages, [MediaItem("video", video)])
+    times = re.findall(r"<([0-9.]+) seconds>", renderer.tokenizer.decode(rendered.token_ids))
+    assert [float(t) for t in times] == pytest.approx([0.25, 1.25], abs=0.051)  # written with one decimal

@@ -52,6 +52,7 @@ from omniserve.structured.spec import StructuredOutput
 if TYPE_CHECKING:
     from omniserve.lora.adapter import LoraAdapter
     from omniserve.media.loader import MediaItem
+    from omniserve.media.video import DecodedVideo
     from omniserve.templates.render import RenderedPrompt
 
 log = logging.getLogger(__name__)
@@ -226,21 +227,19 @@ class VllmNative(NamedTuple):
     lora: Any
 
 
-def video_metadata(frames: int, fps: float, timestamps: tuple[float, ...], duration: float) -> dict[str, Any]:
-    """The per-video metadata vLLM's processors read (as its own video loaders produce it).
+def video_metadata(video: DecodedVideo) -> dict[str, Any]:
+    """The per-video metadata vLLM's processors read: the template layer's (``DecodedVideo.metadata``), and
+    ``do_sample_frames`` off since the frames are already sampled."""
+    return {**video.metadata(), "do_sample_frames": False}
 
-    Frames are already sampled, so ``do_sample_frames`` is off and ``frames_indices`` place each
-    frame on the ``fps`` grid the media layer sampled at.
-    """
-    indices = [round(t * fps) for t in timestamps] if len(timestamps) == frames else list(range(frames))
-    return {
-        "total_num_frames": max(frames, round(duration * fps), max(indices, default=0) + 1),
-        "fps": fps,
-        "duration": duration,
-        "frames_indices": indices,
-        "do_sample_frames": False,
-        "video_backend": "omniserve",
-    }
+
+def processor_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The template layer's processor options, less the videos' metadata: vLLM takes that with each video's
+    frames (``multi_modal_data``) and refuses it a second time among the options."""
+    options = dict(kwargs)
+    if isinstance(options.get("videos_kwargs"), dict):
+        options["videos_kwargs"] = {k: v for k, v in options["videos_kwargs"].items() if k != "video_metadata"}
+    return options
 
 
 def multi_modal_data(media: list[MediaItem]) -> dict[str, list[Any]]:
@@ -252,7 +251,7 @@ def multi_modal_data(media: list[MediaItem]) -> dict[str, list[Any]]:
     for item in media:
         value: Any = item.data
         if isinstance(value, DecodedVideo):
-            value = (value.frames, video_metadata(len(value.frames), value.fps, value.timestamps, value.duration))
+            value = (value.frames, video_metadata(value))
         elif isinstance(value, DecodedAudio):
             value = (value.samples, value.sample_rate)
         data.setdefault(item.kind, []).append(value)
@@ -428,7 +427,7 @@ class VllmEngine(InProcessEngine[VllmNative]):
             tokens = TokensPrompt(
                 prompt_token_ids=self._tokenizer(prompt.text, add_special_tokens=False)["input_ids"],
                 multi_modal_data=multi_modal_data(prompt.media),  # type: ignore[typeddict-item]
-                mm_processor_kwargs=dict(prompt.processor_kwargs),
+                mm_processor_kwargs=processor_options(prompt.processor_kwargs),
             )
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async([tokens])

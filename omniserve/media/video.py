@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import av
 import av.container
@@ -54,6 +55,25 @@ class DecodedVideo:
     fps: float  # the sampling rate the frames correspond to
     timestamps: tuple[float, ...]  # seconds of each sampled frame, from the start of the video
     duration: float  # seconds of the source
+
+    def metadata(self) -> dict[str, Any]:
+        """The frames' timing as processors read it (transformers' ``VideoMetadata`` fields).
+
+        The frames are already sampled, so ``frames_indices`` place each one on the ``fps`` grid the
+        media layer sampled at; processors that write frame times into the prompt (Qwen3-VL's
+        ``<t seconds>``) read them from here, and would otherwise assume 24 fps.
+        """
+        frames = len(self.frames)
+        indices = (
+            [round(t * self.fps) for t in self.timestamps] if len(self.timestamps) == frames else list(range(frames))
+        )
+        return {
+            "total_num_frames": max(frames, round(self.duration * self.fps), max(indices, default=0) + 1),
+            "fps": self.fps,
+            "duration": self.duration,
+            "frames_indices": indices,
+            "video_backend": "omniserve",
+        }
 
 
 def probe_video(

