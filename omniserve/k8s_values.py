@@ -29,7 +29,7 @@ import yaml
 
 from omniserve.config import DeployOptions, EngineOptions, ServerConfig
 from omniserve.flags import OptionError, flags_of, to_argv
-from omniserve.models.demo import DEMO_MODEL_NAME
+from omniserve.models.demo import builtin_name, builtin_served_name
 
 DEFAULT_API_KEY_SECRET = "omniserve-api-keys"
 """Secret the values refer to when the local command had API keys."""
@@ -284,8 +284,13 @@ def dump_values_yaml(values: Mapping[str, Any]) -> str:
 def _model_values(options: DeployOptions, models_claim: str) -> dict[str, Any]:
     """Where the pod finds the checkpoint; the served name is kept explicit because the folder the
     pod sees (``/models/...``) need not have the local folder's name, which is the CLI's default."""
-    if options.model is None:  # the built-in demo model, which the pod has in its image
-        return {"source": "builtin", "servedModelName": options.served_model_name or DEMO_MODEL_NAME}
+    builtin = builtin_name(options.model)
+    if builtin is not None:  # a built-in model, which the pod has in its image (or builds at start)
+        values: dict[str, Any] = {"source": "builtin"}
+        if builtin != "omni":
+            values["builtin"] = builtin
+        values["servedModelName"] = options.served_model_name or builtin_served_name(builtin)
+        return values
     return {
         "source": "pvc",
         "path": options.model.resolve().name,

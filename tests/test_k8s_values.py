@@ -211,6 +211,14 @@ def test_builtin_model_is_built_in_the_pod(helm: Helm, tmp_path: Path) -> None:
     assert "--model" not in server(docs)["args"]
 
 
+def test_a_named_builtin_model_is_the_pods_model_too(helm: Helm, tmp_path: Path) -> None:
+    """``--model builtin:omni-speech`` is a built-in, not a folder to copy onto a claim: the pod builds it too."""
+    values = values_for(["--model", "builtin:omni-speech"])
+    assert values["model"] == {"source": "builtin", "builtin": "omni-speech", "servedModelName": "tiny-omni-speech"}
+    pod = parse_with_cli(server(render_dumped(helm, values, tmp_path))["args"])
+    assert str(pod["model"]) == "builtin:omni-speech" and pod["served_model_name"] == "tiny-omni-speech"
+
+
 def test_a_local_folder_becomes_a_claim_the_header_explains(tmp_path: Path) -> None:
     text = dump_values_yaml(values_for(["--model", str(tmp_path / "qwen-7b")]))
     assert f"PersistentVolumeClaim '{DEFAULT_MODELS_CLAIM}', in the folder 'qwen-7b'" in text

@@ -98,6 +98,8 @@ left out so the CLI's defaults apply. Returned as a YAML list.
 {{- $args := list "--host" "0.0.0.0" "--port" (include "omniserve.word" $v.server.port) "--engine" $v.engine.name }}
 {{- if ne $v.model.source "builtin" }}
 {{- $args = concat $args (list "--model" (include "omniserve.modelPath" .)) }}
+{{- else if and $v.model.builtin (ne $v.model.builtin "omni") }}
+{{- $args = concat $args (list "--model" (printf "builtin:%s" $v.model.builtin)) }}
 {{- end }}
 {{- if $v.model.servedModelName }}
 {{- $args = concat $args (list "--served-model-name" $v.model.servedModelName) }}
