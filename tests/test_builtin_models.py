@@ -105,3 +105,17 @@ def test_an_unknown_builtin_is_one_line_listing_the_valid_ones(tmp_path: Path) -
     ]
     helped = subprocess.run([*CLI, "deploy", "--help"], capture_output=True, text=True, env=env, check=True)
     assert "builtin:omni-speech" in helped.stdout
+
+
+def test_eval_and_bench_start_a_builtin_model_by_name() -> None:
+    """``eval/bench --model builtin:NAME`` hand the name to the deploy they start (which builds it), not a folder
+    named ``builtin:NAME`` under the current directory; an unknown name is the option error, one line."""
+    import pydantic
+    import pytest
+
+    from omniserve.eval.target import TargetOptions
+
+    started = TargetOptions(model=Path("builtin:omni-speech"))
+    assert started.server is not None and str(started.server.model) == "builtin:omni-speech"
+    with pytest.raises(pydantic.ValidationError, match="unknown built-in model 'builtin:nope'"):
+        TargetOptions(model=Path("builtin:nope"))

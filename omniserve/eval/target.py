@@ -25,8 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from omniserve.atomic_files import write_text_atomic
 from omniserve.config import DeployOptions, QuantMethod, ServerConfig
+from omniserve.errors import ModelLoadError
 from omniserve.eval.errors import EndpointError, ServerStartError
 from omniserve.flags import OptionError, parse_argv
+from omniserve.models.demo import builtin_name, builtin_served_name
 
 
 @dataclass
@@ -119,7 +121,12 @@ class TargetOptions(BaseModel):
             deploy = parse_argv(DeployOptions, self.deploy_args, what="--deploy-arg")
         except OptionError as exc:
             raise ValueError(str(exc)) from None
-        update = {"model": Path(model).resolve(), "engine": self.engine, "quant": self.quant}
+        # a built-in model (builtin:NAME) is resolved by the deploy it starts, a folder here
+        try:
+            folder = model if builtin_name(model) is not None else Path(model).resolve()
+        except ModelLoadError as exc:  # builtin:NAME with an unknown NAME: the one-line option error
+            raise ValueError(str(exc)) from None
+        update = {"model": folder, "engine": self.engine, "quant": self.quant}
         if self.quant_cache_dir is not None:
             update["quant_cache_dir"] = self.quant_cache_dir
         data = {**deploy.model_dump(), **update}
@@ -191,7 +198,8 @@ def start_model(deploy: DeployOptions, *, log_file: Path, startup_timeout: float
     """``omniserve deploy`` with ``deploy``'s options on a free loopback port, returned once ``/health`` answers 200."""
     if deploy.model is None:
         raise ServerStartError("a server started for a run needs a checkpoint folder (model)")
-    name = deploy.served_model_name or deploy.model.name
+    builtin = builtin_name(deploy.model)
+    name = deploy.served_model_name or (builtin_served_name(builtin) if builtin else deploy.model.name)
     server = ManagedServer.start(deploy.model_copy(update={"served_model_name": name}), log_file=log_file)
     try:
         server.wait_healthy(startup_timeout)
