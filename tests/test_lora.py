@@ -178,11 +178,12 @@ def test_tower_adapter_changes_the_image_prompt_only(tiny_omni: Path, lora_dir: 
         _logits(lora._module, ids.expand(2, -1), **media)
 
 
+@pytest.mark.parametrize("method", ["fp8", "gptq"])  # awq writes the same W4A16 layout as gptq
 def test_adapter_over_a_quantized_base(
-    tiny_qwen2: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_qwen2: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory, method: str
 ) -> None:
-    """An FP8 checkpoint from `omniserve quantize` (dequantized at load) takes the adapter trained on its original:
-    the adapter's row is PEFT's single-adapter answer on that checkpoint, the base row the checkpoint's own."""
+    """A checkpoint from `omniserve quantize` (FP8, or GPTQ W4A16; dequantized at load) takes the adapter trained on
+    its original: the adapter's row is PEFT's single-adapter answer on that checkpoint, the base row its own."""
     import torch
 
     from omniserve.lora.peft_batch import TransformersLora, per_row
@@ -191,9 +192,9 @@ def test_adapter_over_a_quantized_base(
     from omniserve.quantize.run import quantize
 
     pytest.importorskip("llmcompressor")
-    out = tmp_path_factory.mktemp("quantized") / "fp8"
-    folder = quantize(QuantizeOptions(model=tiny_qwen2, method="fp8", output=out)).output
-    path = make_adapter(tiny_qwen2, lora_dir / "for-quantized", seed=31)
+    out = tmp_path_factory.mktemp("quantized") / method
+    folder = quantize(QuantizeOptions(model=tiny_qwen2, method=method, output=out)).output
+    path = make_adapter(tiny_qwen2, lora_dir / f"for-{method}", seed=31)
     adapter = _adapter("q", path, 3, LoraBase.from_checkpoint(folder, max_lora_rank=16))
     model = load_checkpoint(folder).model.eval()
     lora = TransformersLora(model)
@@ -201,7 +202,7 @@ def test_adapter_over_a_quantized_base(
     ids = torch.tensor([[3, 14, 15, 92, 65], [3, 14, 15, 92, 65]])
     with per_row(model, ["q", None]):
         mixed = _logits(lora._module, ids)
-    # FP8_DYNAMIC quantizes activations too: the reference is PEFT's own unmerged adapter alone
+    # FP8_DYNAMIC quantizes activations too: the reference is PEFT's own unmerged adapter alone (for both)
     alone = merged(folder, path, merge=False)
     torch.testing.assert_close(mixed[0], _logits(alone, ids[:1])[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mixed[1], _logits(merged(folder, None), ids[:1])[0], atol=1e-4, rtol=1e-4)
