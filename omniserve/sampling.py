@@ -28,6 +28,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop_token_ids are blocked until this many tokens
     structured: StructuredOutput | None = None  # constrained decoding: what the output must match
+    # special tokens kept in the text (all others are skipped): the markers of the tool-call format, when tools
+    # are on and that format's markers are control tokens (Mistral's [TOOL_CALLS], [ARGS])
+    keep_special: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:

@@ -251,6 +251,20 @@ def test_choice_decoder_applies_stop_strings_like_the_transformers_engine(tiny_q
     assert whole.token_ids == ids and whole.index == 1
 
 
+def test_choice_decoder_keeps_only_the_special_tokens_a_tool_parser_reads(tiny_qwen2: Path) -> None:
+    """SGLang and LMDeploy stream ids that omniserve decodes: ``keep_special`` keeps exactly the listed control
+    tokens in the text (a tool format's markers), every other special token is still dropped."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen2))
+    kept, dropped = tokenizer.all_special_tokens[:2]
+    ids = tokenizer(f"a{kept}b{dropped}c", add_special_tokens=False)["input_ids"]
+    keeping = ChoiceDecoder(0, tokenizer, (), (kept,)).feed(ids, None, "stop")
+    plain = ChoiceDecoder(0, tokenizer, ()).feed(ids, None, "stop")
+    assert keeping is not None and plain is not None
+    assert keeping.text.replace(" ", "") == f"a{kept}bc" and plain.text.replace(" ", "") == "abc"
+
+
 # ---------------------------------------------------------------- engine args through an engine's own CLI parser
 
 

@@ -668,6 +668,19 @@ def test_constraints_map_onto_vllm_structured_outputs() -> None:
     assert to_vllm_sampling(SamplingParams(max_tokens=4)).structured_outputs is None
 
 
+def test_kept_special_tokens_map_onto_vllm() -> None:
+    """vLLM keeps all special tokens or none: a request keeping the call markers keeps all, and the engine
+    takes the others back out of each delta by their ids."""
+    from omniserve.engines.detokenizer import without_special_tokens
+    from omniserve.engines.vllm_engine import to_vllm_sampling
+
+    assert to_vllm_sampling(SamplingParams(max_tokens=4)).skip_special_tokens is True
+    kept = to_vllm_sampling(SamplingParams(max_tokens=4, keep_special=("[TOOL_CALLS]",)))
+    assert kept.skip_special_tokens is False and kept.spaces_between_special_tokens is False
+    dropped = {2: "</s>", 7: "<pad>"}
+    assert without_special_tokens("[TOOL_CALLS]f[ARGS]{}</s>", [5, 9, 2], dropped) == "[TOOL_CALLS]f[ARGS]{}"
+
+
 def test_json_schema_and_extra_body_constraints_on_vllm(tools_server: RunningServer) -> None:
     import jsonschema
 
@@ -718,3 +731,103 @@ def test_required_and_named_tool_choice_on_vllm(tools_server: RunningServer, str
         so._check_calls(choice.message.tool_calls or [], allowed)
         if choice_option is named:
             assert len(choice.message.tool_calls or []) == 1
+
+
+def test_parallel_tool_calls_streamed_and_not_on_vllm(tools_server: RunningServer) -> None:
+    """Several calls in one reply (``required`` with parallel calls): each its own id and index, streamed or not."""
+    from tests import test_structured_outputs as so
+
+    client = tools_server.client()
+    kwargs = {"model": so.MODEL, "messages": so.ASK, "tools": so.TOOLS, "tool_choice": "required"}
+    kwargs.update(parallel_tool_calls=True, max_tokens=400, temperature=1.0)
+    whole = client.chat.completions.create(**kwargs, n=MAX_CONCURRENCY, seed=8)
+    several = [c for c in whole.choices if len(c.message.tool_calls or []) > 1]
+    assert several, [len(c.message.tool_calls or []) for c in whole.choices]  # the seed gives parallel calls
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        so._check_calls(choice.message.tool_calls or [], {"get_weather", "get_time"})
+        ids = [call.id for call in choice.message.tool_calls or []]
+        assert len(set(ids)) == len(ids)
+    # the stream of the same choice: deltas indexed per call, accumulated by the client into the same calls
+    index = whole.choices.index(several[0])
+    with client.chat.completions.stream(**kwargs, n=MAX_CONCURRENCY, seed=8) as stream:
+        chunks = list(stream)
+        final = stream.get_final_completion().choices[index]
+    streamed = final.message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in streamed] == [
+        (c.function.name, c.function.arguments) for c in several[0].message.tool_calls or []
+    ]
+    indices = {
+        call.index
+        for chunk in chunks
+        if chunk.type == "chunk"
+        for choice in chunk.chunk.choices
+        if choice.index == index
+        for call in choice.delta.tool_calls or []
+    }
+    assert indices == set(range(len(streamed)))
+    assert final.finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_reasoning_is_split_from_content_on_vllm(tools_server: RunningServer, stream: bool) -> None:
+    """The Qwen3 template thinks: a ``<think>`` block vLLM generates (forced by a regex) is ``reasoning_content``."""
+    import re
+
+    from tests import test_structured_outputs as so
+
+    client = tools_server.client()
+    regex = "<think>\n[a-z]{3,8}\n</think>\n\n[a-z]{2,6}"
+    kwargs = {"model": so.MODEL, "messages": so.ASK, "max_tokens": 60, "seed": 2, "extra_body": {"guided_regex": regex}}
+    if stream:
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+    else:
+        message = client.chat.completions.create(**kwargs).choices[0].message
+        reasoning, content = getattr(message, "reasoning_content", None) or "", message.content or ""
+    assert re.fullmatch("[a-z]{3,8}", reasoning.strip("\n")), reasoning
+    assert re.fullmatch("[a-z]{2,6}", content), content
+
+
+def test_responses_api_on_vllm(tools_server: RunningServer) -> None:
+    """``/v1/responses`` on vLLM: text, a forced function call, its result continued through the store, streamed."""
+    import jsonschema
+
+    from tests import test_structured_outputs as so
+
+    client = tools_server.client()
+    text = client.responses.create(model=so.MODEL, input="Say hi.", max_output_tokens=6, temperature=0)
+    assert text.status in ("completed", "incomplete") and text.output[0].type == "message"
+    assert text.usage is not None and 1 <= text.usage.output_tokens <= 6
+    assert text.output_text == text.output[0].content[0].text  # type: ignore[union-attr]
+
+    weather = {"type": "function", **so.WEATHER["function"]}
+    asked = {"model": so.MODEL, "input": "Weather in Paris?", "tools": [weather], "max_output_tokens": 200}
+    first = client.responses.create(**asked, tool_choice="required", temperature=0)  # type: ignore[call-overload]
+    assert first.status == "completed" and first.output and {item.type for item in first.output} == {"function_call"}
+    call = first.output[0]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(call.arguments), so.SCHEMAS["get_weather"])  # type: ignore[union-attr]
+
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}  # type: ignore[union-attr]
+    follow = client.responses.create(
+        model=so.MODEL, previous_response_id=first.id, input=[result], tools=[weather], max_output_tokens=4
+    )
+    alone = client.responses.create(model=so.MODEL, input=[{"role": "user", "content": "x"}], max_output_tokens=4)
+    assert follow.previous_response_id == first.id and follow.usage and first.usage and alone.usage
+    # the second prompt holds the first: its question, its call and the tool's result, rendered by the template
+    assert follow.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert client.responses.retrieve(first.id).output[0].call_id == call.call_id  # type: ignore[union-attr]
+
+    with client.responses.stream(**asked, tool_choice={"type": "function", "name": "get_weather"}) as stream:  # type: ignore[arg-type]
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.function_call_arguments.done" in kinds
+    [streamed] = final.output
+    assert streamed.type == "function_call" and streamed.name == "get_weather"
+    jsonschema.validate(json.loads(streamed.arguments), so.SCHEMAS["get_weather"])
+    assert client.responses.retrieve(final.id).output[0].id == streamed.id  # stored before the last event

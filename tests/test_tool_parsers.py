@@ -11,6 +11,7 @@ can make the calls parse.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -293,10 +294,15 @@ def test_broken_call_is_plain_content(server: RunningServer, scripted: Script) -
     assert out.choices[0].finish_reason == "stop"
 
 
-def _check_calls(calls: list[Any], allowed: set[str]) -> None:
+def _id_shape(model: str) -> str:
+    """The call ids a server gives: 9 alphanumerics for Mistral's templates (they refuse any other), else OpenAI's."""
+    return "[A-Za-z0-9]{9}" if model.startswith("mistral") else "call_[0-9a-f]{24}"
+
+
+def _check_calls(calls: list[Any], allowed: set[str], model: str) -> None:
     assert calls
     for call in calls:
-        assert call.id.startswith("call_") and call.function.name in allowed
+        assert re.fullmatch(_id_shape(model), call.id) and call.function.name in allowed
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
@@ -314,14 +320,47 @@ def test_forced_tool_choice_on_the_untrained_model_gives_valid_calls(server: Run
             choice = client.chat.completions.create(**kwargs).choices[0]
         assert choice.finish_reason == "tool_calls", choice.message
         assert not choice.message.content
-        _check_calls(choice.message.tool_calls or [], allowed)
+        _check_calls(choice.message.tool_calls or [], allowed, model)
         if choice_kind is named:
             assert len(choice.message.tool_calls or []) == 1
 
 
+def test_a_call_and_its_result_sent_back_render_with_the_template(server: RunningServer) -> None:
+    """The second turn of a tool conversation: the call the server made, with its id, and the tool's result.
+    Mistral's templates raise on ids that are not 9 alphanumerics, so the ids the server gives must be those;
+    the same through the Responses API's store (``previous_response_id``)."""
+    client, model = server.client(), server.model_name
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kwargs = {"model": model, "tools": [WEATHER], "tool_choice": named, "max_tokens": 200, "seed": 3}
+    first = client.chat.completions.create(messages=ASK, **kwargs).choices[0].message  # type: ignore[call-overload]
+    [call] = first.tool_calls or []
+    assert re.fullmatch(_id_shape(model), call.id)
+    result = {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}
+    history = [*ASK, first.model_dump(exclude_none=True), result]
+    second = client.chat.completions.create(model=model, messages=history, tools=[WEATHER], max_tokens=2)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+    weather = {"type": "function", **WEATHER["function"]}
+    asked = client.responses.create(
+        model=model,
+        input="Weather in Paris?",
+        tools=[weather],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=200,
+    )
+    [item] = asked.output
+    assert item.type == "function_call" and re.fullmatch(_id_shape(model), item.call_id)
+    output = {"type": "function_call_output", "call_id": item.call_id, "output": '{"temp": 21}'}
+    follow = client.responses.create(
+        model=model, previous_response_id=asked.id, input=[output], tools=[weather], max_output_tokens=2
+    )
+    assert follow.status in ("completed", "incomplete")
+
+
 def test_a_history_the_template_refuses_is_a_400_with_its_reason(server: RunningServer) -> None:
-    """Llama 3.2 takes one call per assistant turn; Mistral Nemo wants 9-character call ids (omniserve's are
-    longer): the template's own message comes back as a 400, never a 500."""
+    """Llama 3.2 takes one call per assistant turn; Mistral Nemo wants 9-character call ids (a client's own may
+    be longer): the template's own message comes back as a 400, never a 500."""
     calls = [
         {"id": f"call_{i}" * 3, "type": "function", "function": {"name": name, "arguments": "{}"}}
         for i, name in enumerate(("get_weather", "get_time"))
@@ -335,3 +374,59 @@ def test_a_history_the_template_refuses_is_a_400_with_its_reason(server: Running
     assert error["param"] == "messages" and "the model's chat template rejected the conversation" in error["message"]
     reason = "single tool-calls" if server.model_name == "llama3_2" else "length 9"
     assert reason in error["message"]
+
+
+# ---------------------------------------------------------------- markers that are control tokens
+
+MARKERS = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+
+
+@pytest.fixture(scope="module")
+def mistral_tokens_server(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The tiny text model with the Mistral Small 3.2 (v11) template whose tokenizer holds the call markers as
+    special tokens, as Mistral's own tokenizers do (the embeddings grow by the three new rows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("mistral-tokens") / "mistral_v11_tokens"
+    model_dir = with_chat_template(tiny_qwen2, folder, published_template("mistral_small_3_2"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens(list(MARKERS), special_tokens=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    srv = start_server(model_dir, name="mistral-v11-tokens", engine={"max_concurrency": 4, "max_queue": 8})
+    yield srv
+    srv.stop()
+
+
+def test_special_token_markers_stay_in_the_text_of_requests_with_tools(mistral_tokens_server: RunningServer) -> None:
+    """``[TOOL_CALLS]name[ARGS]{...}`` where the markers are control tokens: the engine keeps exactly those in
+    the text (others, such as the end-of-turn token, never reach the content), so the call parses; without
+    tools the same tokens are dropped as any special token."""
+    server = mistral_tokens_server
+    tokenizer = server.engine._tokenizer  # type: ignore[attr-defined]
+    marker_ids = set(tokenizer.convert_tokens_to_ids(list(MARKERS)))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kwargs = {"model": server.model_name, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": named}
+    kwargs |= {"max_tokens": 120, "n": 4, "temperature": 1.0, "seed": 5, "logprobs": True}
+    out = server.client().chat.completions.create(**kwargs)
+    generated = [
+        set(tokenizer.convert_tokens_to_ids([t.token for t in c.logprobs.content]))
+        for c in out.choices  # type: ignore[union-attr]
+    ]
+    assert any(ids & marker_ids for ids in generated)  # the grammar let the model write the special tokens
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls", choice.message
+        assert not choice.message.content
+        [call] = choice.message.tool_calls or []
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_SCHEMA)
+    # the detokenizer itself: the same ids, without tools (nothing kept) and with the format's markers kept
+    from omniserve.engines.detokenizer import IncrementalDetokenizer
+
+    ids = tokenizer.encode('hi[TOOL_CALLS]f[ARGS]{"a": 1}<|im_end|>', add_special_tokens=False)
+    assert marker_ids <= set(ids) | {tokenizer.convert_tokens_to_ids("[CALL_ID]")}
+    for keep, text in (((), 'hif{"a": 1}'), (MARKERS, 'hi[TOOL_CALLS]f[ARGS]{"a": 1}')):
+        detok = IncrementalDetokenizer(tokenizer, (), keep)
+        assert "".join(detok.add(i)[0] for i in ids) + detok.flush() == text

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from omniserve.tools.base import ParsedCall, TextPiece
+from omniserve.tools.base import ArgumentsPiece, CallStart, ParsedCall, TextPiece
 from omniserve.tools.hermes import HermesParser
 from omniserve.tools.registry import parser_class, require_parser
 from tests.conftest import RunningServer, start_server
@@ -181,6 +181,50 @@ def test_streamed_calls_reassemble_in_the_clients_stream_helper(server: RunningS
     assert all(c.id.startswith("call_") for c in calls)
 
 
+@pytest.mark.parametrize("size", [1, 2, 5, 200])
+def test_the_incremental_hermes_parser_announces_calls_and_streams_their_arguments(size: int) -> None:
+    arguments = '{"a": [1, {"b": "}]\\\\"}], "c": "x"}'
+    reply = '<tool_call>\n{"name": "f", "arguments": ' + arguments + "}\n</tool_call>\n" + CALL_TIME[:-14]
+    parser = HermesParser()
+    parser.incremental = True
+    events = [e for i in range(0, len(reply), size) for e in parser.feed(reply[i : i + size])] + parser.finish()
+    kinds = [type(e) for e in events]
+    assert kinds[0] is CallStart and events[0] == CallStart("f")
+    first_close = kinds.index(ParsedCall)
+    assert set(kinds[1:first_close]) == {ArgumentsPiece}
+    assert "".join(e.text for e in events[1:first_close]) == arguments  # type: ignore[union-attr]
+    assert events[first_close] == ParsedCall("f", arguments, opened=True)
+    # the second call is cut before its end (the token limit): announced, it still closes as a call
+    assert events[first_close + 1] == CallStart("get_time") and events[-1] == ParsedCall("get_time", "{}", opened=True)
+
+
+def test_enforced_calls_stream_their_arguments_as_written(server: RunningServer, scripted: Script) -> None:
+    """Under an enforced call grammar a call is certain once its name is written: its id and name come first,
+    then its arguments in the fragments the model writes, which the client's helper joins into the final
+    arguments (exactly their concatenation); a second call gets the next index."""
+    arguments = '{"city": "Paris", "note": "a \\"quoted\\" }"}'
+    reply = '<tool_call>\n{"name": "get_weather", "arguments": ' + arguments + "}\n</tool_call>\n" + CALL_TIME
+    seen = scripted(reply, piece=3)
+    kwargs = {"model": MODEL, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required"}
+    with server.client().chat.completions.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    assert seen[-1].sampling.structured is not None  # the grammar that makes an opened call certain
+    fragments = [e for e in events if e.type == "tool_calls.function.arguments.delta"]
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    first = [e.arguments_delta for e in fragments if e.index == 0]
+    assert len(first) >= len(arguments) // 3 - 1  # fragment by fragment, as the reply came
+    assert "".join(first) == done[0].arguments == arguments and json.loads(arguments)["note"] == 'a "quoted" }'
+    calls = final.choices[0].message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather", arguments), ("get_time", "{}")]
+    assert [e.index for e in done] == [0, 1] and final.choices[0].finish_reason == "tool_calls"
+    # the call's head (id, name) opened the stream's tool calls, before any of its arguments
+    chunks = [e.chunk for e in events if e.type == "chunk"]
+    heads = [(i, tc) for i, c in enumerate(chunks) for tc in c.choices[0].delta.tool_calls or [] if tc.id]
+    first_fragment = next(i for i, c in enumerate(chunks) for tc in c.choices[0].delta.tool_calls or [] if not tc.id)
+    assert heads[0][0] < first_fragment and heads[0][1].function.name == "get_weather"  # type: ignore[union-attr]
+
+
 def test_streamed_deltas_are_openai_shaped(server: RunningServer, scripted: Script) -> None:
     scripted("Let me check.\n" + CALL, piece=5)
     chunks = list(server.client().chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], stream=True))
@@ -286,7 +330,7 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
         "messages[1].tool_calls[0].function.arguments",
         "JSON object encoded as a string",
     ),
-    ("empty assistant", {"messages": [*ASK, {"role": "assistant"}]}, "messages[1].assistant", "content or tool_calls"),
+    ("empty assistant", {"messages": [*ASK, {"role": "assistant"}]}, "messages[1].assistant", "content, tool_calls"),
 ]
 
 
@@ -301,11 +345,18 @@ def test_what_cannot_be_honoured_is_a_400(
     assert _post(server).status_code == 200  # and the server keeps serving
 
 
-def test_a_template_without_tools_is_a_400_naming_the_model(omni_server: RunningServer) -> None:
-    resp = _post(omni_server, tools=[WEATHER])
-    assert resp.status_code == 400, resp.text
-    error = resp.json()["error"]
-    assert error["param"] == "tools"
-    assert error["message"] == "this model's chat template does not render tools: 'tiny-omni' cannot be given tools"
-    # tool_choice "none" asks for no tools in the prompt: nothing to refuse
-    assert _post(omni_server, tools=[WEATHER], tool_choice="none").status_code == 200
+def test_a_template_without_tools_is_a_400_naming_the_model(tiny_qwen2: Path) -> None:
+    """The tiny Qwen2's template has no tools (the tiny Omni's renders them in the Hermes format)."""
+    text_server = start_server(tiny_qwen2, name="tiny-qwen2")
+    try:
+        resp = _post(text_server, tools=[WEATHER])
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == "tools"
+        assert error["message"] == (
+            "this model's chat template does not render tools: 'tiny-qwen2' cannot be given tools"
+        )
+        # tool_choice "none" asks for no tools in the prompt: nothing to refuse
+        assert _post(text_server, tools=[WEATHER], tool_choice="none").status_code == 200
+    finally:
+        text_server.stop()

@@ -97,12 +97,13 @@ class ChoiceDecoder:
     (an engine that knows the stop strings has stopped by itself at the same token).
     """
 
-    def __init__(self, index: int, tokenizer: Any, stop: tuple[str, ...]) -> None:
+    def __init__(self, index: int, tokenizer: Any, stop: tuple[str, ...], keep_special: tuple[str, ...] = ()) -> None:
         self.index = index
         self.consumed = 0  # token ids taken so far (cumulative streams slice from here)
         self.finished = False
         self.stopped = False
-        self._detok = IncrementalDetokenizer(tokenizer, stop)
+        # ``keep_special``: the control tokens a tool parser reads (``SamplingParams.keep_special``) stay in the text
+        self._detok = IncrementalDetokenizer(tokenizer, stop, keep_special)
 
     def feed(
         self, token_ids: list[int], logprobs: list[TokenLogprobs] | None, finish_reason: str | None

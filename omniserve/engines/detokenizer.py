@@ -17,10 +17,15 @@ for all its sequences), so a token costs a bounded amount of work however long t
   characters. Its state is both "a stop ends here" and "this much of the text's end could still
   begin a stop" (the text held back), so no text is searched twice and a token costs work in
   proportion to its characters, whatever the stops' lengths.
+- Special tokens are dropped from the text (``skip_special_tokens``), except those a request asks to keep
+  (``SamplingParams.keep_special``): a tool-call format whose markers are control tokens (Mistral's
+  ``[TOOL_CALLS]``, ``[ARGS]``) needs them in the text to find the calls, and only them; an end-of-turn
+  or any other control token still never reaches the content.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 _REPLACEMENT = "\ufffd"
@@ -29,6 +34,31 @@ _WINDOW = 8
 #: Tokens after the last settled one before a trailing U+FFFD is taken as final. No character
 #: needs more than 4 byte tokens; special tokens (decoded to nothing) may sit between them.
 _MAX_UNSETTLED = 16
+
+
+@functools.lru_cache(maxsize=16)
+def dropped_special_tokens(tokenizer: Any, keep: tuple[str, ...]) -> dict[int, str]:
+    """The special tokens ``skip_special_tokens`` would drop, by id, less those named in ``keep``.
+
+    Cached per tokenizer and keep-set: a request with tools asks for it once, not once per token.
+    """
+    special = {i: added.content for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if added.special}
+    for token_id in tokenizer.all_special_ids:
+        special.setdefault(token_id, tokenizer.convert_ids_to_tokens(token_id))
+    return {i: token for i, token in special.items() if token not in keep}
+
+
+def without_special_tokens(text: str, token_ids: list[int], dropped: dict[int, str]) -> str:
+    """``text`` decoded with every special token kept, less those of ``token_ids`` in ``dropped``.
+
+    For engines whose detokenizer keeps all special tokens or none (vLLM's ``skip_special_tokens``): a
+    request that needs a few keeps all, and this takes the others back out of each delta.
+    """
+    for token_id in token_ids:
+        token = dropped.get(token_id)
+        if token:
+            text = text.replace(token, "", 1)
+    return text
 
 
 class _StopAutomaton:
@@ -68,8 +98,10 @@ class _StopAutomaton:
 class IncrementalDetokenizer:
     """One sequence's token ids in, its text out, with stop strings applied and held-back text withheld."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), keep_special: tuple[str, ...] = ()) -> None:
         self._tokenizer = tokenizer
+        # None: the tokenizer's own ``skip_special_tokens``; else the ids dropped before decoding all the rest
+        self._drop = frozenset(dropped_special_tokens(tokenizer, keep_special)) if keep_special else None
         self._stops = [_StopAutomaton(s) for s in stop]
         self._ids: list[int] = []
         self._prefix = 0  # the decode window starts here: a token after which the text was complete
@@ -93,7 +125,10 @@ class IncrementalDetokenizer:
         return text
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        if self._drop is None:
+            return self._tokenizer.decode(ids, skip_special_tokens=True)
+        kept = [i for i in ids if i not in self._drop]
+        return self._tokenizer.decode(kept, skip_special_tokens=False, spaces_between_special_tokens=False)
 
     def _new_text(self, *, final: bool) -> str:
         """The characters decoded since the last call; an incomplete trailing character is left for later."""

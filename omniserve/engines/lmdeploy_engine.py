@@ -263,7 +263,7 @@ class LMDeployEngine(InProcessEngine[LMDeployRequest]):
             raise EngineError(f"the {ENGINE} engine refused the prompt: {exc}") from exc
         if multimodal is not None:
             prepared.inputs["multimodal"] = multimodal  # the items LMDeploy's own VL preprocessing makes
-        decoder = ChoiceDecoder(index, self._tokenizer, request.sampling.stop)
+        decoder = ChoiceDecoder(index, self._tokenizer, request.sampling.stop, request.sampling.keep_special)
         generated = 0
         outputs = self._engine.generate(prepared, stream_response=True)
         try:

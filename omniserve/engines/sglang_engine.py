@@ -182,7 +182,7 @@ class SGLangEngine(InProcessEngine[dict[str, Any]]):
             **processor_outputs(request.prompt.mm_inputs),
             **logprob_request(params),
         )
-        decoders = {i: ChoiceDecoder(i, self._tokenizer, params.stop) for i in range(params.n)}
+        decoders = {i: ChoiceDecoder(i, self._tokenizer, params.stop, params.keep_special) for i in range(params.n)}
         try:
             async for chunk in stream:
                 decoder = decoders[int(chunk.get("index", 0)) % params.n]

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from omniserve.config import EngineConfig
 from omniserve.engines.adapter_support import InProcessEngine, engine_args_from_cli_parser
 from omniserve.engines.base import ChoiceDelta, GenerationRequest, ModelInfo, TokenLogprobs, finish_reason
+from omniserve.engines.detokenizer import dropped_special_tokens, without_special_tokens
 from omniserve.engines.ray_cluster import check_cluster, engine_args_for, engine_environment, world_size
 from omniserve.errors import EngineError, EngineUnavailable, InvalidRequest, ModelLoadError
 from omniserve.sampling import SamplingParams
@@ -125,7 +126,9 @@ def to_vllm_sampling(params: SamplingParams) -> Any:
             ignore_eos=params.ignore_eos,
             # the sampled token plus top_logprobs alternatives, as OpenAI and the transformers engine
             logprobs=params.top_logprobs if params.logprobs else None,
-            skip_special_tokens=True,
+            # a tool-call format's control-token markers stay in the text (the rest is removed in ``_delta``)
+            skip_special_tokens=not params.keep_special,
+            spaces_between_special_tokens=not params.keep_special,
             include_stop_str_in_output=False,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=to_vllm_structured(params.structured),
@@ -444,9 +447,13 @@ class VllmEngine(InProcessEngine[VllmNative]):
             raise EngineError(f"the {ENGINE} engine failed this request")
         token_ids = list(completion.token_ids)
         logprobs = self._logprobs(token_ids, completion.logprobs, sampling.top_logprobs) if sampling.logprobs else None
+        text = completion.text
+        if sampling.keep_special:  # vLLM kept every special token: only the tool-call format's stay
+            dropped = dropped_special_tokens(self._tokenizer, sampling.keep_special)
+            text = without_special_tokens(text, token_ids, dropped)
         return ChoiceDelta(
             index=completion.index,
-            text=completion.text,
+            text=text,
             token_ids=token_ids,
             logprobs=logprobs,
             finish_reason=finish_reason(finish),

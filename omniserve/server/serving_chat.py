@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,7 +44,7 @@ from omniserve.speech.synthesizer import SpeechSynthesizer
 from omniserve.structured.spec import StructuredOutput, length_bounds_as_patterns
 from omniserve.templates.conversation import to_hf_messages
 from omniserve.templates.render import RenderOptions
-from omniserve.tools.base import Event, ParsedCall, TextPiece, ToolCallParser
+from omniserve.tools.base import ArgumentsPiece, Event, ParsedCall, TextPiece, ToolCallParser
 from omniserve.tools.registry import require_parser
 
 
@@ -64,9 +64,10 @@ def chat_logprobs(items: list[TokenLogprobs] | None) -> ChoiceLogprobs | None:
     )
 
 
-def tool_call_id() -> str:
-    """OpenAI's shape of a call id (``call_`` and 24 characters); clients send it back with the tool's result."""
-    return f"call_{uuid.uuid4().hex[:24]}"
+def tool_call_id(parser: ToolCallParser | type[ToolCallParser] | None = None) -> str:
+    """A new call's id, which clients send back with the tool's result: OpenAI's shape (``call_`` and 24
+    characters) unless the parser's format wants another (Mistral's templates take only 9 alphanumerics)."""
+    return (parser or ToolCallParser).call_id()
 
 
 def tool_finish(finish_reason: str | None, calls: int) -> str | None:
@@ -81,17 +82,18 @@ def message_of(text: str, parser: ToolCallParser | None) -> tuple[AssistantOut, 
     events = parser.parse_all(text)
     content = "".join(e.text for e in events if isinstance(e, TextPiece))
     calls = [
-        ToolCallOut(id=tool_call_id(), function=FunctionCallOut(name=e.name, arguments=e.arguments))
+        ToolCallOut(id=tool_call_id(parser), function=FunctionCallOut(name=e.name, arguments=e.arguments))
         for e in events
         if isinstance(e, ParsedCall)
     ]
     return AssistantOut(content=content or None, tool_calls=calls or None), len(calls)
 
 
-def stream_deltas(events: list[Event], first_index: int) -> list[DeltaMessage]:
-    """Parser events as OpenAI deltas: text as content; a call as its id and name, then its arguments.
+def stream_deltas(events: list[Event], first_index: int, parser: ToolCallParser | None = None) -> list[DeltaMessage]:
+    """Parser events as OpenAI deltas: text as content; a call as its id and name, then its arguments (whole, or
+    in the fragments an incremental parser gives as the model writes them).
 
-    ``first_index`` is the number of calls this choice streamed before: each call has its own index.
+    ``first_index`` is the number of calls this choice closed before: each call has its own index.
     """
     deltas: list[DeltaMessage] = []
     index = first_index
@@ -102,15 +104,39 @@ def stream_deltas(events: list[Event], first_index: int) -> list[DeltaMessage]:
             else:
                 deltas.append(DeltaMessage(content=event.text))
             continue
+        if isinstance(event, ArgumentsPiece):
+            deltas.append(
+                DeltaMessage(tool_calls=[DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=event.text))])
+            )
+            continue
+        if isinstance(event, ParsedCall) and event.opened:  # its name and arguments were streamed already
+            index += 1
+            continue
         head = DeltaToolCall(
-            index=index, id=tool_call_id(), type="function", function=DeltaFunctionCall(name=event.name, arguments="")
+            index=index,
+            id=tool_call_id(parser),
+            type="function",
+            function=DeltaFunctionCall(name=event.name, arguments=""),
         )
         deltas.append(DeltaMessage(tool_calls=[head]))
-        deltas.append(
-            DeltaMessage(tool_calls=[DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=event.arguments))])
-        )
-        index += 1
+        if isinstance(event, ParsedCall):
+            deltas.append(
+                DeltaMessage(
+                    tool_calls=[DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=event.arguments))]
+                )
+            )
+            index += 1
     return deltas
+
+
+def _new_parser(parser_class: type[ToolCallParser] | None, submitted: Submitted) -> ToolCallParser | None:
+    """One choice's parser: incremental where the call grammar is enforced (a call is certain once opened, so it
+    streams as written), for the stream and the whole reply alike: both carry the arguments the model wrote."""
+    if parser_class is None:
+        return None
+    parser, structured = parser_class(), submitted.jobs[0].sampling.structured
+    parser.incremental = structured is not None and structured.param == "tools"
+    return parser
 
 
 class ChatServing(OpenAIServing[ChatCompletionRequest]):
@@ -136,7 +162,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         opts = request.mm_processor_kwargs or MultiModalOptions()
         limits = self.ctx.server.media
         media_options = MediaOptions(fps=opts.fps, max_frames=opts.max_frames).check(limits)
-        self._parser_class(request, check_template=True)  # a model that cannot take tools: 400 before any work
+        parser = self._parser_class(request, check_template=True)  # no tools for this model: 400 before any work
         tools = tuple(t.model_dump(exclude_none=True) for t in request.tools or ()) if request.tools_enabled else ()
         template_kwargs = request.chat_template_kwargs or {}
         renderer.check_template_kwargs(template_kwargs)  # a 400 before any media is fetched
@@ -151,6 +177,8 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
             prompt = await self.ctx.rendering.chat(messages, media, options=render_options)  # threads of its own
         max_tokens = renderer.check_length(prompt, request.requested_max_tokens)
         sampling = request.to_sampling_params(max_tokens=max_tokens, structured=await self._constraint(request))
+        if parser is not None:  # the call format's markers stay in the text even where they are control tokens
+            sampling = dataclasses.replace(sampling, keep_special=parser.SPECIAL_TOKENS)
         return [GenerationRequest(request_id=new_id("chatcmpl"), prompt=prompt, sampling=sampling)]
 
     async def _constraint(self, request: ChatCompletionRequest) -> StructuredOutput | None:
@@ -295,7 +323,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
             return dump(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
-        parsers = [parser_class() if parser_class else None for _ in range(request.n)]
+        parsers = [_new_parser(parser_class, submitted) for _ in range(request.n)]
         splitters = [
             ReasoningSplitter(starts_in_reasoning=starts_in_reasoning) if starts_in_reasoning is not None else None
             for _ in range(request.n)
@@ -315,11 +343,11 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
                     deltas.append(DeltaMessage(reasoning_content=piece.text))
                     continue
                 events = parser.feed(piece.text) if parser else [TextPiece(piece.text)]
-                deltas += stream_deltas(events, calls[i])
+                deltas += stream_deltas(events, calls[i], parser)
                 calls[i] += sum(isinstance(e, ParsedCall) for e in events)
             if delta.finish_reason is not None and parser:
                 events = parser.finish()
-                deltas += stream_deltas(events, calls[i])
+                deltas += stream_deltas(events, calls[i], parser)
                 calls[i] += sum(isinstance(e, ParsedCall) for e in events)
             deltas = [d for d in deltas if d.tool_calls or d.content or d.reasoning_content]
             if not deltas and (delta.finish_reason is not None or delta.logprobs):
@@ -354,7 +382,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         choices = []
         for i in range(request.n):
             reasoning, answer = split(texts[i], starts_in_reasoning=starts) if starts is not None else (None, texts[i])
-            message, calls = message_of(answer, parser_class() if parser_class else None)
+            message, calls = message_of(answer, _new_parser(parser_class, submitted))
             message.reasoning_content = reasoning
             choices.append(
                 ChatChoice(

@@ -149,10 +149,10 @@ class ResponsesServing(OpenAIServing[ResponsesRequest]):
         return parser()
 
     async def chunks(self, request: ResponsesRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
-        answer = _Answer(self._skeleton(request))
+        parser = self._parser()
+        answer = _Answer(self._skeleton(request), parser)
         for event in answer.start():
             yield event
-        parser = self._parser()
         finish: str | None = None
         async for _, delta in submitted.deltas():
             pieces = parser.feed(delta.text) if parser else ([TextPiece(delta.text)] if delta.text else [])
@@ -172,7 +172,7 @@ class ResponsesServing(OpenAIServing[ResponsesRequest]):
             text += delta.text
             finish = delta.finish_reason or finish
         parser = self._parser()
-        answer = _Answer(self._skeleton(request))
+        answer = _Answer(self._skeleton(request), parser)
         answer.add(parser.parse_all(text) if parser else [TextPiece(text)] if text else [])
         answer.finish(finish, _usage(submitted))
         await self._keep(request, answer.response)
@@ -394,8 +394,9 @@ class _Answer:
     each call is one ``function_call`` item, its arguments sent whole (a parser yields complete calls).
     """
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Response, parser: ToolCallParser | None = None) -> None:
         self.response = response
+        self._parser = parser  # whose format says what a call id looks like
         self._sequence = 0
         self._message: ResponseOutputMessage | None = None
 
@@ -470,7 +471,7 @@ class _Answer:
 
     def _call(self, call: ParsedCall) -> list[dict[str, Any]]:
         item = ResponseFunctionToolCall(
-            id=item_id("fc"), call_id=tool_call_id(), name=call.name, arguments="", status="in_progress"
+            id=item_id("fc"), call_id=tool_call_id(self._parser), name=call.name, arguments="", status="in_progress"
         )
         index = len(self.response.output)
         self.response.output.append(item)

@@ -9,6 +9,7 @@ become part of a call. A non-streamed reply goes through the same parser in one 
 from __future__ import annotations
 
 import abc
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,13 +28,32 @@ class TextPiece:
 
 @dataclass(frozen=True)
 class ParsedCall:
-    """One complete call; ``arguments`` is a JSON object encoded as a string, as OpenAI sends it."""
+    """One complete call; ``arguments`` is a JSON object encoded as a string, as OpenAI sends it.
+
+    ``opened``: the call was already announced (``CallStart``) and its arguments given in ``ArgumentsPiece``s,
+    whose concatenation ``arguments`` is; this event only closes it.
+    """
 
     name: str
     arguments: str
+    opened: bool = False
 
 
-Event = TextPiece | ParsedCall
+@dataclass(frozen=True)
+class CallStart:
+    """A call whose function is known and whose arguments follow as ``ArgumentsPiece``s (incremental parsers)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsPiece:
+    """The next characters of the open call's arguments, as the model writes them."""
+
+    text: str
+
+
+Event = TextPiece | ParsedCall | CallStart | ArgumentsPiece
 
 
 class ToolCallParser(abc.ABC):
@@ -41,6 +61,15 @@ class ToolCallParser(abc.ABC):
 
     #: The name ``--tool-call-parser`` takes.
     NAME: str
+    #: Whether calls are announced as soon as their function is written and their arguments streamed as they
+    #: come (``CallStart``, ``ArgumentsPiece``s, then the closing ``ParsedCall``) rather than given whole. Only
+    #: safe where the call grammar is enforced: an announced call cannot turn back into text. Formats that
+    #: cannot stream ignore it.
+    incremental: bool = False
+    #: The markers of this format that tokenizers may hold as special (control) tokens. Engines drop special
+    #: tokens from the text, so a request with tools keeps exactly these (``SamplingParams.keep_special``):
+    #: without them the parser would never see a call begin.
+    SPECIAL_TOKENS: tuple[str, ...] = ()
 
     @classmethod
     @abc.abstractmethod
@@ -66,6 +95,14 @@ class ToolCallParser(abc.ABC):
         None: this format has no grammar yet (the gateway then refuses to force calls with a 400).
         """
         return None
+
+    @classmethod
+    def call_id(cls) -> str:
+        """A new call's id, in a shape this format's templates accept when the client sends the call back.
+
+        OpenAI's shape (``call_`` and 24 characters) unless a format's templates insist on another.
+        """
+        return f"call_{uuid.uuid4().hex[:24]}"
 
     def parse_all(self, text: str) -> list[Event]:
         """A whole reply at once (non-streamed), through the same path as a stream."""

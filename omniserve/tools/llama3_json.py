@@ -68,6 +68,7 @@ class Llama3JsonParser(ToolCallParser):
     """Text replies stream; a reply that starts like a call is held to its end and read whole."""
 
     NAME = "llama3_json"
+    SPECIAL_TOKENS = (PYTHON_TAG,)  # a control token in Llama 3's tokenizer; calls parse with or without it
 
     def __init__(self) -> None:
         self._buffer = ""

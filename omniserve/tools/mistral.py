@@ -4,8 +4,10 @@ The templates of Mistral 7B v0.3, Nemo and Small list the tools inside ``[AVAILA
 a past call as ``[TOOL_CALLS]`` followed by a JSON array of ``{"name", "arguments", "id"}`` objects; the
 model answers the same way. Text before the marker streams as it comes; from the marker on the reply is
 held until the array closes, then read whole. An array that does not parse as calls is given back as the
-text it was, marker included. ``[TOOL_CALLS]`` is a control token that engines decoding with
-``skip_special_tokens`` drop, so a reply that *opens* with a JSON array of objects is read as calls too.
+text it was, marker included. ``[TOOL_CALLS]`` (and v11's ``[ARGS]``, ``[CALL_ID]``) are control tokens that
+engines decoding with ``skip_special_tokens`` drop: the parser names them (``SPECIAL_TOKENS``) and requests
+with tools keep them in the text. An engine that cannot keep them still drops the marker, so a reply that
+*opens* with a JSON array of objects is read as calls too.
 
 The newer templates (Mistral Small 3.2, Magistral, Devstral: the v11+ tokenizers) write each call as
 ``[TOOL_CALLS]`` + the function's name (+ ``[CALL_ID]`` and an id in a history) + ``[ARGS]`` + the
@@ -17,6 +19,8 @@ follows the marker differs.
 from __future__ import annotations
 
 import json
+import secrets
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +30,8 @@ from omniserve.tools.llama3_json import call_of
 START = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
 CALL_ID = "[CALL_ID]"
+#: What a call id is made of: Mistral's templates refuse a history whose call ids are not 9 of these.
+_ID_CHARS = string.ascii_letters + string.digits
 #: A function name as OpenAI allows one (``[A-Za-z0-9_-]{1,64}``; dots too, as some clients send them).
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
@@ -82,6 +88,7 @@ class MistralParser(ToolCallParser):
     """Text streams; from ``[TOOL_CALLS]`` the reply is held until its JSON array closes, then parsed."""
 
     NAME = "mistral"
+    SPECIAL_TOKENS = (START,)
     #: Whether a reply opening with a bare JSON array is read as calls (the v3 array outlives a dropped marker).
     BARE_ARRAY = True
 
@@ -100,6 +107,11 @@ class MistralParser(ToolCallParser):
     @classmethod
     def matches(cls, chat_template: str) -> bool:
         return START in chat_template and ARGS not in chat_template
+
+    @classmethod
+    def call_id(cls) -> str:
+        """9 letters and digits: the only ids Mistral's templates (v3 and v11) accept in a history."""
+        return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
 
     @classmethod
     def call_format(
@@ -184,6 +196,7 @@ class MistralV11Parser(MistralParser):
     """The v11 form: each call is ``[TOOL_CALLS]name[ARGS]{...}``; held from the marker until its object closes."""
 
     NAME = "mistral_v11"
+    SPECIAL_TOKENS = (START, ARGS, CALL_ID)
     BARE_ARRAY = False
 
     @staticmethod
