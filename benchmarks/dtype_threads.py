@@ -8,6 +8,7 @@ measured: a random-weight Qwen2-VL whose text model has Qwen2-0.5B's shape cut t
 896, 14 heads, 2 KV heads, ~180M parameters). It also prints what `--dtype auto` picks on this machine.
 
     python benchmarks/dtype_threads.py [--size tiny|medium] [--concurrency 1,4,16] [--requests 32]
+    python benchmarks/dtype_threads.py --size medium --build-only DIR   # only build it (vllm_vs_omniserve.py)
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--image", action="store_true", help="attach a 64x64 image to every request")
+    parser.add_argument("--build-only", type=Path, default=None, help="build the checkpoint in this folder, exit")
     args = parser.parse_args()
+    if args.build_only:
+        print(build(args.size, args.build_only))
+        return
     levels = [int(x) for x in args.concurrency.split(",")]
 
     from omniserve.engines.compute import available_cores, choose_dtype

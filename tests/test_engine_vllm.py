@@ -168,7 +168,12 @@ def vl_server(tiny_qwen2_vl: Path) -> Iterator[RunningServer]:
 def transformers_servers(tiny_omni: Path, tiny_qwen2_vl: Path) -> Iterator[dict[str, RunningServer]]:
     """The reference engine on the same checkpoints, float32 like the vLLM servers."""
     servers = {
-        name: start_server(path, name=name, engine={"max_model_len": 2048, "dtype": "float32"}, server={"media": MEDIA})
+        name: start_server(
+            path,
+            name=name,
+            engine={"max_model_len": 2048, "dtype": "float32", "prefix_cache_tokens": 0},
+            server={"media": MEDIA},
+        )
         for name, path in (("tiny-omni", tiny_omni), ("tiny-vl", tiny_qwen2_vl))
     }
     yield servers
@@ -232,14 +237,23 @@ def recorded(server: RunningServer) -> Iterator[list[dict[str, Any]]]:
     else:
         import omniserve.engines.hf_model as hf_model
 
-        real_prefill = hf_model.prefill
+        # the transformers engine prefills a media prompt whole and a text prompt in chunks (its prefix cache is
+        # off on these servers, so every prompt token goes through one of the two)
+        real_alone, real_chunk = hf_model.prefill_alone, hf_model.prefill_chunk
 
-        def prefill(loaded: Any, token_ids: list[int], mm_inputs: Any) -> Any:
+        def prefill_alone(loaded: Any, cache: Any, token_ids: list[int], *args: Any, **kwargs: Any) -> Any:
             calls[-1]["engine"] = list(token_ids)
-            return real_prefill(loaded, token_ids, mm_inputs)
+            return real_alone(loaded, cache, token_ids, *args, **kwargs)
 
-        hf_model.prefill = prefill
-        restore.append((hf_model, "prefill", real_prefill))
+        def prefill_chunk(loaded: Any, cache: Any, pieces: list[list[int]], offsets: list[int], rows: Any) -> Any:
+            for piece, row in zip(pieces, rows, strict=True):
+                if row is not None:  # a request's prompt (None: the engine's warm-up)
+                    calls[-1]["engine"] = (calls[-1]["engine"] or []) + list(piece)
+            return real_chunk(loaded, cache, pieces, offsets, rows)
+
+        hf_model.prefill_alone, hf_model.prefill_chunk = prefill_alone, prefill_chunk
+        restore.append((hf_model, "prefill_alone", real_alone))
+        restore.append((hf_model, "prefill_chunk", real_chunk))
     try:
         yield calls
     finally:

@@ -101,6 +101,9 @@ class EngineStats:
     decode_steps: int = 0  # forward passes over the running batch since start (engines that step themselves)
     decoded_tokens: int = 0  # tokens those passes produced (tokens / steps = mean batch size)
     kv_cache_usage: float | None = None  # fraction of KV-cache capacity in use; None: the engine cannot tell
+    # prompt tokens looked up in the prefix cache, and those found there (reused); None: no prefix cache
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
 
 
 class Engine(abc.ABC, Generic[NativeT]):
@@ -211,13 +214,20 @@ class Engine(abc.ABC, Generic[NativeT]):
         return self._info is not None and not self._stopping and self.alive()
 
     def stats(self) -> EngineStats:
+        queries, hits = self.prefix_cache_counts() or (None, None)
         return EngineStats(
             waiting=self._admission.waiting,
             running=self._admission.running,
             decode_steps=self._decode_steps,
             decoded_tokens=self._decoded_tokens,
             kv_cache_usage=self.kv_cache_usage(),
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
         )
+
+    def prefix_cache_counts(self) -> tuple[int, int] | None:
+        """``(queried, hit)`` prompt tokens of the engine's prefix cache since start; None where it has none."""
+        return None
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta]:
         """Yield deltas until every choice finished.

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from omniserve.engines.encoder_cache import EncoderCache
+    from omniserve.engines.fast_linear import LinearKernel
     from omniserve.engines.kv_cache import SlotCache
 
 
@@ -32,12 +35,18 @@ class LoadedModel:
     accepts_logits_to_keep: bool = False
     mrope: bool = False  # multimodal rotary positions: text positions are given as [3, B, q]
     num_layers: int = 0
+    linear_kernel: str = "torch"  # what the linear layers compute with (engines/fast_linear.py)
 
 
-def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load ``path`` for serving (``models.loading`` does the loading); refuse it if weights are missing."""
+def load_model(
+    path: Path, *, dtype: str = "float32", device: str = "cpu", linear_kernel: LinearKernel = "auto"
+) -> LoadedModel:
+    """Load ``path`` for serving (``models.loading`` does the loading); refuse it if weights are missing.
+
+    ``linear_kernel`` (``--linear-kernel``): packs the linear layers for oneDNN here, before the warm-up."""
     import torch
 
+    from omniserve.engines.fast_linear import apply_linear_kernel
     from omniserve.models.loading import generating_module, load_checkpoint, refuse_missing
 
     checkpoint = load_checkpoint(path, dtype=dtype, device=None)
@@ -52,6 +61,8 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> Lo
     model.to(device).eval()
     lm = generating_module(model)
     text_config = checkpoint.config.get_text_config()
+    compute_dtype = lm.get_input_embeddings().weight.dtype  # the served dtype (quantized layers hold ints)
+    kernel = apply_linear_kernel(model, linear_kernel, compute_dtype, torch.device(device))
     return LoadedModel(
         model=model,
         lm=lm,
@@ -62,6 +73,7 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu") -> Lo
         accepts_logits_to_keep="logits_to_keep" in inspect.signature(lm.forward).parameters,
         mrope=any(hasattr(m, "rope_deltas") for m in (lm, getattr(lm, "model", None)) if m is not None),
         num_layers=int(text_config.num_hidden_layers),
+        linear_kernel=kernel,
     )
 
 
@@ -99,6 +111,7 @@ def forward(
     cache: SlotCache,
     rows: Sequence[object],
     keep: list[int],
+    encoder_cache: EncoderCache | None = None,
     **media: Any,
 ) -> Any:
     """The one language-model forward pass: ``[B, q]`` tokens on ``cache``; ``[B, V]`` float32 logits.
@@ -107,7 +120,8 @@ def forward(
     ``None`` for its warm-up): per-row options (adapters) hook in here. ``keep[b]``: the column
     (0..q-1) whose logits row ``b`` needs. ``position_ids`` ``None`` lets the model compute them (a
     media prefill); ``[B, q]`` text positions are widened to the 3 rotary sections for multimodal-rope
-    models. The caller does ``cache.reserve`` before and ``cache.advance`` after.
+    models. The caller does ``cache.reserve`` before and ``cache.advance`` after. ``encoder_cache``: image
+    and video features are looked up there (and kept) rather than always computed by the tower.
     """
     import torch
 
@@ -126,8 +140,10 @@ def forward(
         columns = keep
     from omniserve.lora.peft_batch import adapter_names, per_row
 
+    names = adapter_names(rows)
+    encoders = encoder_cache.attached(loaded.lm, names) if encoder_cache is not None and media else nullcontext()
     # each row's LoRA adapter (None: the base) applied inside this one pass; a no-op when none is loaded
-    with per_row(loaded.lm, adapter_names(rows)), torch.inference_mode():
+    with per_row(loaded.lm, names), encoders, torch.inference_mode():
         out = loaded.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -166,7 +182,12 @@ def prefill_chunk(
 
 
 def prefill_alone(
-    loaded: LoadedModel, cache: SlotCache, token_ids: list[int], mm_inputs: dict[str, Any], rows: Sequence[object]
+    loaded: LoadedModel,
+    cache: SlotCache,
+    token_ids: list[int],
+    mm_inputs: dict[str, Any],
+    rows: Sequence[object],
+    encoder_cache: EncoderCache | None = None,
 ) -> tuple[Any, int | None]:
     """A whole prompt with its media on an empty one-row ``cache``: the next token's ``[V]`` logits and
     the multimodal-rope offset the model reports (``None`` for models without one)."""
@@ -188,7 +209,7 @@ def prefill_alone(
     cache.add_rows(1)
     cache.reserve(length)
     mask = cache.attention_mask(length, device=loaded.device)
-    logits = forward(loaded, input_ids, mask, None, cache, rows, [length - 1], **inputs)
+    logits = forward(loaded, input_ids, mask, None, cache, rows, [length - 1], encoder_cache, **inputs)
     cache.advance(length)
     return logits[0], _rope_delta(lm)
 

@@ -39,9 +39,12 @@ class _SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         shape_k = (self._owner.max_rows, key_states.shape[1], self._owner.capacity, key_states.shape[-1])
         shape_v = (self._owner.max_rows, value_states.shape[1], self._owner.capacity, value_states.shape[-1])
-        # zeros, not empty: masked columns are still multiplied by a zero weight, and garbage could be NaN
-        self.keys = torch.zeros(shape_k, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(shape_v, dtype=value_states.dtype, device=value_states.device)
+        # zeros, not empty: masked columns are still multiplied by a zero weight, and garbage could be NaN.
+        # Never inference tensors (the first write happens inside a forward pass's inference mode): rows are
+        # moved between passes, and torch refuses in-place updates of inference tensors outside that mode.
+        with torch.inference_mode(False):
+            self.keys = torch.zeros(shape_k, dtype=key_states.dtype, device=key_states.device)
+            self.values = torch.zeros(shape_v, dtype=value_states.dtype, device=value_states.device)
         self.is_initialized = True
 
     def update(
@@ -191,6 +194,29 @@ class SlotCache(Cache):
             for buf, src in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
                 buf[self.rows : self.rows + copies, :, self.end - length : self.end] = src[row, :, first:last]
         self.starts.extend([self.end - length] * copies)
+
+    def append_prefix(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Append one row holding a cached prefix (``prefix_cache``): per layer ``[kv_heads, length, head_dim]``.
+
+        It ends at ``end`` like every row (the window shifts right if the prefix is longer than ``end``);
+        the rest of its prompt is prefilled after it, as for a row added empty.
+        """
+        if self.rows + 1 > self.max_rows:
+            raise ValueError(f"{self.rows + 1} rows in a cache of {self.max_rows}")
+        length = kv[0][0].shape[1] if kv else 0
+        if length > self.end:
+            self._grow(length)
+            self._move_window(length - self.end)
+        for layer, (keys, values) in zip(self.layers, kv, strict=True):
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys[None], values[None])
+            layer.keys[self.rows, :, self.end - length : self.end] = keys
+            layer.values[self.rows, :, self.end - length : self.end] = values
+        self.starts.append(self.end - length)
+
+    def row_kv(self, row: int, first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Views of ``row``'s columns ``first..last`` per layer (what ``prefix_cache`` copies to keep)."""
+        return [(layer.keys[row, :, first:last], layer.values[row, :, first:last]) for layer in self.layers]
 
     def remove_row(self, row: int) -> None:
         """Drop ``row``; the last row moves into its slot (the caller mirrors that in its own lists)."""

@@ -80,6 +80,7 @@ class _Pending:
     cancelled: threading.Event = field(default_factory=threading.Event)
     open_choices: int = 0
     grammar: Any = None  # the compiled constraint (``prepare``), one matcher per choice
+    prefix_key: Any = None  # ``prefix_cache.PrefixKey`` of its prompt (a media prompt's, to store it once prefilled)
 
     def emit(self, item: Any) -> None:
         self.outbox.put(self, item)
@@ -142,6 +143,7 @@ class _Prompt:
     owner: _Pending
     token_ids: list[int]
     done: int = 0
+    rope_delta: int = 0  # multimodal-rope offset of the text left (a media prompt resumed after a cached prefix)
 
     @property
     def left(self) -> int:
@@ -174,6 +176,12 @@ class TransformersEngine(Engine[Any]):
         self._cache: Any = None  # ``kv_cache.SlotCache`` of the running sequences, made at load
         self._staging: Any = None  # the same for text prompts being prefilled
         self.prefill_passes = 0  # forward passes that prefilled prompts (a chunk or a media prompt)
+        self._prefix: Any = None  # ``prefix_cache.PrefixCache`` (None: --prefix-cache-tokens 0)
+        self._prefix_queries = 0  # prompt tokens looked up in it
+        self._prefix_hits = 0  # ... and found there
+        self._media_token_ids: frozenset[int] = frozenset()  # placeholder ids media embeddings replace
+        self._encoders: Any = None  # ``encoder_cache.EncoderCache`` (None: --encoder-cache-items 0)
+        self._stale_adapters: list[str] = []  # unloaded adapters whose cached prefixes the worker drops
         self._grammars: Any = None  # ``structured.grammar.GrammarCache``, made at the first constrained request
         self._reserved = 0  # sequences running or being admitted
         self._outbox = _Outbox()
@@ -203,7 +211,7 @@ class TransformersEngine(Engine[Any]):
             dtype.reason,
             f", {self._threads_wanted} compute threads" if self._threads_wanted else "",
         )
-        self._loaded = load_model(cfg.model, dtype=dtype.name, device=cfg.device)
+        self._loaded = load_model(cfg.model, dtype=dtype.name, device=cfg.device, linear_kernel=cfg.linear_kernel)
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
         except (OSError, ValueError) as exc:
@@ -211,6 +219,15 @@ class TransformersEngine(Engine[Any]):
         max_len = cfg.max_model_len or self._loaded.max_position_embeddings
         self._warmup()
         rows = cfg.max_concurrency
+        if cfg.prefix_cache_tokens > 0:
+            from omniserve.engines.prefix_cache import PrefixCache
+
+            self._prefix = PrefixCache(cfg.prefix_cache_tokens)
+            self._media_token_ids = _placeholder_ids(self._loaded)
+        if cfg.encoder_cache_items > 0:
+            from omniserve.engines.encoder_cache import EncoderCache
+
+            self._encoders = EncoderCache(cfg.encoder_cache_items)
         self._cache = new_cache(self._loaded, rows)
         self._staging = new_cache(self._loaded, rows)
         return self.served(max_len, [*self._loaded.eos_token_ids, self._tokenizer.eos_token_id])
@@ -245,6 +262,8 @@ class TransformersEngine(Engine[Any]):
         await self._lora().load_adapter(adapter)
 
     async def unload_adapter(self, name: str) -> None:
+        with self._lock:  # the worker drops its cached prefixes before admitting anything more
+            self._stale_adapters.append(name)
         await self._lora().unload_adapter(name)
 
     def _lora(self) -> Any:
@@ -264,6 +283,9 @@ class TransformersEngine(Engine[Any]):
             return None
         used = sum(c.tokens() for c in caches)  # read while the worker runs: a scrape may be a step behind
         return min(1.0, used / max(1, sum(c.slots() for c in caches)))
+
+    def prefix_cache_counts(self) -> tuple[int, int] | None:
+        return None if self._prefix is None else (self._prefix_queries, self._prefix_hits)
 
     def stalled_for(self) -> float:
         """Seconds since the worker last finished a step, while requests are queued or running."""
@@ -364,17 +386,80 @@ class TransformersEngine(Engine[Any]):
             return pending
 
     def _admit(self) -> None:
-        """Take every request a batch slot is free for: text joins the chunked prefill, media waits its turn."""
+        """Take every request a batch slot is free for: text joins the chunked prefill, media waits its turn.
+
+        With the prefix cache, a prompt starts from its longest cached prefix; a media prompt does only if
+        that prefix holds all its media (what is left is then text: it joins the chunked prefill).
+        """
+        self._drop_stale_adapters()
         while (pending := self._next_admissible()) is not None:
-            prompt = pending.request.prompt
-            if prompt.mm_inputs:
-                self._media.append(pending)
-            elif not prompt.token_ids:
+            try:
+                self._admit_one(pending)
+            except Exception as exc:  # popped from the queue: fail it here or nobody will
+                log.exception("admission failed")
                 self._release(pending.request.sampling.n)
-                pending.emit(EngineError("could not process the prompt: it has no tokens"))
-            else:
-                self._staging.add_rows(1)  # starts at the staging cache's current column
-                self._chunking.append(_Prompt(pending, list(prompt.token_ids)))
+                pending.emit(EngineError(f"could not process the prompt: {exc}"))
+
+    def _admit_one(self, pending: _Pending) -> None:
+        prompt = pending.request.prompt
+        if not prompt.token_ids:
+            self._release(pending.request.sampling.n)
+            pending.emit(EngineError("could not process the prompt: it has no tokens"))
+            return
+        try:
+            reused, rope_delta = self._reuse_prefix(pending) if self._prefix is not None else (None, 0)
+        except Exception:  # the cache is an optimisation: a failed lookup costs only the recomputation
+            log.exception("prefix cache lookup failed")
+            reused, rope_delta = None, 0
+        if prompt.mm_inputs and reused is None:
+            self._media.append(pending)
+            return
+        if reused is None:
+            self._staging.add_rows(1)  # starts at the staging cache's current column
+            done = 0
+        else:
+            self._staging.append_prefix(reused)
+            done = reused[0][0].shape[1]
+            # the media are in the reused KV: let the processor's tensors go, the rest is text
+            pending.request.prompt = dataclasses.replace(prompt, mm_inputs={}, media=[])
+        self._chunking.append(_Prompt(pending, list(prompt.token_ids), done, rope_delta))
+
+    def _reuse_prefix(self, pending: _Pending) -> tuple[Any, int]:
+        """The cached prefix KV this prompt can start from (None: none) and the rope offset of what follows."""
+        from omniserve.engines.prefix_cache import PrefixKey, media_digest
+
+        req = pending.request
+        tokens = req.prompt.token_ids
+        key = PrefixKey(adapter=req.adapter.name if req.adapter is not None else None)
+        last_media = None
+        if req.prompt.mm_inputs:
+            marks = [i for i, t in enumerate(tokens) if t in self._media_token_ids]
+            # placeholders unknown for this model: every block is salted with the media, and none is reused
+            key.first_media = marks[0] if marks else 0
+            last_media = marks[-1] if marks else len(tokens)
+            key.media = media_digest(req.prompt.mm_inputs)
+        pending.prefix_key = key
+        self._prefix_queries += len(tokens)
+        match = self._prefix.match(tokens, key)
+        if match.length == 0 or (last_media is not None and match.length <= last_media):
+            return None, 0
+        self._prefix_hits += match.length
+        return self._prefix.load(match), match.rope_delta
+
+    def _store_prefix(self, pending: _Pending, tokens: list[int], cache: Any, row: int, rope_delta: int) -> None:
+        """Keep the prompt's KV (``cache`` row ``row``, from the row's first column) for the next prompts."""
+        if self._prefix is None or pending.prefix_key is None:
+            return
+        first = cache.starts[row]
+        self._prefix.store(tokens, pending.prefix_key, lambda a, b: cache.row_kv(row, first + a, first + b), rope_delta)
+
+    def _drop_stale_adapters(self) -> None:
+        with self._lock:
+            names, self._stale_adapters = self._stale_adapters, []
+        for name in names:
+            for cache in (self._prefix, self._encoders):
+                if cache is not None:
+                    cache.drop_adapter(name)
 
     def _prefill_step(self) -> None:
         """At most one prefill pass: a media prompt whole, then one chunk of every text prompt.
@@ -412,10 +497,13 @@ class TransformersEngine(Engine[Any]):
         req = pending.request
         length = len(req.prompt.token_ids)
         alone = new_cache(self._loaded, 1, length)
-        logits, rope_delta = prefill_alone(self._loaded, alone, req.prompt.token_ids, req.prompt.mm_inputs, [req])
+        logits, rope_delta = prefill_alone(
+            self._loaded, alone, req.prompt.token_ids, req.prompt.mm_inputs, [req], self._encoders
+        )
         # the KV cache now holds what the media meant: let the decoded media and the processor's tensors go
         # (pixel values, audio features) rather than keep them until the last token of the longest choice
         req.prompt = dataclasses.replace(req.prompt, mm_inputs={}, media=[])
+        self._store_prefix(pending, req.prompt.token_ids, alone, 0, rope_delta or 0)
         self._start_sequences(pending, alone, 0, 0, length, logits, rope_delta or 0)
 
     def _prefill_chunk(self, width: int) -> None:
@@ -425,7 +513,11 @@ class TransformersEngine(Engine[Any]):
         prompts = self._chunking
         pieces = [p.token_ids[p.done : p.done + width] for p in prompts]
         logits = prefill_chunk(
-            self._loaded, self._staging, pieces, [p.done for p in prompts], [p.owner.request for p in prompts]
+            self._loaded,
+            self._staging,
+            pieces,
+            [p.done + p.rope_delta for p in prompts],
+            [p.owner.request for p in prompts],
         )
         for prompt, piece in zip(prompts, pieces, strict=True):
             prompt.done += len(piece)
@@ -434,7 +526,10 @@ class TransformersEngine(Engine[Any]):
             if prompt.left:
                 continue
             start = self._staging.starts[row]
-            self._start_sequences(prompt.owner, self._staging, row, start, start + prompt.done, logits[row], 0)
+            self._store_prefix(prompt.owner, prompt.token_ids, self._staging, row, prompt.rope_delta)
+            self._start_sequences(
+                prompt.owner, self._staging, row, start, start + prompt.done, logits[row], prompt.rope_delta
+            )
             self._staging.remove_row(row)
             prompts[row] = prompts[-1]
             prompts.pop()
@@ -450,7 +545,7 @@ class TransformersEngine(Engine[Any]):
                 owner=pending,
                 index=i,
                 sampler=SamplerState.create(req.sampling, i, self._eos_for(req), pending.grammar),
-                detok=IncrementalDetokenizer(self._tokenizer, req.sampling.stop),
+                detok=IncrementalDetokenizer(self._tokenizer, req.sampling.stop, req.sampling.keep_special),
                 position=last - first,
                 rope_delta=rope_delta,
             )
@@ -588,3 +683,15 @@ class TransformersEngine(Engine[Any]):
             self._reserved = 0
         for owner in [*owners.values(), *waiting]:
             owner.emit(error)
+
+
+def _placeholder_ids(loaded: Any) -> frozenset[int]:
+    """The token ids the model replaces with media embeddings (image, video, audio placeholders)."""
+    names = ("image_token_id", "video_token_id", "audio_token_id")
+    found: set[int] = set()
+    for config in (getattr(loaded.lm, "config", None), getattr(loaded.model, "config", None)):
+        for name in (*names, *(n.replace("_id", "_index") for n in names)):
+            value = getattr(config, name, None) if config is not None else None
+            if isinstance(value, int):
+                found.add(value)
+    return frozenset(found)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from omniserve.engines.base import Engine
@@ -73,6 +73,8 @@ class Metrics:
         )
         # what inference-gateway endpoint pickers route on besides the queue (vLLM: vllm:kv_cache_usage_perc)
         self.registry.register(_KvCacheUsage(engine))
+        # prefix-cache hit rate (vLLM: vllm:prefix_cache_queries / vllm:prefix_cache_hits, in tokens)
+        self.registry.register(_PrefixCache(engine))
         # ... and the LoRA adapters in use (vLLM: vllm:lora_requests_info), for LoRA-affinity routing
         self.registry.register(_LoraInfo(self))
         # why /health is red, for alerts: a stalled engine pages someone, a draining pod does not
@@ -125,6 +127,29 @@ class _KvCacheUsage(Collector):
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # values are read at scrape time; nothing to check at registration
+
+
+class _PrefixCache(Collector):
+    """``omniserve_prefix_cache_queries_total`` / ``..._hits_total``: prompt tokens looked up in the prefix
+    cache and those reused from it; exported only by engines that have one."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._engine.prefix_cache_counts()
+        if counts is None:
+            return
+        queries, hits = counts
+        yield CounterMetricFamily(
+            "omniserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", value=queries
+        )
+        yield CounterMetricFamily(
+            "omniserve_prefix_cache_hits", "Prompt tokens whose KV was reused from the prefix cache.", value=hits
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class _LoraInfo(Collector):
