@@ -163,12 +163,17 @@ COLOUR_SCHEMA: dict[str, Any] = {
     "required": ["colour"],
     "additionalProperties": False,
 }
+#: ``strict``, as OpenAI recommends for function calling: once the model opens a call (``<tool_call>`` in the
+#: demo's Hermes format) the server holds the call to the function's schema. The model still decides whether
+#: to call and with which colour; a 2-layer byte-level model is spared counting closing braces, which is
+#: where its unconstrained calls failed (docs/training.md).
 REPORT_COLOUR_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "report_colour",
         "description": "Report the dominant colour of the image.",
         "parameters": COLOUR_SCHEMA,
+        "strict": True,
     },
 }
 COLOUR_RESPONSE_FORMAT: dict[str, Any] = {
