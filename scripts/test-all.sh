@@ -28,11 +28,12 @@ pip_ .venv/bin/pip install -e '.[test,quantize,train,eval]'
 missing=()
 { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing+=(chromium chromium-driver)
 compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || missing+=(postgresql)
+[ -x /usr/bin/espeak-ng ] || missing+=(espeak-ng)  # the spoken synthetic task and the asr-synth suite
 if [ "${#missing[@]}" -gt 0 ]; then
     as_root=""; [ "$(id -u)" -eq 0 ] || as_root="sudo"
     $as_root apt-get update -q && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
-.venv/bin/python -m pytest --durations=15
+.venv/bin/python -m pytest --durations=40
 
 if ! wait "$vllm_setup"; then
     cat "$vllm_log" >&2

@@ -100,8 +100,9 @@ print(json.dumps({"suites": str(suites_dir()), "recipes": str(recipes_dir()), "p
     found = json.loads(out.stdout)
     assert found["suites"] == f"{found['prefix']}/share/omniserve/eval"
     assert found["recipes"] == f"{found['prefix']}/share/omniserve/quantize"
-    assert set(found["data"]) == {"image-mcq", "omni-synth", "text-mcq", "text-qa", "tools-synth"}
-    assert found["data"]["omni-synth"] is None and found["data"]["tools-synth"] is None  # generated at run time
+    assert set(found["data"]) == {"asr-synth", "image-mcq", "omni-synth", "text-mcq", "text-qa", "tools-synth"}
+    for generated in ("asr-synth", "omni-synth", "tools-synth"):  # generated at run time
+        assert found["data"][generated] is None
     assert found["page"] == (ROOT / "omniserve" / "server" / "static" / "playground.html").stat().st_size
     for name in ("image-mcq", "text-mcq", "text-qa"):
         expected = sorted(p.name for p in (ROOT / "eval" / name).rglob("*") if p.is_file())

@@ -128,6 +128,9 @@ def test_the_media_decoded_by_the_server_show_the_answer(synth: Path) -> None:
             colour = _dominant_colour(np.asarray(decode_image(media[0][1], limits)))
             answered = json.loads(answer)
             assert answered.get("arguments", answered) == {"colour": colour}
+        elif task == "spoken":  # the words themselves: tests/test_asr_synth.py (the demo model learns them)
+            audio = decode_audio(media[0][1], limits)
+            assert audio.sample_rate == 16_000 and audio.duration > 0.5 and np.abs(audio.samples).max() > 0.2
         else:
             assert not media
             question = record["messages"][-2]["content"]

@@ -28,6 +28,8 @@ from omniserve.eval.suites import Suite
 EXACT_BENCHMARK = "omniserve_exact_vqa"
 #: The name ``tools`` suites report as their benchmark: scored by ``eval/tools_suite.py``, not EvalScope.
 TOOLS_BENCHMARK = "omniserve_tool_calls"
+#: The name ``asr`` suites report: uploads to /v1/audio/transcriptions, scored by ``eval/asr_suite.py``.
+ASR_BENCHMARK = "omniserve_transcriptions"
 #: Bumped when the layout of generated data changes, so stale cache entries are not reused.
 GENERATED_FORMAT = "2"  # 2: items keep their line's tools and response_format
 _URL_PARTS = ("image_url", "video_url")
@@ -83,6 +85,8 @@ def _benchmark(suite: Suite) -> tuple[str, dict[str, Any]]:
         return EXACT_BENCHMARK, {}
     if suite.format == "tools":
         return TOOLS_BENCHMARK, {}
+    if suite.format == "asr":
+        return ASR_BENCHMARK, {}
     if suite.format == "mcq":
         return "general_mcq", {"prompt_template": "english-single-answer"}
     if suite.format == "vmcq":
@@ -106,6 +110,7 @@ def _source_dir(suite: Suite, cache_dir: Path) -> Path:
 def _generated_omni_synth(suite: Suite, cache_dir: Path) -> Path:
     """The synthetic test split as ``{task}_test.jsonl`` files (generated once, then cached)."""
     from omniserve.synth import TASKS, write_synthetic
+    from omniserve.synth.speech_audio import SpeechSynthesizerMissing
 
     spec = suite.generate
     assert spec is not None
@@ -121,7 +126,10 @@ def _generated_omni_synth(suite: Suite, cache_dir: Path) -> Path:
     entry.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".omni-synth-", dir=entry.parent))
     try:
-        write_synthetic(scratch / "raw", seed=spec.seed, train_size=0, test_size=spec.per_task)
+        # the suite's tasks only: a suite without the spoken task needs no speech synthesiser
+        write_synthetic(
+            scratch / "raw", seed=spec.seed, train_size=0, test_size=spec.per_task, tasks=tuple(suite.subsets)
+        )
         by_task: dict[str, list[str]] = {}
         for line in (scratch / "raw" / "test.jsonl").read_text("utf-8").splitlines():
             record = json.loads(line)
@@ -138,6 +146,8 @@ def _generated_omni_synth(suite: Suite, cache_dir: Path) -> Path:
         except OSError:  # another run published the same entry first
             if not (entry / "done").is_file():
                 raise
+    except SpeechSynthesizerMissing as exc:
+        raise DatasetMissing(f"suite {suite.name!r} cannot be generated: {exc}") from None
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
@@ -148,7 +158,8 @@ def generator_fingerprint(suite: Suite) -> str:
     """Digest of the generator's source: the same seed gives other bytes once the generator changes."""
     import omniserve.synth
 
-    digest = hashlib.sha256(json.dumps(suite.generate.model_dump() if suite.generate else None).encode())
+    generated = {**suite.generate.model_dump(), "tasks": suite.subsets} if suite.generate else None
+    digest = hashlib.sha256(json.dumps(generated).encode())
     for file in sorted(Path(omniserve.synth.__file__).parent.glob("*.py")):
         digest.update(file.name.encode())
         digest.update(file.read_bytes())
@@ -198,7 +209,7 @@ def _absolute(suite: Suite, row: dict[str, Any], file: Path) -> dict[str, Any]:
             if isinstance(value, str) and key.split("_")[0] in _MEDIA_KEYS and key.split("_")[-1].isdigit():
                 row[key] = _local(value, base, suite, file)
         return row
-    if suite.format in ("vqa", "tools"):
+    if suite.format in ("vqa", "tools", "asr"):
         messages = []
         for message in row.get("messages", []):
             content = message.get("content")

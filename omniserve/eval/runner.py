@@ -123,6 +123,13 @@ def _run_suite(
         return run_tools_suite(
             staged, target, concurrency=options.concurrency, request_timeout=options.request_timeout, progress=progress
         )
+    if staged.suite.format == "asr":  # uploads to /v1/audio/transcriptions, scored by word error rate
+        from omniserve.eval.asr_suite import run_asr_suite
+
+        assert isinstance(staged, StagedSuite)
+        return run_asr_suite(
+            staged, target, concurrency=options.concurrency, request_timeout=options.request_timeout, progress=progress
+        )
     folder = output / "evalscope" / _folder(staged.suite.name)
     if folder.exists():  # reviews of an earlier run in the same folder would mix into the partial score
         shutil.rmtree(folder)

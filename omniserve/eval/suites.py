@@ -17,6 +17,8 @@ One format is scored by omniserve itself, not EvalScope (EvalScope sends no ``to
 - ``tools``: OpenAI-style messages sent with the item's ``tools`` (``tool_choice`` auto) or its
   ``response_format``; scored ``tool-call`` (``eval/tools_suite.py``: function name, arguments, and
   schema validity of calls; schema validity and value of JSON answers).
+- ``asr``: each item's audio uploaded to ``/v1/audio/transcriptions`` (the server adds its own instruction);
+  scored ``wer`` (``eval/asr_suite.py``: word error rate with jiwer; the score is 1 - WER, at least 0).
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from omniserve.eval.errors import InvalidSuite, UnknownSuite
 from omniserve.validation import describe_validation_error
 
-Format = Literal["mcq", "vmcq", "qa", "vqa", "tools"]
+Format = Literal["mcq", "vmcq", "qa", "vqa", "tools", "asr"]
 #: ``accuracy``: the chosen letter (multiple choice); ``exact``: the whole reply equals the answer after
 #: EvalScope's normalisation (case, punctuation, articles); ``rouge``: EvalScope's Rouge (primary Rouge-L recall).
 #: ``tool-call``: every check of ``synth.evaluate.score_reply`` holds (format ``tools`` only).
-Scoring = Literal["accuracy", "exact", "rouge", "tool-call"]
+#: ``wer``: 1 - the corpus word error rate, at least 0, so higher is better like every score (format ``asr`` only).
+Scoring = Literal["accuracy", "exact", "rouge", "tool-call", "wer"]
 #: Split EvalScope reads for each format (the file is ``{subset}_{split}.jsonl``).
-SPLITS: dict[str, str] = {"mcq": "val", "vmcq": "val", "qa": "test", "vqa": "test", "tools": "test"}
+SPLITS: dict[str, str] = {"mcq": "val", "vmcq": "val", "qa": "test", "vqa": "test", "tools": "test", "asr": "test"}
+#: Formats omniserve sends and scores itself, each with the one scoring that fits it.
+OWN_SCORING: dict[str, str] = {"tools": "tool-call", "asr": "wer"}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -94,10 +99,10 @@ class Suite(BaseModel):
             raise ValueError("'metrics' only applies to scoring: rouge")
         if self.metrics is not None and "Rouge" not in self.metrics:
             raise ValueError("'metrics' must include Rouge: it is the primary metric of scoring: rouge")
-        if (self.format == "tools") != (self.scoring == "tool-call"):
+        if any((self.format == fmt) != (self.scoring == scoring) for fmt, scoring in OWN_SCORING.items()):
             raise ValueError(f"format {self.format!r} cannot be scored with {self.scoring!r}")
-        if self.generate is not None and self.format not in ("vqa", "tools"):
-            raise ValueError("generated data is written as OpenAI messages: use format: vqa (or tools)")
+        if self.generate is not None and self.format not in ("vqa", "tools", "asr"):
+            raise ValueError("generated data is written as OpenAI messages: use format: vqa (or tools, asr)")
         for subset in self.subsets:
             if not _NAME.match(subset):
                 raise ValueError(f"subset {subset!r} must be lower-case letters, digits, '.', '_' or '-'")

@@ -14,6 +14,9 @@ served model really reads its image, clip or sound: the answer cannot be guessed
   dominant colour (the tools travel with the example, as a request's ``tools``).
 - ``json_colour``: an image -> ``{"colour": "<colour>"}``, the JSON schema given as the example's
   ``response_format`` (what a client sends to have the reply constrained to it).
+- ``spoken``: 1-3 digit words (``zero``..``nine``) spoken by espeak-ng -> the transcript, asked exactly as
+  ``/v1/audio/transcriptions`` asks (the server's default instruction, no system prompt). Word sequences are
+  split between train and test by a fixed rule (``spoken_in_test_split``): no test utterance is heard in training.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from omniserve.synth.media import (
     tone,
     wav_bytes,
 )
+from omniserve.synth.speech_audio import DEFAULT_SPEAKER, Speaker
 
 Split = Literal["train", "test"]
 MediaKind = Literal["image", "video", "audio"]
@@ -217,3 +221,41 @@ TASKS: dict[str, Callable[[np.random.Generator, Split], Example]] = {
     "tool_colour": tool_colour_task,
     "json_colour": json_colour_task,
 }
+
+
+#: The words of the ``spoken`` task: a vocabulary a 1.5M-parameter byte-level model can learn to transcribe.
+SPOKEN_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPOKEN_MAX_WORDS = 3
+#: Tasks asked as ``/v1/audio/transcriptions`` asks: their audio is spoken by a ``Speaker`` and their
+#: conversation is the endpoint's, one user turn (the audio, then the instruction) with no system prompt.
+TRANSCRIPTION_TASKS: frozenset[str] = frozenset({"spoken"})
+
+
+def transcription_instruction() -> str:
+    """The server's default transcription instruction (``ServerConfig``), so training asks what serving asks."""
+    from omniserve.config import ServerConfig
+
+    return str(ServerConfig.model_fields["transcription_instruction"].default)
+
+
+def spoken_in_test_split(digits: tuple[int, ...] | list[int]) -> bool:
+    """Whether the word sequence is reserved for testing: 2+ words whose digit sum plus length is a multiple of 7.
+
+    About one sequence in seven of each length from two up; single words are all training. Every word
+    still occurs at every position in training, so a held-out sequence is new only as a whole.
+    """
+    return len(digits) >= 2 and (sum(digits) + len(digits)) % 7 == 0
+
+
+def spoken_task(rng: np.random.Generator, split: Split, speaker: Speaker = DEFAULT_SPEAKER) -> Example:
+    while True:
+        count = int(rng.integers(1, SPOKEN_MAX_WORDS + 1))
+        digits = [int(d) for d in rng.integers(len(SPOKEN_WORDS), size=count)]
+        if spoken_in_test_split(digits) == (split == "test"):
+            break
+    transcript = " ".join(SPOKEN_WORDS[d] for d in digits)
+    audio = MediaFile("audio", wav_bytes(speaker.say(rng, transcript)), "wav")
+    return Example("spoken", transcription_instruction(), transcript, (audio,))
+
+
+TASKS["spoken"] = spoken_task  # appended: a task's seed stream is its position in TASKS

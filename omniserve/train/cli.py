@@ -104,13 +104,23 @@ def synth(
     train_size: Annotated[int, typer.Option(help="Training examples per task.")] = 400,
     test_size: Annotated[int, typer.Option(help="Test examples per task.")] = 100,
     task: Annotated[list[str] | None, typer.Option(help="Only this task (repeatable). Default: all.")] = None,
+    espeak_program: Annotated[
+        str | None,
+        typer.Option(help="The espeak-ng program the spoken task speaks with (a path). Default: espeak-ng on PATH."),
+    ] = None,
 ) -> None:
     """Write the synthetic omni tasks (image colour, video motion, audio pitch, text, mixed) as JSONL + media."""
     from omniserve.synth import TASKS, write_synthetic
+    from omniserve.synth.speech_audio import DEFAULT_SPEAKER, Speaker
 
     try:
         summary = write_synthetic(
-            output, seed=seed, train_size=train_size, test_size=test_size, tasks=tuple(task or TASKS)
+            output,
+            seed=seed,
+            train_size=train_size,
+            test_size=test_size,
+            tasks=tuple(task or TASKS),
+            speaker=DEFAULT_SPEAKER if espeak_program is None else Speaker(espeak_program),
         )
     except (ValueError, FileExistsError) as exc:
         raise _fail(str(exc)) from None
