@@ -246,6 +246,44 @@ def test_the_clients_stream_helper_accumulates_text_and_calls(server: RunningSer
     assert retrieved.output[1].call_id == call.call_id  # type: ignore[union-attr]
 
 
+def test_a_forced_call_streams_its_arguments_as_the_model_writes_them(server: RunningServer, scripted: Script) -> None:
+    """Under a forced ``tool_choice`` (the call grammar enforced) the call's item opens as soon as its name is
+    written, and its arguments stream as ``response.function_call_arguments.delta`` events in the pieces the
+    model writes them in; they join into exactly the ``.done`` arguments (the client helper's snapshot too),
+    and the item's events come in the spec's order. The non-streamed answer carries the same arguments."""
+    arguments = '{"city": "Paris", "note": "a \\"quoted\\" } ☃", "days": [1, {"x": []}]}'
+    scripted('<tool_call>\n{"name": "get_weather", "arguments": ' + arguments + "}\n</tool_call>", piece=3)
+    client, kwargs = (
+        server.client(),
+        {"model": MODEL, "input": "Weather?", "tools": [WEATHER], "tool_choice": "required"},
+    )
+    with client.responses.stream(**kwargs) as stream:  # type: ignore[arg-type]
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) >= len(arguments) // 3 - 1  # piece by piece, as the reply came
+    added = kinds.index("response.output_item.added")
+    assert kinds[added + 1 :] == [
+        *["response.function_call_arguments.delta"] * len(deltas),
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    opened, done, closed = events[added], events[-3], events[-2]
+    assert opened.item.type == "function_call" and opened.item.name == "get_weather"  # type: ignore[union-attr]
+    assert opened.item.arguments == "" and opened.item.status == "in_progress"  # type: ignore[union-attr]
+    assert "".join(d.delta for d in deltas) == done.arguments == arguments  # type: ignore[union-attr]
+    assert deltas[-1].snapshot == arguments  # the client helper's accumulation
+    assert closed.item.arguments == arguments and closed.item.status == "completed"  # type: ignore[union-attr]
+    ids = {opened.item.id, done.item_id, closed.item.id, *(d.item_id for d in deltas)}  # type: ignore[union-attr]
+    assert len(ids) == 1 and {d.output_index for d in deltas} == {0}
+    [item] = final.output
+    assert item.type == "function_call" and item.arguments == arguments and item.call_id == opened.item.call_id  # type: ignore[union-attr]
+    whole = client.responses.create(**kwargs)  # type: ignore[arg-type]
+    assert [i.arguments for i in whole.output] == [arguments]  # type: ignore[union-attr]
+
+
 def test_stream_true_on_the_real_model(client: openai.OpenAI) -> None:
     events = list(client.responses.create(model=OMNI, input="Hello", max_output_tokens=4, stream=True))
     kinds = [e.type for e in events]

@@ -20,7 +20,7 @@ import httpx
 import jsonschema
 import pytest
 
-from omniserve.tools.base import ParsedCall, TextPiece, ToolCallParser
+from omniserve.tools.base import ArgumentsPiece, CallStart, ParsedCall, TextPiece, ToolCallParser
 from omniserve.tools.hermes import HermesParser
 from omniserve.tools.llama3_json import Llama3JsonParser
 from omniserve.tools.mistral import MistralParser, MistralV11Parser
@@ -325,6 +325,58 @@ def test_forced_tool_choice_on_the_untrained_model_gives_valid_calls(server: Run
             assert len(choice.message.tool_calls or []) == 1
 
 
+def test_forced_calls_stream_their_arguments_in_fragments(server: RunningServer) -> None:
+    """The untrained model under its format's call grammar: each call's id and name come first, in one delta with
+    the call's index (0, 1, ... for parallel calls), then its arguments in fragments as the model writes them,
+    which join into exactly the arguments of the same request answered whole. The Responses API streams them
+    as ``response.function_call_arguments.delta`` events joining into the ``.done`` arguments."""
+    client, model = server.client(), server.model_name
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice_kind in ("required", named):
+        kwargs = {"model": model, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": choice_kind}
+        kwargs |= {"max_tokens": 200, "seed": 3}
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        heads: list[Any] = []
+        fragments: list[list[str]] = []
+        for chunk in chunks:
+            for delta in chunk.choices[0].delta.tool_calls or []:
+                assert delta.function is not None
+                if delta.id is not None:  # a call's head: the next index, its name, no arguments yet
+                    assert delta.index == len(heads) and delta.type == "function" and delta.function.name
+                    assert not delta.function.arguments
+                    heads.append(delta)
+                    fragments.append([])
+                else:  # a fragment of the open call's arguments
+                    assert delta.index == len(heads) - 1 and delta.function.name is None and delta.function.arguments
+                    fragments[-1].append(delta.function.arguments)
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls or []  # type: ignore[call-overload]
+        streamed = [(head.function.name, "".join(parts)) for head, parts in zip(heads, fragments, strict=True)]
+        assert streamed == [(c.function.name, c.function.arguments) for c in whole]
+        _check_calls(whole, {"get_weather", "get_time"}, model)
+        weather = [
+            len(parts) for head, parts in zip(heads, fragments, strict=True) if head.function.name == "get_weather"
+        ]
+        assert all(count > 1 for count in weather) and (weather or choice_kind == "required")
+
+    weather_tool = {"type": "function", **WEATHER["function"]}
+    choice = {"type": "function", "name": "get_weather"}
+    with client.responses.stream(
+        model=model,
+        input="Weather in Paris?",
+        tools=[weather_tool],
+        tool_choice=choice,
+        max_output_tokens=200,  # type: ignore[arg-type]
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    [item] = final.output
+    assert len(deltas) > 1 and "".join(deltas) == done.arguments == item.arguments  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(done.arguments), WEATHER_SCHEMA)
+
+
 def test_a_call_and_its_result_sent_back_render_with_the_template(server: RunningServer) -> None:
     """The second turn of a tool conversation: the call the server made, with its id, and the tool's result.
     Mistral's templates raise on ids that are not 9 alphanumerics, so the ids the server gives must be those;
@@ -430,3 +482,209 @@ def test_special_token_markers_stay_in_the_text_of_requests_with_tools(mistral_t
     for keep, text in (((), 'hif{"a": 1}'), (MARKERS, 'hi[TOOL_CALLS]f[ARGS]{"a": 1}')):
         detok = IncrementalDetokenizer(tokenizer, (), keep)
         assert "".join(detok.add(i)[0] for i in ids) + detok.flush() == text
+
+
+# ---------------------------------------------------------------- incremental: arguments streamed as written
+
+#: Arguments that a bracket counter must read right: nesting, brackets, braces and quotes inside strings, escaped
+#: quotes and backslashes, unicode (two-byte, three-byte and astral characters).
+TRICKY = (
+    '{"q": {"nested": [1, {"deep": [true, null]}], "s": "a } ] { [ \\" \\\\ end\\\\"}, '
+    '"text": "caf\\u00e9 é ☃ 🌍", "n": -1.5e3}'
+)
+
+
+def _l3(name: str, arguments: str) -> str:
+    return '{"name": "' + name + '", "parameters": ' + arguments + "}"
+
+
+def _m3(name: str, arguments: str) -> str:
+    return '{"name": "' + name + '", "arguments": ' + arguments + "}"
+
+
+#: Per format, replies as an enforced call grammar writes them: (parser, reply, [(name, arguments)], text).
+INCREMENTAL = {
+    "hermes parallel": (
+        HermesParser,
+        "Let me check.\n<tool_call>\n" + _m3("f", TRICKY) + "\n</tool_call>\n<tool_call>\n" + M_TIME + "\n</tool_call>",
+        [("f", TRICKY), ("get_time", "{}")],
+        "Let me check.",
+    ),
+    "llama3 one": (Llama3JsonParser, _l3("f", TRICKY), [("f", TRICKY)], ""),
+    "llama3 parallel": (
+        Llama3JsonParser,
+        "<|python_tag|>" + _l3("f", TRICKY) + "; " + _l3("get_time", "{}"),
+        [("f", TRICKY), ("get_time", "{}")],
+        "",
+    ),
+    "llama3 blanks": (
+        Llama3JsonParser,
+        ' \n{"name": "f" ,  "parameters" :  {"a": [ ]} }\n',
+        [("f", '{"a": [ ]}')],
+        "",
+    ),
+    "mistral one": (MistralParser, "[TOOL_CALLS][" + _m3("f", TRICKY) + "]", [("f", TRICKY)], ""),
+    "mistral parallel": (
+        MistralParser,
+        "Checking.\n[TOOL_CALLS] [" + _m3("f", TRICKY) + ", " + _m3("get_time", "{}") + "] Done.",
+        [("f", TRICKY), ("get_time", "{}")],
+        "Checking. Done.",
+    ),
+    "mistral v11 one": (MistralV11Parser, "[TOOL_CALLS]f[ARGS]" + TRICKY, [("f", TRICKY)], ""),
+    "mistral v11 parallel": (
+        MistralV11Parser,
+        "Sure.[TOOL_CALLS]f[ARGS]" + TRICKY + "[TOOL_CALLS]get_time[CALL_ID]abc123xyz[ARGS] {}",
+        [("f", TRICKY), ("get_time", "{}")],
+        "Sure.",
+    ),
+}
+
+
+def _incremental(parser: type[ToolCallParser], pieces: list[str]) -> list[Any]:
+    one = parser()
+    one.incremental = True
+    return [e for piece in pieces for e in one.feed(piece)] + one.finish()
+
+
+def _calls_of(events: list[Any]) -> tuple[list[tuple[str, str]], list[int], str]:
+    """The calls as announced and streamed (each checked to close with exactly its pieces), how many argument
+    pieces each came in, and the text around them; fails on anything an announced call would have to take back."""
+    calls: list[tuple[str, str]] = []
+    counts: list[int] = []
+    text, open_name, pieces = "", None, []
+    for event in events:
+        if isinstance(event, CallStart):
+            assert open_name is None
+            open_name, pieces = event.name, []
+        elif isinstance(event, ArgumentsPiece):
+            assert open_name is not None and event.text
+            pieces.append(event.text)
+        elif isinstance(event, ParsedCall):
+            assert event.opened and event.name == open_name and event.arguments == "".join(pieces)
+            calls.append((event.name, event.arguments))
+            counts.append(len(pieces))
+            open_name = None
+        else:
+            assert open_name is None  # no text inside an announced call
+            text += event.text
+    assert open_name is None
+    return calls, counts, text
+
+
+@pytest.mark.parametrize("case", list(INCREMENTAL))
+def test_incremental_parsers_stream_arguments_char_by_char_and_in_any_pieces(case: str) -> None:
+    """Under an enforced grammar each call is announced (name first), then its arguments come in the pieces the
+    model writes them in: character by character, one piece per character; and whatever the split, the pieces
+    join into exactly the arguments the model wrote, which the whole reply read at once gives too."""
+    parser, reply, expected, text = INCREMENTAL[case]
+    calls, counts, said = _calls_of(_incremental(parser, list(reply)))
+    assert calls == expected and said == text
+    assert counts == [len(arguments) for _, arguments in expected]  # nothing held back: one piece per character
+    for size in (2, 3, 7, len(reply)):
+        pieces = [reply[i : i + size] for i in range(0, len(reply), size)]
+        assert _calls_of(_incremental(parser, pieces))[::2] == (expected, text), size
+    # the same calls as the parser reads them without a grammar (re-encoded there: compared as values)
+    held = [(e.name, json.loads(e.arguments)) for e in parser().parse_all(reply) if isinstance(e, ParsedCall)]
+    assert held == [(name, json.loads(arguments)) for name, arguments in expected]
+
+
+@pytest.mark.parametrize("case", [c for c in INCREMENTAL if "parallel" in c])
+def test_incremental_parsers_stream_token_by_token(case: str, tiny_qwen2: Path) -> None:
+    """The reply as an engine hands it over: the tiny model's real tokens through the engine's incremental
+    detokenizer (multi-byte characters split across byte-level tokens are held until whole)."""
+    from transformers import AutoTokenizer
+
+    from omniserve.engines.detokenizer import IncrementalDetokenizer
+
+    parser, reply, expected, text = INCREMENTAL[case]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    detokenizer = IncrementalDetokenizer(tokenizer, (), parser.SPECIAL_TOKENS)
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    pieces = [detokenizer.add(i)[0] for i in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == reply
+    calls, counts, said = _calls_of(_incremental(parser, pieces))
+    assert calls == expected and said == text
+    assert counts[0] > 5  # the long arguments came in many fragments, token by token
+
+
+@pytest.mark.parametrize(
+    ("parser", "reply", "expected"),
+    [
+        (
+            Llama3JsonParser,
+            '{"name": "f", "parameters": {"a": "x", "b',
+            [CallStart("f"), ParsedCall("f", '{"a": "x", "b', opened=True)],
+        ),
+        (
+            MistralParser,
+            "[TOOL_CALLS][" + _m3("f", "{}") + ', {"name": "g", "arguments": {"a',
+            [CallStart("f"), ParsedCall("f", "{}", opened=True), CallStart("g"), ParsedCall("g", '{"a', opened=True)],
+        ),
+        (
+            MistralV11Parser,
+            "[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]g[ARGS]" + '{"a": [',
+            [
+                CallStart("f"),
+                ParsedCall("f", "{}", opened=True),
+                CallStart("g"),
+                ParsedCall("g", '{"a": [', opened=True),
+            ],
+        ),
+        (MistralParser, "[TOOL_CALLS][" + _m3("f", "{}"), [CallStart("f"), ParsedCall("f", "{}", opened=True)]),
+        (  # the next call's name not yet whole: not announced, what was written of it is text
+            Llama3JsonParser,
+            _l3("f", "{}") + '; {"name": "g',
+            [CallStart("f"), ParsedCall("f", "{}", opened=True), TextPiece(' {"name": "g')],
+        ),
+        (  # text after a call (free under "auto" with strict tools)
+            Llama3JsonParser,
+            _l3("f", "{}") + " Done.",
+            [CallStart("f"), ParsedCall("f", "{}", opened=True), TextPiece(" Done.")],
+        ),
+    ],
+    ids=[
+        "llama3",
+        "mistral",
+        "mistral v11",
+        "mistral before the array closes",
+        "llama3 before the next name",
+        "llama3 text after",
+    ],
+)
+def test_an_announced_call_is_never_taken_back(parser: type[ToolCallParser], reply: str, expected: list[Any]) -> None:
+    """Once announced a call is never taken back: cut short (the token limit), it closes with what was written of
+    its arguments; a call whose name was not yet whole is not announced at all, and text after a call is text."""
+    for pieces in (list(reply), [reply]):
+        assert _merged([e for e in _incremental(parser, pieces) if not isinstance(e, ArgumentsPiece)]) == expected
+
+
+@pytest.mark.parametrize(
+    ("parser", "reply", "expected"),
+    [
+        (Llama3JsonParser, '{"name": "get_time", "parameters": "{}"}', [NOW]),  # arguments encoded as a string
+        (MistralParser, '[TOOL_CALLS][{"name": "get_time", "arguments": "{}"}]', [NOW]),
+        (MistralParser, '[TOOL_CALLS][{"arguments": {}, "name": "get_time"}]', [NOW]),  # name last
+        (MistralParser, '\n[{"name": "get_time", "arguments": {}}]', [NOW]),  # no marker: not the grammar's text
+        (Llama3JsonParser, "It is sunny.", [TextPiece("It is sunny.")]),
+        (MistralV11Parser, "[TOOL_CALLS]get weather[ARGS]{}", [TextPiece("[TOOL_CALLS]get weather[ARGS]{}")]),
+        # under "auto" with strict tools a call is enforced from the trigger ``{"name": `` on: text before is free
+        (Llama3JsonParser, '{ "name": "get_time", "parameters": {}}', [NOW]),
+        (Llama3JsonParser, '{ "name": "f", "parameters": {', [TextPiece('{ "name": "f", "parameters": {')]),
+    ],
+    ids=[
+        "llama3 encoded",
+        "mistral encoded",
+        "mistral name last",
+        "mistral bare array",
+        "llama3 text",
+        "mistral v11 bad name",
+        "llama3 untriggered",
+        "llama3 untriggered cut",
+    ],
+)
+def test_what_an_incremental_parser_cannot_stream_is_read_whole(
+    parser: type[ToolCallParser], reply: str, expected: list[Any]
+) -> None:
+    """Calls in a shape the call grammar never writes are still read, whole, as without a grammar; text stays text."""
+    for pieces in (list(reply), [reply]):
+        assert _merged(_incremental(parser, pieces)) == expected

@@ -129,7 +129,7 @@ def stream_deltas(events: list[Event], first_index: int, parser: ToolCallParser 
     return deltas
 
 
-def _new_parser(parser_class: type[ToolCallParser] | None, submitted: Submitted) -> ToolCallParser | None:
+def new_parser(parser_class: type[ToolCallParser] | None, submitted: Submitted) -> ToolCallParser | None:
     """One choice's parser: incremental where the call grammar is enforced (a call is certain once opened, so it
     streams as written), for the stream and the whole reply alike: both carry the arguments the model wrote."""
     if parser_class is None:
@@ -323,7 +323,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
             return dump(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
-        parsers = [_new_parser(parser_class, submitted) for _ in range(request.n)]
+        parsers = [new_parser(parser_class, submitted) for _ in range(request.n)]
         splitters = [
             ReasoningSplitter(starts_in_reasoning=starts_in_reasoning) if starts_in_reasoning is not None else None
             for _ in range(request.n)
@@ -382,7 +382,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
         choices = []
         for i in range(request.n):
             reasoning, answer = split(texts[i], starts_in_reasoning=starts) if starts is not None else (None, texts[i])
-            message, calls = message_of(answer, _new_parser(parser_class, submitted))
+            message, calls = message_of(answer, new_parser(parser_class, submitted))
             message.reasoning_content = reasoning
             choices.append(
                 ChatChoice(

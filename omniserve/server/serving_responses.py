@@ -6,7 +6,9 @@ input items (messages with text, image and audio parts; ``function_call`` items 
 tool calls; ``function_call_output`` items as tool results). That conversation goes through the chat
 endpoint's own preparation (``ChatServing.prepare``): the same media limits, template, tool
 rendering, structured outputs and engine. What the model writes is parsed by the chat path's
-tool-call parser and shaped as Responses output items and stream events; a response asked to be
+tool-call parser and shaped as Responses output items and stream events (under an enforced call
+grammar a call's item opens as soon as its name is written and its arguments stream as
+``response.function_call_arguments.delta`` events while the model writes them); a response asked to be
 stored is written (one transaction) before its last event or its answer is sent, so the client can
 continue from it at once.
 """
@@ -59,8 +61,8 @@ from omniserve.protocol_responses import (
 from omniserve.responses_store import ResponseNotFound, ResponsesStore, StoredResponse, store_off
 from omniserve.server.errors import parse_body
 from omniserve.server.serving_base import OpenAIServing, ServingContext, Submitted
-from omniserve.server.serving_chat import ChatServing, tool_call_id
-from omniserve.tools.base import ParsedCall, TextPiece, ToolCallParser
+from omniserve.server.serving_chat import ChatServing, new_parser, tool_call_id
+from omniserve.tools.base import ArgumentsPiece, CallStart, Event, TextPiece, ToolCallParser
 from omniserve.tools.registry import require_parser
 from omniserve.validation import describe_validation_error, openai_union_tags
 
@@ -141,15 +143,16 @@ class ResponsesServing(OpenAIServing[ResponsesRequest]):
 
     # ---------------------------------------------------------------- engine -> response
 
-    def _parser(self) -> ToolCallParser | None:
+    def _parser(self, submitted: Submitted) -> ToolCallParser | None:
+        """The chat path's parser for this reply: incremental where the chat path enforced the call grammar."""
         chat = self._chat
         if chat is None or not chat.tools_enabled:
             return None
         parser = require_parser(self.ctx.server.tool_call_parser, self.ctx.renderer.chat_template, self.ctx.model_name)
-        return parser()
+        return new_parser(parser, submitted)
 
     async def chunks(self, request: ResponsesRequest, submitted: Submitted) -> AsyncIterator[dict[str, Any]]:
-        parser = self._parser()
+        parser = self._parser(submitted)
         answer = _Answer(self._skeleton(request), parser)
         for event in answer.start():
             yield event
@@ -171,7 +174,7 @@ class ResponsesServing(OpenAIServing[ResponsesRequest]):
         async for _, delta in submitted.deltas():
             text += delta.text
             finish = delta.finish_reason or finish
-        parser = self._parser()
+        parser = self._parser(submitted)
         answer = _Answer(self._skeleton(request), parser)
         answer.add(parser.parse_all(text) if parser else [TextPiece(text)] if text else [])
         answer.finish(finish, _usage(submitted))
@@ -391,7 +394,10 @@ class _Answer:
 
     The stream and the non-streamed answer both run through it, so they hold the same items. Text
     opens a message item (closed when a call follows, so items keep the order the model wrote them);
-    each call is one ``function_call`` item, its arguments sent whole (a parser yields complete calls).
+    each call is one ``function_call`` item: ``output_item.added`` (its name and call id, no arguments yet),
+    its arguments as ``function_call_arguments.delta`` events, then ``function_call_arguments.done`` and
+    ``output_item.done``. An incremental parser gives the arguments in the pieces the model writes them in
+    (``CallStart``, ``ArgumentsPiece``s, the closing ``ParsedCall``); otherwise a call comes whole, in one delta.
     """
 
     def __init__(self, response: Response, parser: ToolCallParser | None = None) -> None:
@@ -399,6 +405,7 @@ class _Answer:
         self._parser = parser  # whose format says what a call id looks like
         self._sequence = 0
         self._message: ResponseOutputMessage | None = None
+        self._call: ResponseFunctionToolCall | None = None  # the call whose arguments are streaming
 
     def _event(self, event_type: type[BaseModel], **fields: Any) -> dict[str, Any]:
         event = dump(event_type(sequence_number=self._sequence, **fields))
@@ -411,15 +418,21 @@ class _Answer:
     def start(self) -> list[dict[str, Any]]:
         return [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
 
-    def add(self, pieces: list[TextPiece | ParsedCall]) -> list[dict[str, Any]]:
+    def add(self, pieces: list[Event]) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         for piece in pieces:
             if isinstance(piece, TextPiece):
                 if piece.text:
                     events += self._text(piece.text)
+            elif isinstance(piece, CallStart):
+                events += self._open_call(piece.name)
+            elif isinstance(piece, ArgumentsPiece):
+                events += self._arguments(piece.text)
+            elif piece.opened:  # its name and arguments were given already
+                events += self._close_call("completed")
             else:
-                events += self._close_message("completed")
-                events += self._call(piece)
+                events += self._open_call(piece.name) + self._arguments(piece.arguments)
+                events += self._close_call("completed")
         return events
 
     def _open_message(self) -> list[dict[str, Any]]:
@@ -469,29 +482,46 @@ class _Answer:
             self._event(ResponseOutputItemEvent, type="response.output_item.done", output_index=index, item=message),
         ]
 
-    def _call(self, call: ParsedCall) -> list[dict[str, Any]]:
+    def _open_call(self, name: str) -> list[dict[str, Any]]:
+        events = self._close_message("completed") + self._close_call("completed")
         item = ResponseFunctionToolCall(
-            id=item_id("fc"), call_id=tool_call_id(self._parser), name=call.name, arguments="", status="in_progress"
+            id=item_id("fc"), call_id=tool_call_id(self._parser), name=name, arguments="", status="in_progress"
         )
         index = len(self.response.output)
         self.response.output.append(item)
-        where = {"item_id": item.id, "output_index": index}
-        events = [
-            self._event(ResponseOutputItemEvent, type="response.output_item.added", output_index=index, item=item)
-        ]
-        events.append(self._event(ResponseFunctionCallArgumentsDeltaEvent, delta=call.arguments, **where))
-        item.arguments, item.status = call.arguments, "completed"
-        events.append(self._event(ResponseFunctionCallArgumentsDoneEvent, arguments=call.arguments, **where))
+        self._call = item
         events.append(
-            self._event(ResponseOutputItemEvent, type="response.output_item.done", output_index=index, item=item)
+            self._event(ResponseOutputItemEvent, type="response.output_item.added", output_index=index, item=item)
         )
         return events
+
+    def _arguments(self, text: str) -> list[dict[str, Any]]:
+        item = self._call
+        if item is None or not text:
+            return []
+        item.arguments += text
+        where = {"item_id": item.id, "output_index": self.response.output.index(item)}
+        return [self._event(ResponseFunctionCallArgumentsDeltaEvent, delta=text, **where)]
+
+    def _close_call(self, status: str) -> list[dict[str, Any]]:
+        item, self._call = self._call, None
+        if item is None:
+            return []
+        index = self.response.output.index(item)
+        item.status = status  # type: ignore[assignment]
+        return [
+            self._event(
+                ResponseFunctionCallArgumentsDoneEvent, item_id=item.id, output_index=index, arguments=item.arguments
+            ),
+            self._event(ResponseOutputItemEvent, type="response.output_item.done", output_index=index, item=item),
+        ]
 
     def finish(self, finish_reason: str | None, usage: ResponseUsage) -> list[dict[str, Any]]:
         """Close what is open and settle the status: cut by the token limit is ``incomplete``."""
         cut = finish_reason == "length"
         events = self._open_message() if not self.response.output else []  # an empty answer is an empty message
         events += self._close_message("incomplete" if cut else "completed")
+        events += self._close_call("incomplete" if cut else "completed")  # a parser closes its calls: a safeguard
         response = self.response
         response.usage = usage
         response.completed_at = time.time()

@@ -14,9 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from omniserve.tools.base import (
-    ArgumentsPiece,
     CallMode,
-    CallStart,
     Event,
     ParsedCall,
     TextPiece,
@@ -24,11 +22,12 @@ from omniserve.tools.base import (
     calls_format,
     schema_tag,
 )
+from omniserve.tools.streaming_args import JSON_OPENING, OpenCall
 
 START = "<tool_call>"
 END = "</tool_call>"
 #: A call's opening up to its arguments, as the call grammar writes it: the name first, then "arguments".
-_OPENING = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"arguments"\s*:\s*')
+_OPENING = re.compile(r"\s*" + JSON_OPENING)
 
 
 def _partial_start(text: str) -> int:
@@ -58,7 +57,8 @@ def _call(body: str) -> ParsedCall | None:
 
 
 class HermesParser(ToolCallParser):
-    """Text streams as it comes; a call is held from ``<tool_call>`` to ``</tool_call>`` and then parsed whole.
+    """Text streams as it comes; a call is held from ``<tool_call>`` to ``</tool_call>`` and then parsed whole
+    (``incremental``: announced by name and its arguments streamed as written, ``streaming_args.OpenCall``).
 
     Whitespace is held too until text follows it: the blank lines a model writes between and around
     its calls are not content, so a reply of calls only has ``content`` null, streamed or not.
@@ -72,7 +72,7 @@ class HermesParser(ToolCallParser):
         self._in_call = False
         self._gap = ""  # the whitespace before the open call: text again if the call turns out not to be one
         self._calls = 0
-        self._open = _OpenCall()  # incremental: the announced call's arguments, read so far
+        self._open = OpenCall(_OPENING)  # incremental: the open call's name and arguments, read so far
 
     @classmethod
     def matches(cls, chat_template: str) -> bool:
@@ -105,7 +105,8 @@ class HermesParser(ToolCallParser):
                 if end < 0:
                     return events
                 body = self._buffer[:end]
-                call = self._close() if self._open.name is not None else _call(body)
+                call = self._open.close() if self._open.name is not None else _call(body)
+                self._open = OpenCall(_OPENING)  # also after a block read whole: the next one starts afresh
                 if call is None:
                     events.append(TextPiece(self._gap + START + body + END))
                 else:
@@ -134,7 +135,7 @@ class HermesParser(ToolCallParser):
             return events
 
     def _close(self) -> ParsedCall:
-        call, self._open = self._open.close(), _OpenCall()
+        call, self._open = self._open.close(), OpenCall(_OPENING)
         return call
 
     def finish(self) -> list[Event]:
@@ -146,53 +147,3 @@ class HermesParser(ToolCallParser):
         if not rest or (self._calls and not rest.strip()):
             return []
         return [TextPiece(rest)]
-
-
-class _OpenCall:
-    """An incremental parser's open call: announced once its name is written, its arguments given as they come.
-
-    The arguments are the JSON object after ``"arguments":``, as written; its end is found by counting
-    brackets outside strings, so the fragments given are exactly the object's text, and the closing
-    ``ParsedCall`` carries their concatenation.
-    """
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self._at = 0  # where in the call's text reading continues
-        self._arguments = ""
-        self._depth, self._in_string, self._escaped, self._done = 0, False, False, False
-
-    def read(self, body: str) -> list[Event]:
-        """What ``body`` (the call's text so far, after ``<tool_call>``) makes certain beyond what was given."""
-        events: list[Event] = []
-        if self.name is None:
-            opening = _OPENING.match(body)
-            if opening is None or opening.end() == len(body):  # the arguments may still be preceded by blanks
-                return events
-            self.name, self._at = opening.group(1), opening.end()
-            events.append(CallStart(self.name))
-        piece = []
-        while self._at < len(body) and not self._done:
-            char = body[self._at]
-            self._at += 1
-            if self._depth == 0 and not piece and not self._arguments and char.isspace():
-                continue
-            piece.append(char)
-            if self._in_string:
-                self._escaped, self._in_string = (False, True) if self._escaped else (char == "\\", char != '"')
-            elif char == '"':
-                self._in_string = True
-            elif char in "{[":
-                self._depth += 1
-            elif char in "}]":
-                self._depth -= 1
-                self._done = self._depth == 0
-        if piece:
-            self._arguments += "".join(piece)
-            events.append(ArgumentsPiece("".join(piece)))
-        return events
-
-    def close(self) -> ParsedCall:
-        """The announced call, ended: its arguments are exactly the pieces given."""
-        assert self.name is not None
-        return ParsedCall(name=self.name, arguments=self._arguments, opened=True)

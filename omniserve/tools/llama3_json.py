@@ -7,20 +7,34 @@ one after the other separated by ``;``. So a reply that begins like a call (``{`
 whole and read when it ends; one that begins otherwise is text and streams as it comes. A held reply
 that is not a list of such objects (broken JSON, no name, text after the object) is given back as the
 text it was: a JSON answer to a question is content, not a failed call.
+
+Under an enforced call grammar (``incremental``) such a reply is certain to be calls, so it is not held:
+each call is announced once its name is written and its arguments follow as the model writes them
+(``streaming_args.CallSequence``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser, calls_format, schema_tag
+from omniserve.tools.streaming_args import CallSequence
 
 PYTHON_TAG = "<|python_tag|>"
 SEPARATOR = "; "
 #: What the published templates say to the model; a template that says it teaches this format.
 INSTRUCTION = '"parameters": dictionary of argument name and its value'
+#: Incremental reading (``CallSequence``): the first call's opening, and from one call's arguments to the next's.
+#: Each opening starts exactly as the grammar's trigger (``{"name": ``): under "auto" with strict tools the text
+#: before a trigger is free, so a call is certain only from there.
+_OPENING = r'\{"name": "(?P<name>[^"\\]+)"\s*,\s*"(?:parameters|arguments)"\s*:\s*'
+_FIRST = re.compile(r"\s*" + _OPENING)
+_FOLLOWING = re.compile(r"\s*\}\s*;\s*" + _OPENING)
+#: What ends the last announced call (its brace, and the separator when cut before the next call's name).
+_CALL_END = re.compile(r"\s*\}(?:\s*;)?")
 
 
 def call_of(value: Any, *arguments_keys: str) -> ParsedCall | None:
@@ -73,6 +87,7 @@ class Llama3JsonParser(ToolCallParser):
     def __init__(self) -> None:
         self._buffer = ""
         self._mode: str | None = None  # None: not decided yet (only whitespace so far); "text" or "call"
+        self._sequence: CallSequence | None = None  # incremental: the calls, read so far
 
     @classmethod
     def matches(cls, chat_template: str) -> bool:
@@ -96,13 +111,24 @@ class Llama3JsonParser(ToolCallParser):
             if not head or (len(head) < len(PYTHON_TAG) and PYTHON_TAG.startswith(head)):
                 return []  # whitespace or a possible marker: nothing decided yet
             self._mode = "call" if head.startswith(("{", PYTHON_TAG)) else "text"
+            if self._mode == "call" and self.incremental:  # the calls begin after the blanks and the marker
+                start = len(self._buffer) - len(head) + (len(PYTHON_TAG) if head.startswith(PYTHON_TAG) else 0)
+                self._sequence = CallSequence(_FIRST, _FOLLOWING, start=start)
         if self._mode == "call":
-            return []
+            return self._sequence.read(self._buffer) if self._sequence else []
         out, self._buffer = self._buffer, ""
         return [TextPiece(out)]
 
     def finish(self) -> list[Event]:
         held, self._buffer = self._buffer, ""
+        sequence, self._sequence = self._sequence, None
+        if sequence is not None and sequence.announced:
+            # the calls stay calls (the last one cut short too); what follows them, but their closing, is text
+            events = sequence.finish()
+            rest = held[sequence.at :]
+            closing = _CALL_END.match(rest)
+            rest = rest[closing.end() :] if closing else rest
+            return [*events, TextPiece(rest)] if rest.strip() else events
         if self._mode == "call":
             body = held.lstrip()
             body = body[len(PYTHON_TAG) :] if body.startswith(PYTHON_TAG) else body

@@ -14,11 +14,17 @@ The newer templates (Mistral Small 3.2, Magistral, Devstral: the v11+ tokenizers
 arguments object, one such block per call. Which form a template teaches shows in how it renders a past
 call: with ``[ARGS]`` it is v11, else v3. Both forms share the text handling; only the reading of what
 follows the marker differs.
+
+Under an enforced call grammar (``incremental``) a call is not held: it is announced once its name is
+written and its arguments follow as the model writes them (``streaming_args.CallSequence``), each form
+described by three patterns: its first call's opening, what leads from one call's arguments to the next
+one's, and what closes the block.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from collections.abc import Sequence
@@ -26,6 +32,7 @@ from typing import Any
 
 from omniserve.tools.base import CallMode, Event, ParsedCall, TextPiece, ToolCallParser, calls_format, schema_tag
 from omniserve.tools.llama3_json import call_of
+from omniserve.tools.streaming_args import JSON_OPENING, CallSequence
 
 START = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
@@ -34,6 +41,8 @@ CALL_ID = "[CALL_ID]"
 _ID_CHARS = string.ascii_letters + string.digits
 #: A function name as OpenAI allows one (``[A-Za-z0-9_-]{1,64}``; dots too, as some clients send them).
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+#: What ends the last announced call of an array cut short (its brace, and a comma or the array's bracket).
+_CALL_END = re.compile(r"\s*\}(?:\s*[,\]])?")
 
 
 def _partial_start(text: str) -> int:
@@ -92,6 +101,12 @@ class MistralParser(ToolCallParser):
     #: Whether a reply opening with a bare JSON array is read as calls (the v3 array outlives a dropped marker).
     BARE_ARRAY = True
 
+    #: Incremental reading (``CallSequence``): the array's first opening, from one call's arguments to the
+    #: next's, and from the last call's arguments to the end of the array.
+    FIRST = re.compile(r"\s*\[\s*" + JSON_OPENING)
+    FOLLOWING: re.Pattern[str] | None = re.compile(r"\s*\}\s*,\s*" + JSON_OPENING)
+    END = re.compile(r"\s*\}\s*\]")
+
     @staticmethod
     def _read(body: str) -> tuple[list[ParsedCall] | None, int]:
         return _array(body)
@@ -103,6 +118,7 @@ class MistralParser(ToolCallParser):
         self._marker = START  # what opened the call: the marker, or nothing (a bare array opening the reply)
         self._said = False  # whether anything (text or a call) was said yet
         self._calls = 0
+        self._sequence: CallSequence | None = None  # incremental: the open block's calls, read so far
 
     @classmethod
     def matches(cls, chat_template: str) -> bool:
@@ -142,17 +158,27 @@ class MistralParser(ToolCallParser):
         events: list[Event] = []
         while True:
             if self._in_call:
+                if self.incremental and self._marker:  # a bare array is free text to a grammar: read it whole
+                    sequence = self._sequence = self._sequence or CallSequence(self.FIRST, self.FOLLOWING, self.END)
+                    events += sequence.read(self._buffer)
+                    if sequence.announced:  # the block is calls from now on: read here until it closes
+                        end = sequence.ended(self._buffer)
+                        if end is None:
+                            return events
+                        self._calls, self._said = self._calls + sequence.calls, True
+                        self._buffer, self._in_call, self._sequence = self._buffer[end:], False, None
+                        continue
                 calls, end = self._read(self._buffer)
                 if calls is None:
                     if end < 0:  # certainly not calls: the marker and what follows are text again
                         if self._gap + self._marker:
                             events.append(TextPiece(self._gap + self._marker))
-                        self._in_call, self._said = False, True
+                        self._in_call, self._said, self._sequence = False, True, None
                         continue
                     return events
                 events.extend(calls)
                 self._calls, self._said = self._calls + len(calls), True
-                self._buffer, self._in_call = self._buffer[end:], False
+                self._buffer, self._in_call, self._sequence = self._buffer[end:], False, None
                 continue
             start = self._buffer.find(START)
             if start >= 0:
@@ -185,6 +211,16 @@ class MistralParser(ToolCallParser):
             return events
 
     def finish(self) -> list[Event]:
+        sequence, self._sequence = self._sequence, None
+        if self._in_call and sequence is not None and sequence.announced:
+            # cut inside a block of announced calls: they stay calls, and what follows them (but their own
+            # closing) is the text it was
+            events = sequence.finish()
+            self._calls += sequence.calls
+            rest, self._buffer, self._in_call = self._buffer[sequence.at :], "", False
+            closing = _CALL_END.match(rest)
+            rest = rest[closing.end() :] if closing else rest
+            return [*events, TextPiece(rest)] if rest.strip() else events
         rest = (self._gap + self._marker if self._in_call else "") + self._buffer
         self._buffer, self._in_call = "", False
         if not rest or (self._calls and not rest.strip()):
@@ -198,6 +234,11 @@ class MistralV11Parser(MistralParser):
     NAME = "mistral_v11"
     SPECIAL_TOKENS = (START, ARGS, CALL_ID)
     BARE_ARRAY = False
+    #: One call per block: its name (and an id, as a history writes one) up to ``[ARGS]``; the block ends
+    #: with the arguments.
+    FIRST = re.compile(r"(?P<name>[A-Za-z0-9_.\-]{1,64})(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\]\s*")
+    FOLLOWING = None
+    END = re.compile("")
 
     @staticmethod
     def _read(body: str) -> tuple[list[ParsedCall] | None, int]:
