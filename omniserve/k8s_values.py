@@ -237,46 +237,46 @@ def dump_values_yaml(values: Mapping[str, Any]) -> str:
         "# The server binds 0.0.0.0 inside the pod; reach it through the Service (see the install notes).",
         "# Size resources (and accelerator.count) for the model before installing.",
     ]
-    auth = values.get("auth") or {}
-    if auth.get("existingSecret"):
-        lines += [
-            "#",
-            "# API keys are not copied into values. Create the Secret they are read from, one key per line:",
-            f"#   kubectl create secret generic {auth['existingSecret']} "
+    sections = ("auth", "model", "multiNode", "lora", "media")
+    auth, model, multi, lora, media = (values.get(section) or {} for section in sections)
+    models_claim = (model.get("pvc") or {}).get("claimName", DEFAULT_MODELS_CLAIM)
+    adapters_claim = (lora.get("volume") or {}).get("claimName")
+    # what is left to do on the cluster, one note per case: (whether it applies, its lines); "#" sets notes apart
+    notes: list[tuple[Any, ...]] = [
+        (
+            auth.get("existingSecret"),
+            "API keys are not copied into values. Create the Secret they are read from, one key per line:",
+            f"  kubectl create secret generic {auth.get('existingSecret')} "
             f"--from-file={auth.get('secretKey', API_KEY_SECRET_KEY)}=./api-keys.txt",
-        ]
-    model = values.get("model") or {}
-    if model.get("source") == "pvc":
-        claim = (model.get("pvc") or {}).get("claimName", DEFAULT_MODELS_CLAIM)
-        lines += [
-            "#",
-            f"# The checkpoint must be on the PersistentVolumeClaim {claim!r}, in the folder {model.get('path', '')!r}",
-            "# (mounted read-only at /models). Or set model.source to download (an init container copies it",
-            "# from object storage) or hostPath.",
-        ]
-    multi = values.get("multiNode") or {}
-    if multi.get("enabled"):
-        lines += [
-            "#",
-            f"# One model over {multi.get('size')} pods per group (multiNode): a LeaderWorkerSet, which needs the",
-            "# LeaderWorkerSet controller (https://github.com/kubernetes-sigs/lws). The leader starts the Ray head",
-            "# and omniserve, the workers join it; the local --ray-address is not used in the pods.",
-        ]
-    lora = values.get("lora") or {}
-    claim = (lora.get("volume") or {}).get("claimName")
-    if claim:
-        lines += [
-            "#",
-            f"# LoRA adapters must be on the PersistentVolumeClaim {claim!r} (mounted read-only at /adapters), each",
-            "# folder at its lora.adapters path; run-time loads (lora.allowRuntime) may read anywhere on it.",
-        ]
-    media = values.get("media") or {}
-    if media.get("allowedLocalPath"):
-        lines += [
-            "#",
-            f"# media.allowedLocalPath {media['allowedLocalPath']!r} is a path inside the pod: mount it with",
-            "# extraVolumes and extraVolumeMounts.",
-        ]
+        ),
+        (
+            model.get("source") == "pvc",
+            f"The checkpoint must be on the PersistentVolumeClaim {models_claim!r}, "
+            f"in the folder {model.get('path', '')!r}",
+            "(mounted read-only at /models). Or set model.source to download (an init container copies it",
+            "from object storage) or hostPath.",
+        ),
+        (
+            multi.get("enabled"),
+            f"One model over {multi.get('size')} pods per group (multiNode): a LeaderWorkerSet, which needs the",
+            "LeaderWorkerSet controller (https://github.com/kubernetes-sigs/lws). The leader starts the Ray head",
+            "and omniserve, the workers join it; the local --ray-address is not used in the pods.",
+        ),
+        (
+            adapters_claim,
+            f"LoRA adapters must be on the PersistentVolumeClaim {adapters_claim!r} "
+            "(mounted read-only at /adapters), each",
+            "folder at its lora.adapters path; run-time loads (lora.allowRuntime) may read anywhere on it.",
+        ),
+        (
+            media.get("allowedLocalPath"),
+            f"media.allowedLocalPath {media.get('allowedLocalPath')!r} is a path inside the pod: mount it with",
+            "extraVolumes and extraVolumeMounts.",
+        ),
+    ]
+    for applies, *note in notes:
+        if applies:
+            lines += ["#", *(f"# {line}" for line in note)]
     body = yaml.safe_dump(dict(values), sort_keys=False, default_flow_style=False, allow_unicode=True)
     return "\n".join(lines) + "\n" + body
 

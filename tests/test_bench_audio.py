@@ -14,21 +14,16 @@ from typer.testing import CliRunner
 from omniserve.eval.bench import BenchOptions, run_bench
 from omniserve.eval.bench_audio import AudioBenchReport
 from omniserve.eval.cli import bench_command
-from tests.conftest import RunningServer, start_server
+from tests.conftest import RunningServer
+from tests.speaking_server import speaking_server
 
 MAX_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
 def server(speaking_model: Path) -> Iterator[RunningServer]:
-    srv = start_server(
-        speaking_model,
-        name="tiny-speaking",
-        engine={"max_model_len": 2048, "threads": 1},
-        server={"speech_max_seconds": MAX_SECONDS, "speech_max_waiting": 16},
-    )
-    yield srv
-    srv.stop()
+    with speaking_server(speaking_model, speech_max_seconds=MAX_SECONDS, speech_max_waiting=16) as srv:
+        yield srv
 
 
 def test_chat_audio_output_levels_report_ttfab_and_realtime_factor(server: RunningServer, tmp_path: Path) -> None:

@@ -7,58 +7,34 @@ audio that arrives while the text is still being written, and a 4xx for each req
 from __future__ import annotations
 
 import base64
-import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import numpy as np
 import openai
 import pytest
-import soundfile
 
 from omniserve.speech.chat_audio import PIECE_BYTES, Segmenter, fade
-from tests.conftest import RunningServer, idle, start_server, wait_until
+from tests.conftest import RunningServer, idle, wait_until
+from tests.speaking_server import NAME, RATE, decode_audio, refusal, speaking_server
 
-RATE = 24_000
 MAX_SECONDS = 0.2  # --speech-max-seconds: each synthesis of the random talker is cut there (fast tests)
-NAME = "tiny-speaking"
 SPEAK = {"modalities": ["text", "audio"], "audio": {"voice": "Chelsie", "format": "wav"}}
 HI = [{"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
 def server(speaking_model: Path) -> Iterator[RunningServer]:
-    srv = start_server(
-        speaking_model,
-        name=NAME,
-        # one compute thread each for the engine and the talker: two OpenMP threads wait on each other here
-        engine={"max_model_len": 2048, "threads": 1},
-        server={"speech_max_seconds": MAX_SECONDS},
-    )
-    yield srv
-    srv.stop()
+    with speaking_server(speaking_model, speech_max_seconds=MAX_SECONDS) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> openai.OpenAI:
     return server.client()
-
-
-def _decode(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
-    if fmt == "pcm16":
-        assert len(data) % 2 == 0
-        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, RATE
-    if fmt in ("wav", "flac"):
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32")
-        return samples, rate
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        samples = np.concatenate([frame.to_ndarray().reshape(-1) for frame in container.decode(stream)])
-        return samples, stream.codec_context.sample_rate
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "pcm16"])
@@ -78,7 +54,7 @@ def test_a_reply_is_spoken_whole(client: openai.OpenAI, fmt: str) -> None:
     audio = message.audio
     assert audio.id and audio.transcript.strip() and reply.usage.completion_tokens == 12
     assert audio.expires_at >= started + 3000  # kept an hour for later turns
-    samples, rate = _decode(base64.b64decode(audio.data), fmt)
+    samples, rate = decode_audio(base64.b64decode(audio.data), fmt)
     assert rate == RATE
     assert 0.015 <= len(samples) / RATE <= MAX_SECONDS + 0.1  # one synthesis: at least one code, at most the cap
     assert np.isfinite(samples).all() and np.abs(samples).max() <= 1.0
@@ -120,7 +96,7 @@ def test_a_streamed_reply_is_spoken_while_it_is_written(client: openai.OpenAI) -
     joined = base64.b64decode("".join(pieces), validate=True)  # the openai helpers concatenate, then decode
     assert joined == b"".join(base64.b64decode(piece) for piece in pieces)
     assert all(len(base64.b64decode(piece)) <= PIECE_BYTES for piece in pieces)
-    samples, _ = _decode(joined, "pcm16")
+    samples, _ = decode_audio(joined, "pcm16")
     transcript = "".join(value for kind, value in events if kind == "transcript")
     segments = len(Segmenter().feed(transcript)) + 1
     # segments that queue up behind a synthesis are spoken together: between one synthesis and one per segment
@@ -166,7 +142,7 @@ def test_the_stream_helper_assembles_the_spoken_reply(client: openai.OpenAI) -> 
     message = snapshot.choices[0].message
     assert message.content is None and message.audio is not None
     assert message.audio.id.startswith("audio") and message.audio.transcript and message.audio.expires_at > 0
-    samples, _ = _decode(base64.b64decode(message.audio.data, validate=True), "pcm16")
+    samples, _ = decode_audio(base64.b64decode(message.audio.data, validate=True), "pcm16")
     assert len(samples) > 0
 
 
@@ -181,14 +157,6 @@ def test_a_spoken_reply_sent_back_by_id_brings_its_text(client: openai.OpenAI) -
         return reply.usage.prompt_tokens
 
     assert prompt_tokens(audio_id) > prompt_tokens("audio-unknown")
-
-
-def _refusal(call: Any) -> openai.APIStatusError:
-    with pytest.raises(openai.APIStatusError) as info:
-        call()
-    error = info.value.response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return info.value
 
 
 @pytest.mark.parametrize(
@@ -206,7 +174,7 @@ def test_bad_audio_requests_are_a_400_naming_the_fix(
     client: openai.OpenAI, fields: dict[str, Any], param: str, says: str
 ) -> None:
     request = {"model": NAME, "messages": HI, "max_tokens": 2, **SPEAK, **fields}
-    exc = _refusal(lambda: client.chat.completions.create(**{k: v for k, v in request.items() if v is not None}))
+    exc = refusal(lambda: client.chat.completions.create(**{k: v for k, v in request.items() if v is not None}))
     error = exc.response.json()["error"]
     assert exc.status_code == 400 and error["param"] == param and says in error["message"], error
     assert client.chat.completions.create(model=NAME, messages=HI, max_tokens=2, **SPEAK).choices[0].message.audio
@@ -214,7 +182,7 @@ def test_bad_audio_requests_are_a_400_naming_the_fix(
 
 def test_a_thinker_only_checkpoint_cannot_speak_a_reply(omni_server: RunningServer) -> None:
     client = omni_server.client()
-    exc = _refusal(
+    exc = refusal(
         lambda: client.chat.completions.create(model=omni_server.model_name, messages=HI, max_tokens=2, **SPEAK)
     )
     error = exc.response.json()["error"]
@@ -225,17 +193,12 @@ def test_a_thinker_only_checkpoint_cannot_speak_a_reply(omni_server: RunningServ
 
 
 def test_a_server_started_with_no_speech_cannot_speak_a_reply(speaking_model: Path) -> None:
-    srv = start_server(
-        speaking_model, name=NAME, engine={"max_model_len": 2048, "threads": 1}, server={"speech": False}
-    )
-    try:
+    with speaking_server(speaking_model, speech=False) as srv:
         client = srv.client()
-        exc = _refusal(lambda: client.chat.completions.create(model=NAME, messages=HI, max_tokens=2, **SPEAK))
+        exc = refusal(lambda: client.chat.completions.create(model=NAME, messages=HI, max_tokens=2, **SPEAK))
         error = exc.response.json()["error"]
         assert exc.status_code == 400 and error["code"] == "audio_output_unsupported"
         assert "--no-speech" in error["message"]
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize(

@@ -201,25 +201,18 @@ def test_missing_eval_extra_is_refused_before_anything_starts(demo_model: Path, 
             (site / entry.name).symlink_to(entry)
     root = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": f"{root}{os.pathsep}{site}", "PATH": os.environ["PATH"], "XDG_CACHE_HOME": str(tmp_path)}
-    cli = [sys.executable, "-S", "-m", "omniserve.cli"]  # -S: no site-packages but the folder above
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        """``omniserve ARGV`` in a Python that sees no site-packages (-S) but the folder above."""
+        command = [sys.executable, "-S", "-m", "omniserve.cli", *argv]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
     quant_cache = tmp_path / "quantized"
     deploy = ["deploy", "--model", str(demo_model), "--quant", "gptq", "--quant-cache-dir", str(quant_cache)]
-    gate = subprocess.run(
-        [*cli, *deploy, "--gate", "omni-synth", "--quantize-only"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    gate = cli(*deploy, "--gate", "omni-synth", "--quantize-only")
     assert gate.returncode == 2, gate.stderr[-2000:]
     assert "evalscope is not installed here: pip install 'omniserve[eval]'" in gate.stderr
     assert not quant_cache.exists(), "nothing was quantized"
-    run = subprocess.run(
-        [*cli, "eval", "--suite", "text-mcq", "--url", "http://127.0.0.1:9/v1", "--output", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    run = cli("eval", "--suite", "text-mcq", "--url", "http://127.0.0.1:9/v1", "--output", str(tmp_path / "run"))
     assert run.returncode == 2, run.stderr[-2000:]
     assert "pip install 'omniserve[eval]'" in run.stderr

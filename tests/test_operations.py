@@ -7,6 +7,7 @@ import base64
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,22 @@ def test_text_only_model_refuses_media(small_server: RunningServer) -> None:
     assert "does not accept image" in resp.json()["error"]["message"]
 
 
+@contextmanager
+def slot_held(srv: RunningServer) -> Iterator[None]:
+    """A streaming request holds the server's one batch slot (it has its first line) until the block ends: then
+    its client leaves and the holder's thread is joined."""
+    wait_until(lambda: idle(srv))
+    started, stop = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_slot, args=(srv, started, stop))
+    holder.start()
+    try:
+        assert started.wait(30)
+        yield
+    finally:
+        stop.set()
+        holder.join(30)
+
+
 def _hold_slot(srv: RunningServer, started: threading.Event, stop: threading.Event) -> None:
     with httpx.stream(
         "POST", srv.base_url + "/v1/chat/completions", headers=auth(), timeout=60, json=body(stream=True, **LONG)
@@ -107,13 +124,6 @@ def _hold_slot(srv: RunningServer, started: threading.Event, stop: threading.Eve
 
 
 def test_queue_full_gives_429_and_disconnect_frees_slot(small_server: RunningServer) -> None:
-    wait_until(lambda: idle(small_server))
-    started, stop = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold_slot, args=(small_server, started, stop))
-    holder.start()
-    assert started.wait(30)
-    # a sequence counts as waiting until its first token, then as running: the holder is in the batch
-    wait_until(lambda: small_server.engine.stats().running == 1)
     queued_result: dict[str, int] = {}
 
     def queued() -> None:
@@ -123,40 +133,33 @@ def test_queue_full_gives_429_and_disconnect_frees_slot(small_server: RunningSer
         queued_result["status"] = resp.status_code
 
     waiter = threading.Thread(target=queued)
-    waiter.start()
-    wait_until(lambda: small_server.engine.stats().waiting == 1)
-    # one sequence running, one waiting (--max-queue 1 counts sequences): the next is refused at once
-    resp = httpx.post(small_server.base_url + "/v1/chat/completions", headers=auth(), json=body(max_tokens=2))
-    assert resp.status_code == 429
-    assert resp.headers["retry-after"] == "3"
-    assert resp.json()["error"]["type"] == "rate_limit_error"
-    # streaming requests are refused the same way (before the stream starts)
-    resp = httpx.post(small_server.base_url + "/v1/chat/completions", headers=auth(), json=body(stream=True))
-    assert resp.status_code == 429
-    # the streaming client goes away: its slot is freed and the queued request runs
-    stop.set()
-    holder.join(30)
+    with slot_held(small_server):
+        # a sequence counts as waiting until its first token, then as running: the holder is in the batch
+        wait_until(lambda: small_server.engine.stats().running == 1)
+        waiter.start()
+        wait_until(lambda: small_server.engine.stats().waiting == 1)
+        # one sequence running, one waiting (--max-queue 1 counts sequences): the next is refused at once
+        resp = httpx.post(small_server.base_url + "/v1/chat/completions", headers=auth(), json=body(max_tokens=2))
+        assert resp.status_code == 429
+        assert resp.headers["retry-after"] == "3"
+        assert resp.json()["error"]["type"] == "rate_limit_error"
+        # streaming requests are refused the same way (before the stream starts)
+        resp = httpx.post(small_server.base_url + "/v1/chat/completions", headers=auth(), json=body(stream=True))
+        assert resp.status_code == 429
+    # the streaming client has gone away: its slot is freed and the queued request runs
     waiter.join(60)
     assert queued_result["status"] == 200
     wait_until(lambda: idle(small_server))
 
 
 def test_client_leaving_the_queue_frees_its_place(small_server: RunningServer) -> None:
-    wait_until(lambda: idle(small_server))
-    started, stop = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold_slot, args=(small_server, started, stop))
-    holder.start()
-    try:
-        assert started.wait(30)
+    with slot_held(small_server):
         with pytest.raises(httpx.ReadTimeout):  # queued behind the holder, then gives up
             httpx.post(
                 small_server.base_url + "/v1/chat/completions", headers=auth(), timeout=1.0, json=body(max_tokens=2)
             )
         wait_until(lambda: small_server.engine.stats().waiting == 0, timeout=10)
         assert small_server.engine.stats().running == 1  # the holder is still generating
-    finally:
-        stop.set()
-        holder.join(30)
 
 
 def test_non_streaming_disconnect_frees_slot(small_server: RunningServer) -> None:
@@ -167,12 +170,7 @@ def test_non_streaming_disconnect_frees_slot(small_server: RunningServer) -> Non
 
 
 def test_health_and_metrics_stay_responsive_during_generation(small_server: RunningServer) -> None:
-    wait_until(lambda: idle(small_server))
-    started, stop = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold_slot, args=(small_server, started, stop))
-    holder.start()
-    try:
-        assert started.wait(30)
+    with slot_held(small_server):
         for path in ("/health", "/metrics"):
             t0 = time.perf_counter()
             assert httpx.get(small_server.base_url + path, timeout=5).status_code == 200
@@ -183,9 +181,6 @@ def test_health_and_metrics_stay_responsive_during_generation(small_server: Runn
         assert metrics["omniserve_queue_depth"] == 0
         # what inference-gateway pickers route on: the running sequence's tokens in the cache
         assert 0 < metrics["omniserve_kv_cache_usage_perc"] < 1
-    finally:
-        stop.set()
-        holder.join(30)
     wait_until(lambda: idle(small_server), timeout=30)
     assert _metrics(small_server)["omniserve_kv_cache_usage_perc"] == 0
 

@@ -8,7 +8,6 @@ arrives in chunks, events carry the same audio, voices are the checkpoint's, bad
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import threading
@@ -16,32 +15,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import numpy as np
 import openai
 import pytest
-import soundfile
 
 from omniserve.speech.encode import CHUNK_BYTES
-from tests.conftest import RunningServer, start_server, wait_until
+from tests.conftest import RunningServer, wait_until
+from tests.speaking_server import RATE, decode_audio, refusal, speaking_server
 
-RATE = 24_000
 MAX_SECONDS = 3.0  # the server's --speech-max-seconds: the random talker is cut there at the latest
 TEXT = "The quick brown fox jumps over the lazy dog near the river."
 
 
 @pytest.fixture(scope="module")
 def speech_server(speaking_model: Path) -> Iterator[RunningServer]:
-    srv = start_server(
-        speaking_model,
-        name="tiny-speaking",
-        # one compute thread: on a busy 2-core machine two OpenMP threads wait on each other (10x slower)
-        engine={"max_model_len": 2048, "threads": 1},
-        server={"speech_max_input": 200, "speech_max_seconds": MAX_SECONDS, "speech_max_waiting": 0},
-    )
-    yield srv
-    srv.stop()
+    with speaking_server(
+        speaking_model, speech_max_input=200, speech_max_seconds=MAX_SECONDS, speech_max_waiting=0
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -49,29 +41,10 @@ def client(speech_server: RunningServer) -> openai.OpenAI:
     return speech_server.client()
 
 
-def _decode(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
-    """Samples and the rate they were encoded at, read back with soundfile (wav, flac, pcm) or PyAV."""
-    if fmt == "pcm":
-        assert len(data) % 2 == 0
-        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, RATE
-    if fmt in ("wav", "flac"):
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32")
-        return samples, rate
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        samples = np.concatenate([frame.to_ndarray().reshape(-1) for frame in container.decode(stream)])
-        rate = stream.codec_context.sample_rate
-    if fmt == "opus":  # Opus always decodes at 48 kHz; the encoded rate is in the OpusHead (bytes 12..16)
-        assert rate == 48_000
-        head = data.index(b"OpusHead")
-        return samples[::2], int.from_bytes(data[head + 12 : head + 16], "little")
-    return samples, rate
-
-
 @pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
 def test_each_format_decodes_to_audio_at_the_model_rate(client: openai.OpenAI, fmt: str) -> None:
     response = client.audio.speech.create(model="tiny-speaking", input=TEXT, voice="Chelsie", response_format=fmt)
-    samples, rate = _decode(response.content, fmt)
+    samples, rate = decode_audio(response.content, fmt)
     assert rate == RATE
     # at least one codec code (20 ms; lossy codecs add a frame of padding), at most the server's cap
     assert 0.015 <= len(samples) / RATE <= MAX_SECONDS + 0.1
@@ -88,7 +61,7 @@ def test_body_is_streamed_in_chunks(client: openai.OpenAI) -> None:
         assert "content-length" not in response.headers
         pieces = list(response.iter_bytes())
     data = b"".join(pieces)
-    samples, _ = _decode(data, "pcm")
+    samples, _ = decode_audio(data, "pcm")
     assert len(samples) / RATE >= 0.03  # speed 0.5: twice the length of at least one code
 
 
@@ -98,7 +71,7 @@ def test_speed_stretches_the_audio(speech_server: RunningServer) -> None:
     response = speech_server.client().audio.speech.create(
         model="tiny-speaking", input=TEXT, voice="Ethan", response_format="wav", speed=4.0
     )
-    samples, rate = _decode(response.content, "wav")
+    samples, rate = decode_audio(response.content, "wav")
     assert rate == RATE and 0 < len(samples) / RATE <= MAX_SECONDS / 4 + 0.05
 
 
@@ -118,7 +91,7 @@ def test_sse_events_carry_the_audio_and_usage(speech_server: RunningServer) -> N
     assert {event["type"] for event in deltas} == {"speech.audio.delta"}
     audio = b"".join(base64.b64decode(event["audio"]) for event in deltas)
     assert len(deltas) == math.ceil(len(audio) / CHUNK_BYTES)
-    samples, rate = _decode(audio, "wav")
+    samples, rate = decode_audio(audio, "wav")
     assert rate == RATE and len(samples) > 0
     assert done["type"] == "speech.audio.done"
     usage = done["usage"]
@@ -132,15 +105,7 @@ def test_voices_are_the_checkpoints_speakers(speech_server: RunningServer, clien
     response = client.audio.speech.create(
         model="tiny-speaking", input="Hello there.", voice={"id": "Ethan"}, response_format="flac"
     )
-    assert _decode(response.content, "flac")[1] == RATE
-
-
-def _refusal(call: Any) -> openai.APIStatusError:
-    with pytest.raises(openai.APIStatusError) as info:
-        call()
-    error = info.value.response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return info.value
+    assert decode_audio(response.content, "flac")[1] == RATE
 
 
 @pytest.mark.parametrize(
@@ -158,7 +123,7 @@ def test_bad_input_is_a_4xx_naming_the_fix(
     client: openai.OpenAI, fields: dict[str, Any], status: int, param: str, says: str
 ) -> None:
     request = {"model": "tiny-speaking", "input": TEXT, "voice": "Chelsie", "response_format": "wav", **fields}
-    exc = _refusal(lambda: client.audio.speech.create(**request))
+    exc = refusal(lambda: client.audio.speech.create(**request))
     error = exc.response.json()["error"]
     assert exc.status_code == status and error["param"] == param and says in error["message"]
     assert client.audio.speech.create(model="tiny-speaking", input="Still here.", voice="Ethan").content
@@ -177,7 +142,7 @@ def test_a_busy_synthesizer_refuses_beyond_its_waiting_room(speech_server: Runni
     worker = threading.Thread(target=speak)
     worker.start()
     wait_until(lambda: synthesizer.busy, timeout=30, interval=0.001)
-    exc = _refusal(lambda: speech_server.client().audio.speech.create(model="tiny-speaking", input=TEXT, voice="Ethan"))
+    exc = refusal(lambda: speech_server.client().audio.speech.create(model="tiny-speaking", input=TEXT, voice="Ethan"))
     assert exc.status_code == 429 and "--speech-max-waiting" in exc.response.json()["error"]["message"]
     worker.join(timeout=120)
     assert first["response"].content
@@ -191,7 +156,7 @@ def test_metrics_count_speech(speech_server: RunningServer) -> None:
 
 def test_a_thinker_only_checkpoint_cannot_speak(omni_server: RunningServer) -> None:
     client = omni_server.client()
-    exc = _refusal(lambda: client.audio.speech.create(model=omni_server.model_name, input=TEXT, voice="Chelsie"))
+    exc = refusal(lambda: client.audio.speech.create(model=omni_server.model_name, input=TEXT, voice="Chelsie"))
     error = exc.response.json()["error"]
     assert exc.status_code == 400 and error["code"] == "audio_output_unsupported"
     assert "cannot speak" in error["message"] and error["param"] == "model"
@@ -215,7 +180,7 @@ def test_a_synthesis_past_its_deadline_is_a_504(speech_server: RunningServer, cl
     configured = synthesizer.timeout_seconds
     synthesizer.timeout_seconds = 0.01  # as if started with --speech-timeout 0.01
     try:
-        exc = _refusal(lambda: client.audio.speech.create(model="tiny-speaking", input=TEXT * 3, voice="Ethan"))
+        exc = refusal(lambda: client.audio.speech.create(model="tiny-speaking", input=TEXT * 3, voice="Ethan"))
     finally:
         synthesizer.timeout_seconds = configured
     assert exc.status_code == 504 and "--speech-timeout" in exc.response.json()["error"]["message"]

@@ -18,8 +18,6 @@ timeout) is an errored item, not a wrong one, and makes the suite ``incomplete``
 from __future__ import annotations
 
 import json
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,11 @@ from typing import Any
 from omniserve.eval.datasets import StagedSuite
 from omniserve.eval.errors import DatasetMissing, MissingExtra
 from omniserve.eval.progress import SuiteProgress
-from omniserve.eval.report import SampleCounts, SubsetScore, SuiteResult
+from omniserve.eval.report import SubsetScore, SuiteResult
+from omniserve.eval.scored_suite import Scored, ask_and_score
 from omniserve.eval.target import Target
 
 METRIC = "1-wer"
-_ERRORS_SHOWN = 5
 
 
 @dataclass
@@ -105,41 +103,33 @@ def run_asr_suite(
     staged: StagedSuite, target: Target, *, concurrency: int, request_timeout: float, progress: SuiteProgress
 ) -> SuiteResult:
     """Upload every staged item's audio, score the transcripts, return the suite's result (never raises on a reply)."""
-    import openai
-
-    suite = staged.suite
-    started = time.monotonic()
-    client = openai.OpenAI(base_url=target.base_url, api_key=target.api_key, max_retries=0, timeout=request_timeout)
-    items = [(subset, record) for subset in staged.totals for record in _records(staged, subset)]
-    task = progress.add(suite.name, len(items))
     scores: dict[str, WerScore] = {subset: WerScore() for subset in staged.totals}
-    failures: list[str] = []
-    done = 0
 
-    def one(item: tuple[str, dict[str, Any]]) -> str | Exception:
-        audio = audio_file(item[1])
-        try:
-            result = client.audio.transcriptions.create(
-                model=target.model,
-                file=(audio.name, audio.read_bytes()),
-                response_format="json",
-                temperature=suite.generation.temperature,
-            )
-        except openai.OpenAIError as exc:
-            return exc
-        return result.text
+    def transcribe(client: Any, record: dict[str, Any]) -> str:
+        audio = audio_file(record)
+        return client.audio.transcriptions.create(
+            model=target.model,
+            file=(audio.name, audio.read_bytes()),
+            response_format="json",
+            temperature=staged.suite.generation.temperature,
+        ).text
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for (subset, record), reply in zip(items, pool.map(one, items), strict=True):
-            done += 1
-            if isinstance(reply, Exception):
-                failures.append(f"{record.get('id', '?')}: {type(reply).__name__}: {reply}")
-            else:
-                scores[subset].add(record.get("id", "?"), record["answer"], reply)
-            progress.update(task, done, _overall(scores).score)
-    result = _result(staged, scores, failures, time.monotonic() - started)
-    progress.finish(task, result.status, result.score)
-    return result
+    def tally(subset: str, record: dict[str, Any], transcript: str) -> None:
+        scores[subset].add(record.get("id", "?"), record["answer"], transcript)
+
+    return ask_and_score(
+        staged,
+        target,
+        metric=METRIC,
+        records=_records,
+        request=transcribe,
+        tally=tally,
+        running_score=lambda: _overall(scores).score,
+        summary=lambda: _summary(scores),
+        concurrency=concurrency,
+        request_timeout=request_timeout,
+        progress=progress,
+    )
 
 
 def audio_file(record: dict[str, Any]) -> Path:
@@ -167,33 +157,13 @@ def _overall(scores: dict[str, WerScore]) -> WerScore:
     return total
 
 
-def _result(staged: StagedSuite, scores: dict[str, WerScore], failures: list[str], seconds: float) -> SuiteResult:
-    suite = staged.suite
+def _summary(scores: dict[str, WerScore]) -> Scored:
+    """The score (1 - WER), and per subset the same, ``.wer`` and ``.exact``; wrong transcripts for wrong.txt."""
     subsets: dict[str, SubsetScore] = {}
     for name, score in scores.items():
         subsets[name] = SubsetScore(score=score.score, samples=score.total)
         subsets[f"{name}.wer"] = SubsetScore(score=score.wer, samples=score.total)
         subsets[f"{name}.exact"] = SubsetScore(score=score.exact_rate, samples=score.total)
     overall = _overall(scores)
-    errors = []
-    if failures:
-        errors.append(f"{len(failures)} of {staged.total} items failed: " + "; ".join(failures[:_ERRORS_SHOWN]))
     wrong = [f"{ident}: expected {ref!r}, got {hyp!r}" for s in scores.values() for ident, ref, hyp in s.wrong]
-    status = "complete" if not failures else ("incomplete" if overall.total else "error")
-    result = SuiteResult(
-        suite=suite.name,
-        description=suite.description,
-        format=suite.format,
-        scoring=suite.scoring,
-        benchmark=staged.benchmark,
-        metric=METRIC,
-        status=status,
-        score=overall.score,
-        subsets=subsets,
-        samples=SampleCounts(requested=staged.total, scored=overall.total, errored=len(failures)),
-        errors=errors,
-        seconds=round(seconds, 2),
-    )
-    if wrong:  # the report's errors list is for failures; wrong transcripts go beside the run's data
-        (staged.local_path / "wrong.txt").write_text("\n".join(wrong) + "\n", "utf-8")
-    return result
+    return Scored(score=overall.score, subsets=subsets, scored=overall.total, wrong=wrong)

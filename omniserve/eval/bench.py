@@ -133,16 +133,23 @@ class LevelResult(BaseModel):
     latency_s: Stats
 
 
-class BenchReport(BaseModel):
+class ReportRecord(BaseModel):
+    """What every bench report (text or audio) records beside its levels: when, against what, with which options
+    and library versions, so a bench.json read months later says how it was made. ``folder`` is where its files
+    are written, not part of them."""
+
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     target: dict[str, Any]
     options: dict[str, Any]
     versions: dict[str, str | None] = Field(default_factory=library_versions)
+    folder: Path = Field(exclude=True)
+
+
+class BenchReport(ReportRecord):
     levels: list[LevelResult]
     slo: dict[str, Any] | None = Field(
         None, description="--slo-ttft-ms: the target, the highest rate whose TTFT p99 held, the rate that broke it."
     )
-    folder: Path = Field(exclude=True)
 
     def markdown(self) -> str:
         open_loop = any(r.rate is not None for r in self.levels)
@@ -371,10 +378,18 @@ def _chart(report: BenchReport, path: Path) -> None:
     right.set_ylabel("milliseconds")
     right.set_title("Latency")
     right.legend(fontsize=8)
-    for axis in (left, right):
+    save_chart(fig, (left, right), xs, f"omniserve bench: {report.target.get('model')}", path)
+
+
+def save_chart(fig: Any, axes: tuple[Any, ...], xs: list[float], title: str, path: Path) -> None:
+    """Finish a bench chart (text or audio) and write it to ``path``: ``axes`` on a log-2 x scale ticked at the
+    levels measured (1, 4, 16 stay evenly apart and labelled as given), the title above, the figure closed."""
+    import matplotlib.pyplot as plt
+
+    for axis in axes:
         axis.set_xscale("log", base=2)
         axis.set_xticks(xs, [f"{x:g}" for x in xs])
-    fig.suptitle(f"omniserve bench: {report.target.get('model')}")
+    fig.suptitle(title)
     fig.tight_layout()
     write_with(path, lambda staging: fig.savefig(staging, dpi=110, format="png"))
     plt.close(fig)

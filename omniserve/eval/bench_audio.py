@@ -16,16 +16,15 @@ import base64
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from omniserve.atomic_files import write_text_atomic, write_with
+from omniserve.atomic_files import write_text_atomic
+from omniserve.eval.bench import ReportRecord, save_chart
 from omniserve.eval.errors import BenchError
 from omniserve.eval.html_report import embedded_png, page, table
-from omniserve.eval.report import library_versions
 from omniserve.eval.target import Target
 
 #: pcm16 from both endpoints is mono 16-bit little-endian at the model's rate (24 kHz for Qwen2.5-Omni, as OpenAI's).
@@ -65,13 +64,8 @@ class AudioLevelResult(BaseModel):
     errors: list[str] = Field(default_factory=list, description="The first few failures' messages.")
 
 
-class AudioBenchReport(BaseModel):
-    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    target: dict[str, Any]
-    options: dict[str, Any]
-    versions: dict[str, str | None] = Field(default_factory=library_versions)
+class AudioBenchReport(ReportRecord):
     levels: list[AudioLevelResult]
-    folder: Path = Field(exclude=True)
 
     def markdown(self) -> str:
         mode = self.options.get("audio_output")
@@ -273,12 +267,7 @@ def _chart(report: AudioBenchReport, path: Path) -> None:
     right.legend(fontsize=8)
     for axis in (left, right):
         axis.set_xlabel("concurrency")
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(xs, [f"{x:g}" for x in xs])
-    fig.suptitle(f"omniserve bench (audio): {report.target.get('model')}")
-    fig.tight_layout()
-    write_with(path, lambda staging: fig.savefig(staging, dpi=110, format="png"))
-    plt.close(fig)
+    save_chart(fig, (left, right), xs, f"omniserve bench (audio): {report.target.get('model')}", path)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:

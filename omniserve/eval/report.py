@@ -12,11 +12,15 @@ import json
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from omniserve.atomic_files import write_text_atomic
+
+if TYPE_CHECKING:
+    from omniserve.eval.datasets import StagedSuite
+    from omniserve.eval.standard import StagedStandard
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -53,6 +57,20 @@ class SuiteResult(BaseModel):
     standard: dict[str, Any] | None = Field(
         None, description="Standard benchmarks: items, EvalScope version, dataset files' sha256, media options."
     )
+
+    @classmethod
+    def of(cls, staged: StagedSuite | StagedStandard, **fields: Any) -> SuiteResult:
+        """A result for ``staged``: what it is (suite, description, format, scoring, benchmark) taken from it,
+        the outcome from ``fields``, so every way a suite ends reports the same identity."""
+        suite = staged.suite
+        return cls(
+            suite=suite.name,
+            description=suite.description,
+            format=suite.format,
+            scoring=suite.scoring,
+            benchmark=staged.benchmark,
+            **fields,
+        )
 
 
 class RunReport(BaseModel):

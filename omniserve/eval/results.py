@@ -58,14 +58,10 @@ def collect(
     staged: StagedSuite, work_dir: Path, *, exit_code: int | None, stopped: str | None, seconds: float, log_tail: str
 ) -> SuiteResult:
     """The suite's result from EvalScope's report when the run finished, else from its review lines."""
-    suite = staged.suite
-    base = SuiteResult(
-        suite=suite.name,
-        description=suite.description,
-        format=suite.format,
-        scoring=suite.scoring,
-        benchmark=staged.benchmark,
-        metric=SAMPLE_METRIC.get(suite.scoring, suite.scoring),  # standard benchmarks: EvalScope's metric name
+    scoring = staged.suite.scoring
+    base = SuiteResult.of(
+        staged,
+        metric=SAMPLE_METRIC.get(scoring, scoring),  # standard benchmarks: EvalScope's metric name
         status="complete",
         seconds=round(seconds, 2),
         evalscope_dir=str(work_dir),

@@ -208,14 +208,10 @@ def _confirm_gone(target: Target) -> str | None:
 
 
 def _not_run(staged: StagedSuite | StagedStandard, reason: str) -> SuiteResult:
-    suite = staged.suite
-    return SuiteResult(
-        suite=suite.name,
-        description=suite.description,
-        format=suite.format,
-        scoring=suite.scoring,
-        benchmark=staged.benchmark,
-        metric=SAMPLE_METRIC.get(suite.scoring, suite.scoring),
+    scoring = staged.suite.scoring
+    return SuiteResult.of(
+        staged,
+        metric=SAMPLE_METRIC.get(scoring, scoring),
         status="not-run",
         samples=SampleCounts(requested=staged.total),
         errors=[f"not run: {reason}"],

@@ -13,56 +13,46 @@ errored item, not a wrong one, and makes the suite ``incomplete``.
 from __future__ import annotations
 
 import json
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from omniserve.eval.datasets import StagedSuite
 from omniserve.eval.progress import SuiteProgress
-from omniserve.eval.report import SampleCounts, SubsetScore, SuiteResult
+from omniserve.eval.report import SubsetScore, SuiteResult
+from omniserve.eval.scored_suite import Scored, ask_and_score
 from omniserve.eval.target import Target
 
 METRIC = "tool_call_match"
-_ERRORS_SHOWN = 5
 
 
 def run_tools_suite(
     staged: StagedSuite, target: Target, *, concurrency: int, request_timeout: float, progress: SuiteProgress
 ) -> SuiteResult:
     """Ask every staged item, score the replies, and return the suite's result (never raises on a bad reply)."""
-    import openai
-
     from omniserve.synth.evaluate import TaskScore, ask, inline_content, score_reply
 
-    suite = staged.suite
-    started = time.monotonic()
-    client = openai.OpenAI(base_url=target.base_url, api_key=target.api_key, max_retries=0, timeout=request_timeout)
-    items = [(subset, record) for subset in staged.totals for record in _records(staged, subset)]
-    task = progress.add(suite.name, len(items))
     scores: dict[str, TaskScore] = {subset: TaskScore() for subset in staged.totals}
-    failures: list[str] = []
-    done = 0
 
-    def one(item: tuple[str, dict[str, Any]]) -> Any:
-        _, record = item
+    def request(client: Any, record: dict[str, Any]) -> Any:
         messages = [{**m, "content": inline_content(m["content"], Path("/"))} for m in record["messages"]]
-        try:
-            return ask(client, target.model, record, messages, suite.generation.max_tokens)
-        except openai.OpenAIError as exc:
-            return exc
+        return ask(client, target.model, record, messages, staged.suite.generation.max_tokens)
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for (subset, record), reply in zip(items, pool.map(one, items), strict=True):
-            done += 1
-            if isinstance(reply, Exception):
-                failures.append(f"{record.get('id', '?')}: {type(reply).__name__}: {reply}")
-            else:
-                scores[subset].add(record.get("id", "?"), record["answer"], reply, score_reply(record, reply))
-            progress.update(task, done, _overall(scores))
-    result = _result(staged, scores, failures, time.monotonic() - started)
-    progress.finish(task, result.status, result.score)
-    return result
+    def tally(subset: str, record: dict[str, Any], reply: Any) -> None:
+        scores[subset].add(record.get("id", "?"), record["answer"], reply, score_reply(record, reply))
+
+    return ask_and_score(
+        staged,
+        target,
+        metric=METRIC,
+        records=_records,
+        request=request,
+        tally=tally,
+        running_score=lambda: _overall(scores),
+        summary=lambda: _summary(scores),
+        concurrency=concurrency,
+        request_timeout=request_timeout,
+        progress=progress,
+    )
 
 
 def _records(staged: StagedSuite, subset: str) -> list[dict[str, Any]]:
@@ -75,33 +65,12 @@ def _overall(scores: dict[str, Any]) -> float | None:
     return sum(s.correct for s in scores.values()) / total if total else None
 
 
-def _result(staged: StagedSuite, scores: dict[str, Any], failures: list[str], seconds: float) -> SuiteResult:
-    suite = staged.suite
+def _summary(scores: dict[str, Any]) -> Scored:
+    """Per subset: its accuracy and each check's pass rate (``SUBSET.CHECK``); wrong answers for wrong.txt."""
     subsets: dict[str, SubsetScore] = {}
     for name, score in scores.items():
         subsets[name] = SubsetScore(score=score.accuracy if score.total else None, samples=score.total)
         for check, passed in score.checks.items():
             subsets[f"{name}.{check}"] = SubsetScore(score=passed / score.total, samples=score.total)
-    scored = sum(s.total for s in scores.values())
-    errors = []
-    if failures:
-        errors.append(f"{len(failures)} of {staged.total} items failed: " + "; ".join(failures[:_ERRORS_SHOWN]))
     wrong = [f"{ident}: expected {expected}, got {got}" for s in scores.values() for ident, expected, got in s.wrong]
-    status = "complete" if not failures else ("incomplete" if scored else "error")
-    result = SuiteResult(
-        suite=suite.name,
-        description=suite.description,
-        format=suite.format,
-        scoring=suite.scoring,
-        benchmark=staged.benchmark,
-        metric=METRIC,
-        status=status,
-        score=_overall(scores),
-        subsets=subsets,
-        samples=SampleCounts(requested=staged.total, scored=scored, errored=len(failures)),
-        errors=errors,
-        seconds=round(seconds, 2),
-    )
-    if wrong:  # the report's errors list is for failures; wrong answers go beside the run's data
-        (staged.local_path / "wrong.txt").write_text("\n".join(wrong) + "\n", "utf-8")
-    return result
+    return Scored(score=_overall(scores), subsets=subsets, scored=sum(s.total for s in scores.values()), wrong=wrong)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -33,6 +33,7 @@ from omniserve.server.threads import Rendering
 from omniserve.templates.render import PromptRenderer
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+T = TypeVar("T")
 #: The status recorded for a request whose client left before the answer (nginx's convention; never sent).
 CLIENT_CLOSED_REQUEST = 499
 
@@ -182,7 +183,7 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        body = await self._until_disconnect(http_request, self.collect(request, submitted), submitted)
+        body = await until_disconnect(http_request, self.collect(request, submitted), abandoned=submitted.close)
         if body is None:  # the client left: nobody to answer, no latency to record
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         overhead, engine = self._observe(submitted)
@@ -227,22 +228,6 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
         yield DONE
         self._observe(submitted)
 
-    async def _until_disconnect(
-        self, http_request: Request, work: Awaitable[dict[str, Any]], submitted: Submitted
-    ) -> dict[str, Any] | None:
-        """Run ``work`` but abandon it (freeing its engine slots) if the client disconnects: then None."""
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(_wait_disconnect(http_request))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})  # the work unwinds first: its streams are not closed while in use
-                await submitted.close()
-        return None if task.cancelled() else task.result()
-
     def _observe(self, submitted: Submitted) -> tuple[float, float]:
         """Record the request's metrics; return (gateway overhead, engine time) in seconds."""
         m, t = self.ctx.metrics, submitted.timing
@@ -258,6 +243,26 @@ class OpenAIServing(abc.ABC, Generic[RequestT]):
         overhead = max(0.0, (end - t.arrived) - engine)
         m.gateway_overhead.observe(overhead)
         return overhead, engine
+
+
+async def until_disconnect(
+    http_request: Request, work: Awaitable[T], *, abandoned: Callable[[], Awaitable[None]] | None = None
+) -> T | None:
+    """Await ``work`` but abandon it if the client disconnects first: then None. Abandoned work is cancelled and
+    let unwind before ``abandoned`` runs (e.g. closing the engine streams, which frees their slots: not while the
+    work still uses them)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            if abandoned is not None:
+                await abandoned()
+    return None if task.cancelled() else task.result()
 
 
 async def _wait_disconnect(http_request: Request) -> None:

@@ -37,7 +37,7 @@ from omniserve.protocol import (
 )
 from omniserve.reasoning import Piece, ReasoningSplitter, prompt_opens_block, split, template_thinks
 from omniserve.server.serving_base import OpenAIServing, ServingContext, Submitted
-from omniserve.server.serving_speech import CannotSpeak
+from omniserve.server.serving_speech import cannot_speak
 from omniserve.speech.chat_audio import SpokenStream, b64, spoken_chunks, wire_format
 from omniserve.speech.encode import encode
 from omniserve.speech.synthesizer import SpeechSynthesizer
@@ -235,12 +235,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
     def _speaker(self, request: ChatCompletionRequest) -> SpeechSynthesizer:
         """The synthesizer that speaks this request's reply; a 400 when there is none or the voice is unknown."""
         if self.speech is None:
-            reason = (
-                "this server runs with --no-speech"
-                if not self.ctx.server.speech
-                else "its checkpoint has no talker and codec (a thinker-only or text model)"
-            )
-            raise CannotSpeak(f"the model '{self.ctx.model_name}' cannot produce audio: {reason}", param="modalities")
+            raise cannot_speak(self.ctx, "cannot produce audio", param="modalities")
         assert request.audio is not None  # the request's own check: audio output comes with ``audio``
         self.speech.check_voice(request.audio.voice_name, param="audio.voice")
         return self.speech

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import Request
@@ -22,7 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from omniserve.errors import InvalidRequest
 from omniserve.protocol_speech import SpeechAudioDelta, SpeechAudioDone, SpeechRequest, SpeechUsage, VoiceList
 from omniserve.server.errors import parse_body
-from omniserve.server.serving_base import CLIENT_CLOSED_REQUEST, ServingContext
+from omniserve.server.serving_base import CLIENT_CLOSED_REQUEST, ServingContext, until_disconnect
 from omniserve.server.sse import sse_event
 from omniserve.speech.base import Speech
 from omniserve.speech.encode import MEDIA_TYPES, chunks, encode
@@ -34,6 +34,17 @@ class CannotSpeak(InvalidRequest):
     """Audio output asked of a checkpoint without a talker (or served with --no-speech)."""
 
     default_code = "audio_output_unsupported"
+
+
+def cannot_speak(ctx: ServingContext, refused: str, *, param: str) -> CannotSpeak:
+    """The 400 for audio output from a server without a synthesizer, naming the cause: ``--no-speech``, or a
+    checkpoint that cannot speak. ``refused`` says what was refused, in the endpoint's words."""
+    reason = (
+        "this server runs with --no-speech"
+        if not ctx.server.speech
+        else "its checkpoint has no talker and codec (a thinker-only or text model)"
+    )
+    return CannotSpeak(f"the model '{ctx.model_name}' {refused}: {reason}", param=param)
 
 
 class SpeechServing:
@@ -55,7 +66,7 @@ class SpeechServing:
         self._check_input(request.input)
         synthesizer.check_voice(request.voice_name)  # before waiting for a turn
         work = synthesizer.synthesize(request.input, voice=request.voice_name, instructions=request.instructions)
-        speech = await _until_disconnect(http_request, self.ctx.drain.bounded(work))
+        speech = await until_disconnect(http_request, self.ctx.drain.bounded(work))
         if speech is None:  # the client left: the synthesis was stopped, nobody to answer
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         data = await asyncio.to_thread(_render, speech, request)
@@ -74,12 +85,7 @@ class SpeechServing:
 
     def _speaking(self) -> SpeechSynthesizer:
         if self.synthesizer is None:
-            reason = (
-                "this server runs with --no-speech"
-                if not self.ctx.server.speech
-                else "its checkpoint has no talker and codec (a thinker-only or text model)"
-            )
-            raise CannotSpeak(f"the model '{self.ctx.model_name}' cannot speak: {reason}", param="model")
+            raise cannot_speak(self.ctx, "cannot speak", param="model")
         return self.synthesizer
 
     def _check_input(self, text: str) -> None:
@@ -115,22 +121,3 @@ async def _events(data: bytes, usage: SpeechUsage) -> AsyncIterator[str]:
     for piece in chunks(data):
         yield sse_event(SpeechAudioDelta(audio=base64.b64encode(piece).decode()).model_dump())
     yield sse_event(SpeechAudioDone(usage=usage).model_dump())
-
-
-async def _until_disconnect(http_request: Request, work: Awaitable[Speech]) -> Speech | None:
-    """Await ``work``, cancelling it (which stops the synthesis) if the client disconnects first: then None."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(http_request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-    return None if task.cancelled() else task.result()
-
-
-async def _disconnected(http_request: Request) -> None:
-    while (await http_request.receive())["type"] != "http.disconnect":
-        pass
