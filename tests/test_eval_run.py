@@ -156,6 +156,21 @@ def test_a_metric_that_cannot_be_computed_is_an_error_not_zero(
     assert any("metric BLEU could not be computed for 2 items" in e for e in result.errors), result.errors
 
 
+def test_relative_output_and_cache_folders_work_from_the_shell(
+    demo_server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``omniserve eval --output run --cache-dir cache`` as typed in a shell: EvalScope's child runs in a folder
+    of its own, so a relative job path once made every EvalScope-scored suite fail (FileNotFoundError)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--url", f"{demo_server.base_url}/v1", "--suite", "text-qa", "--limit", "1", "--no-progress"]
+    out = CliRunner().invoke(_cli(), [*args, "--output", "run", "--cache-dir", "cache"])
+
+    assert out.exit_code == 0, out.output
+    result = RunReport.load(tmp_path / "run").suites["text-qa"]
+    assert result.status == "complete" and result.score is not None, result.errors
+    assert f"report: {tmp_path / 'run' / 'report.json'}" in out.output
+
+
 def test_model_mode_starts_its_own_server_and_stops_it(demo_model: Path, eval_cache: Path, tmp_path: Path) -> None:
     report = run_evaluation(
         EvalOptions(suites=["text-mcq"], model=demo_model, limit=2, output=tmp_path / "run", cache_dir=eval_cache)

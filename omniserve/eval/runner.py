@@ -69,7 +69,8 @@ def run_evaluation(options: EvalOptions, *, progress: SuiteProgress | None = Non
     require_eval_extra()
     suites = {ref: None if is_standard(ref) else load_suite(ref) for ref in options.suites}
     cache_dir = required_cache_dir(options.cache_dir)
-    output = options.output or _default_output(options)
+    # absolute: the paths in a job reach EvalScope's children, which run in folders of their own
+    output = (options.output or _default_output(options)).resolve()
     output.mkdir(parents=True, exist_ok=True)
     refs = [ref for ref, suite in suites.items() if suite is None]
     standard = stage_standards(

@@ -362,6 +362,7 @@ def _load_once(
     """EvalScope's own loader, in one worker process for every benchmark: name -> ``{"totals"}`` or ``{"error"}``."""
     from omniserve.eval.worker import evalscope_env
 
+    folder = folder.resolve()  # the loader runs in ``folder``: a relative path would not be found from there
     folder.mkdir(parents=True, exist_ok=True)
     job_file, out = folder / "load-job.json", folder / "load-result.json"
     out.unlink(missing_ok=True)

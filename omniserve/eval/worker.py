@@ -46,7 +46,7 @@ def required_cache_dir(cache_dir: Path | None) -> Path:
     """The run's cache folder; the CLI fills in the default (``Folders.eval``), library callers pass one."""
     if cache_dir is None:
         raise EvalError("no eval cache folder was given (cache_dir); the CLI's default is ~/.cache/omniserve/eval")
-    return cache_dir
+    return Path(cache_dir).expanduser().resolve()  # EvalScope's children run elsewhere: paths must be absolute
 
 
 def evalscope_env(cache_dir: Path, *, offline: bool = True) -> dict[str, str]:
@@ -87,6 +87,7 @@ class Worker:
     def start(
         cls, job: dict[str, Any], *, folder: Path, cache_dir: Path, api_key: str = "EMPTY", offline: bool = True
     ) -> Worker:
+        folder = folder.resolve()  # the child runs in ``folder``: a relative path would not be found from there
         folder.mkdir(parents=True, exist_ok=True)
         job_file = folder / "job.json"
         job_file.write_text(json.dumps(job, indent=2), "utf-8")
