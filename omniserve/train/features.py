@@ -10,13 +10,14 @@ gives one sample, or one per assistant turn when its template rewrites earlier t
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from omniserve.config import MediaLimits
-from omniserve.errors import OmniServeError
+from omniserve.errors import ModelLoadError, OmniServeError
 from omniserve.media.loader import MediaItem, load_media
 from omniserve.protocol import ChatMessage
 from omniserve.templates.conversation import HFMessage, to_hf_messages
@@ -117,7 +118,7 @@ def encode_conversation(renderer: PromptRenderer, conversation: Conversation, li
         conversation.line,
         example.input_ids,
         example.labels,
-        trim_audio_padding(example.mm_inputs),
+        trim_audio_padding(example.mm_inputs, keep=keeps_audio_padding(renderer)),
         tuple(example.turns),
     )
 
@@ -133,8 +134,9 @@ def encode_labelled(
         )
     except (OmniServeError, LabelError) as exc:
         raise DataError(conversation.path, conversation.line, _located(exc)) from None
+    keep = keeps_audio_padding(renderer)
     samples = [
-        Sample(conversation.line, e.input_ids, e.labels, trim_audio_padding(e.mm_inputs), tuple(e.turns))
+        Sample(conversation.line, e.input_ids, e.labels, trim_audio_padding(e.mm_inputs, keep=keep), tuple(e.turns))
         for e in labelled.examples
     ]
     return LabelledSamples(labelled.strategy, samples)
@@ -181,15 +183,37 @@ def encode_all(
     return data
 
 
-def trim_audio_padding(mm_inputs: dict[str, Any]) -> dict[str, Any]:
+def keeps_audio_padding(renderer: PromptRenderer) -> bool:
+    """Whether the renderer's checkpoint belongs to a family whose audio encoder needs the padded clip.
+
+    The family says so (``Family.keeps_audio_padding``); it is found from the ``config.json`` of the
+    folder the processor was loaded from. No folder (a processor built in memory) or no family: trim.
+    """
+    folder = getattr(renderer.tokenizer, "name_or_path", None)
+    return bool(folder) and _family_keeps_audio_padding(str(folder))
+
+
+@functools.lru_cache(maxsize=8)
+def _family_keeps_audio_padding(folder: str) -> bool:
+    from omniserve.models.families import check_supported
+
+    try:
+        family = check_supported(Path(folder))
+    except ModelLoadError:
+        return False  # an unknown architecture is refused where the model loads, with its own message
+    return family is not None and family.keeps_audio_padding
+
+
+def trim_audio_padding(mm_inputs: dict[str, Any], *, keep: bool = False) -> dict[str, Any]:
     """Drop the silent tail Whisper-style extractors pad every clip with (to 30 s), keeping the mask's frames.
 
     The audio encoder reads only the frames ``feature_attention_mask`` marks, so the result is the
-    same input, at a fraction of the memory (a 1 s clip keeps 100 of 3000 frames).
+    same input, at a fraction of the memory (a 1 s clip keeps 100 of 3000 frames). ``keep``: the
+    family's encoder requires the padded length (``keeps_audio_padding``); the input goes as it is.
     """
     mask = mm_inputs.get("feature_attention_mask")
     features = mm_inputs.get("input_features")
-    if mask is None or features is None:
+    if keep or mask is None or features is None:
         return mm_inputs
     keep = int(mask.sum(-1).max())
     # clone(): both are views whose storage is far larger (the mask strides over a per-sample mask of the

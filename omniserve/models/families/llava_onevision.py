@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omniserve.models.families.base import (
-    VLLM_TRANSFORMERS5_LAYOUT,
+    TOWER_VISION_MODEL,
     Family,
     TextShape,
     init_model,
@@ -69,7 +69,7 @@ def _write(folder: Path, chat_template: str, seed: int) -> None:
         chat_template=chat_template,
     )
     model = init_model(LlavaOnevisionForConditionalGeneration, config, seed)
-    save(folder, model, processor, eos_ids=eos, pad_id=ids["<|endoftext|>"])
+    save(folder, model, processor, eos_ids=eos, pad_id=ids["<|endoftext|>"], legacy_names=FAMILY.legacy_names)
 
 
 FAMILY = Family(
@@ -78,9 +78,10 @@ FAMILY = Family(
     architectures=("LlavaOnevisionForConditionalGeneration",),
     modalities=frozenset({"text", "image", "video"}),
     write=_write,
+    legacy_names=(TOWER_VISION_MODEL,),
     template="llava_onevision",
+    engines=("transformers", "vllm"),
     gaps={
-        "vllm": VLLM_TRANSFORMERS5_LAYOUT.format(detail="no module 'vision_tower.embeddings'"),
         "parity": "the published template writes a past assistant turn as `<|im_start|>assistant \\n...` but its "
         "generation prompt is `<|im_start|>assistant\\n`: served and trained prompts differ by one token, "
         "which check-parity reports (fix the template to train on it)",

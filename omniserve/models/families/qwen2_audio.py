@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from omniserve.models.families.base import (
-    VLLM_TRANSFORMERS5_LAYOUT,
     Family,
     TextShape,
     init_model,
@@ -52,7 +51,14 @@ def _write(folder: Path, chat_template: str, seed: int) -> None:
         chat_template=chat_template,
     )
     model = init_model(Qwen2AudioForConditionalGeneration, config, seed)
-    save(folder, model, processor, eos_ids=eos, pad_id=ids["<|endoftext|>"])
+    save(
+        folder,
+        model,
+        processor,
+        eos_ids=eos,
+        pad_id=ids["<|endoftext|>"],
+        legacy_names=FAMILY.legacy_names,
+    )
 
 
 FAMILY = Family(
@@ -61,13 +67,9 @@ FAMILY = Family(
     architectures=("Qwen2AudioForConditionalGeneration",),
     modalities=frozenset({"text", "audio"}),
     write=_write,
+    # transformers 5.17 writes the decoder as language_model.model.model.*; Qwen publishes language_model.model.*
+    legacy_names=((r"^language_model\.model\.model\.", "language_model.model."),),
     template="qwen2_audio",
-    gaps={
-        **{
-            column: "training trims Whisper's 30 s padding (train/features.py trim_audio_padding); "
-            "Qwen2-Audio's encoder requires all 3000 mel frames"
-            for column in ("train", "lora")
-        },
-        "vllm": VLLM_TRANSFORMERS5_LAYOUT.format(detail="no module 'model' in Qwen2Model"),
-    },
+    engines=("transformers", "vllm"),
+    keeps_audio_padding=True,  # its encoder raises unless input_features has all 3000 mel frames
 )
