@@ -5,11 +5,15 @@ The cache test drives ``hf_model``'s passes directly (float32): sequences joinin
 buffers grow, must produce the greedy tokens each produces alone. The chunking test runs the engine
 in-process: a long prompt arriving while a stream decodes is prefilled in chunks, and the stream
 gets a token between chunks (counted in the order the engine delivers events, not by the clock).
+The media tests run the engine on tiny Qwen2.5-Omni and Qwen2-VL checkpoints: image prompts of
+different sizes, a video and a text prompt admitted together are prefilled in one media pass (or as
+many as ``--max-batch-tokens`` allows) and answer exactly what each answers alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import pytest
 from omniserve.config import EngineConfig
 from omniserve.engines.base import GenerationRequest
 from omniserve.engines.transformers_engine import TransformersEngine
+from omniserve.models.families import FAMILIES
 from omniserve.sampling import SamplingParams
 from omniserve.templates.render import RenderedPrompt
 
@@ -207,3 +212,219 @@ def test_cache_bookkeeping_keeps_every_row_intact_through_joins_leaves_shifts_an
             assert [keys[i, 0, cache.starts[i] : cache.end, 0].tolist() for i in range(cache.rows)] == rows
             assert int(cache.attention_mask(0).sum()) == cache.tokens() == sum(map(len, rows))
     assert largest > 4
+
+
+Output = tuple[list[int], list[float]]
+
+
+def _media_prompts(model: Path) -> list[RenderedPrompt]:
+    """Three images (two sizes, different pixels), two images in one prompt, two videos, and a text prompt."""
+    import numpy as np
+    from PIL import Image
+
+    from omniserve.media.loader import MediaItem
+    from omniserve.media.video import DecodedVideo
+    from omniserve.templates.render import PromptRenderer
+
+    renderer = PromptRenderer.from_pretrained(model)
+    rng = np.random.default_rng(0)
+
+    def image(size: int) -> MediaItem:
+        return MediaItem("image", Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
+
+    def user(items: list[MediaItem], text: str) -> RenderedPrompt:
+        content = [*({"type": item.kind} for item in items), {"type": "text", "text": text}]
+        return renderer.render_chat([{"role": "user", "content": content}], items)
+
+    def video(count: int, size: int) -> MediaItem:
+        frames = rng.integers(0, 255, (count, size, size, 3), dtype=np.uint8)
+        return MediaItem("video", DecodedVideo(frames, 2.0, tuple(0.25 + 0.5 * i for i in range(count)), count / 2))
+
+    return [
+        user([image(56)], "what is it?"),
+        user([image(84)], "describe this picture in a few words"),
+        user([video(4, 56)], "what moves?"),
+        user([image(56)], "and this one?"),
+        user([image(84), image(56)], "compare them"),
+        user([video(6, 84)], "and in this longer one?"),
+        user([], "and now something without media"),
+    ]
+
+
+def serve_together(
+    model: Path, groups: list[list[RenderedPrompt]], *, adapters: list[Any] | None = None, **options: Any
+) -> tuple[list[Output], TransformersEngine]:
+    """Each group's prompts handed to the engine in one call (admitted together), group after group; the
+    greedy tokens and logprobs of every prompt, and the engine (stopped: its counters stay readable).
+    ``adapters``: the LoRA adapter (or None) of each prompt, in the order of all groups' prompts."""
+
+    async def one(stream: Any) -> Output:
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        async for delta in stream:
+            tokens.extend(delta.token_ids)
+            logprobs.extend(lp.logprob for lp in delta.logprobs or [])
+        return tokens, logprobs
+
+    async def scenario() -> tuple[list[Output], TransformersEngine]:
+        config = EngineConfig(model=model, served_model_name="tiny", dtype="float32", max_concurrency=8, **options)
+        engine = TransformersEngine(config)
+        await engine.start()
+        try:
+            for adapter in {a.name: a for a in adapters or [] if a is not None}.values():
+                await engine.load_adapter(adapter)
+            outputs: list[Output] = []
+            for group in groups:
+                params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True)
+                requests = [
+                    GenerationRequest(
+                        request_id=f"r{len(outputs) + i}",
+                        # a copy: the engine lets a prefilled prompt's media go
+                        prompt=RenderedPrompt(token_ids=list(p.token_ids), mm_inputs=dict(p.mm_inputs)),
+                        sampling=params,
+                        adapter=adapters[len(outputs) + i] if adapters else None,
+                    )
+                    for i, p in enumerate(group)
+                ]
+                # every request queued before the worker looks (it needs the GIL to wake): admitted together
+                interval = sys.getswitchinterval()
+                sys.setswitchinterval(5.0)
+                try:
+                    streams = engine.generate_all(requests)
+                finally:
+                    sys.setswitchinterval(interval)
+                outputs.extend(await asyncio.gather(*(one(s) for s in streams)))
+            return outputs, engine
+        finally:
+            await engine.stop()
+
+    return asyncio.run(scenario())
+
+
+def _same(got: list[Output], expected: list[Output]) -> None:
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, expected, strict=True):
+        assert tokens == want_tokens
+        assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_omni", "tiny_qwen2_vl"])
+def test_media_prompts_admitted_together_are_prefilled_together_and_answer_as_alone(
+    checkpoint: str, request: pytest.FixtureRequest
+) -> None:
+    """Six media prompts (images of two sizes, two images in one prompt, two videos) and a text prompt admitted
+    together: the four image prompts go through one media pass and the two videos through another (images
+    and videos never share a pass: ``hf_model.media_layout``), each row with its own multimodal-rope offset,
+    and every answer equals the one its prompt gets alone. With a budget of 64 tokens a step the media are
+    split into more passes that fit it (a pass costs rows x its longest prompt), with the same answers."""
+    model = request.getfixturevalue(checkpoint)
+    prompts = _media_prompts(model)
+    media = [p for p in prompts if p.mm_inputs]
+    alone, engine = serve_together(model, [[p] for p in prompts])
+    assert engine.media_passes == {1: len(media)}
+    # the test can fail: every prompt makes a different answer
+    assert len({tuple(tokens) for tokens, _ in alone}) == len(prompts)
+
+    together, engine = serve_together(model, [prompts])
+    _same(together, alone)
+    assert engine.media_passes == {4: 1, 2: 1}
+
+    budget = 64
+    split, engine = serve_together(model, [prompts], max_batch_tokens=budget)
+    _same(split, alone)
+    passes = engine.media_passes
+    assert sum(rows * count for rows, count in passes.items()) == len(media)
+    assert 1 < max(passes) < len(media)  # joined, but within the budget
+
+
+def test_media_prompts_under_different_adapters_are_prefilled_apart(
+    tiny_omni: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A vision-tower adapter's image prompts and the base's, admitted together: a tower runs one adapter per pass
+    (``lora.peft_batch``), so each adapter's prompts get a pass of their own; answers equal each prompt alone."""
+    from omniserve.lora.adapter import LoraBase, read_adapter
+    from tests.test_lora import VISUAL_TARGETS, make_adapter
+
+    path = make_adapter(tiny_omni, tmp_path_factory.mktemp("lora") / "seeing", seed=21, targets=VISUAL_TARGETS)
+    seeing = read_adapter("seeing", path, 1, LoraBase.from_checkpoint(tiny_omni, max_lora_rank=16))
+    images = [_media_prompts(tiny_omni)[i] for i in (0, 1, 3)]
+    prompts = images * 2
+    adapters = [None, None, None, seeing, seeing, seeing]
+    alone, _ = serve_together(tiny_omni, [[p] for p in prompts], adapters=adapters, enable_lora=True)
+    assert [tokens for tokens, _ in alone[:3]] != [tokens for tokens, _ in alone[3:]]  # the adapter matters
+    mixed = [prompts[i] for i in (0, 3, 1, 4, 2, 5)]
+    got, engine = serve_together(
+        tiny_omni, [mixed], adapters=[adapters[i] for i in (0, 3, 1, 4, 2, 5)], enable_lora=True
+    )
+    _same(got, [alone[i] for i in (0, 3, 1, 4, 2, 5)])
+    assert engine.media_passes == {3: 2}
+
+
+IMAGE_FAMILIES = [f.name for f in FAMILIES if "image" in f.modalities and f.write is not None]
+
+
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
+def test_media_prompts_join_only_where_one_pass_equals_each_alone(
+    name: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """For every family with images: prompts whose processor outputs ``media_layout`` says join (three images of
+    two sizes; two videos of different lengths) give in one pass the logits and rope offsets each gives alone.
+    A family whose outputs never join is prefilled alone, which needs no check (skipped, with its keys)."""
+    import numpy as np
+    from PIL import Image
+
+    from omniserve.engines import hf_model
+    from omniserve.media.loader import MediaItem
+    from omniserve.media.video import DecodedVideo
+    from omniserve.models.families import get
+    from omniserve.templates.render import PromptRenderer
+    from tests.test_train_support import published_template
+
+    family = get(name)
+    model = family.build(tmp_path_factory.mktemp("family") / name, published_template(family.template or ""))
+    renderer = PromptRenderer.from_pretrained(model)
+    rng = np.random.default_rng(0)
+
+    def user(item: MediaItem, text: str) -> RenderedPrompt:
+        return renderer.render_chat(
+            [{"role": "user", "content": [{"type": item.kind}, {"type": "text", "text": text}]}], [item]
+        )
+
+    prompts = [
+        user(MediaItem("image", Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))), text)
+        for size, text in ((56, "what is it?"), (84, "describe this picture in words"), (56, "and this?"))
+    ]
+    if "video" in family.modalities:
+        for count, size in ((4, 56), (6, 84)):
+            frames = rng.integers(0, 255, (count, size, size, 3), dtype=np.uint8)
+            times = tuple(0.25 + 0.5 * i for i in range(count))
+            prompts.append(user(MediaItem("video", DecodedVideo(frames, 2.0, times, count / 2)), "what moves?"))
+    layouts = [hf_model.media_layout(p.mm_inputs) for p in prompts]
+    groups: list[list[int]] = []
+    for i, layout in enumerate(layouts):
+        home = next((g for g in groups if hf_model.layouts_join(layouts[g[0]], layout)), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    groups = [g for g in groups if len(g) > 1]
+    if not groups:
+        pytest.skip(f"{family.title}'s media never join ({sorted(prompts[0].mm_inputs)}): prefilled alone")
+
+    loaded = hf_model.load_model(model, dtype="float32")
+    for group in groups:
+        alone = []
+        for i in group:
+            cache = hf_model.new_cache(loaded, 1)
+            alone.append(hf_model.prefill_alone(loaded, cache, prompts[i].token_ids, prompts[i].mm_inputs, [None]))
+        cache = hf_model.new_cache(loaded, len(group))
+        logits, deltas = hf_model.prefill_media(
+            loaded,
+            cache,
+            [prompts[i].token_ids for i in group],
+            [prompts[i].mm_inputs for i in group],
+            [None] * len(group),
+        )
+        assert deltas == (None if alone[0][1] is None else [delta for _, delta in alone])
+        for row, (want, _) in enumerate(alone):
+            assert int(logits[row].argmax()) == int(want.argmax())
+            assert float((logits[row] - want).abs().max()) < 1e-4

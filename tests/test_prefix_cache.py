@@ -166,6 +166,26 @@ def test_different_images_behind_identical_placeholders_never_share(tiny_qwen2_v
     assert hits == 2 * (len(a.token_ids) - 1)
 
 
+def test_images_prefilled_in_one_pass_each_keep_their_own_prefix(tiny_qwen2_vl: Path) -> None:
+    """A and B (identical token ids, different images) admitted together share one media pass; each row's KV is
+    stored under its own image, so A and B admitted together again each resume from their own prefix, and
+    every answer equals the uncached one. The same image twice in one pass goes through the tower once."""
+    from tests.test_engine_batching import serve_together
+
+    a, b = _image_prompts(tiny_qwen2_vl)
+    expected, _ = _serve(tiny_qwen2_vl, [a, b], prefix_cache_tokens=0, encoder_cache_items=0)
+    got, engine = serve_together(tiny_qwen2_vl, [[a, b], [a, b]], prefix_cache_tokens=8192)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected] * 2
+    for (_, logprobs), (_, want) in zip(got, expected * 2, strict=True):
+        assert logprobs == pytest.approx(want, abs=1e-4)
+    assert engine.media_passes == {2: 1}  # the second time, both resumed as text
+    _, hits = _hits(engine)
+    assert hits == 2 * (len(a.token_ids) - 1)
+
+    _, engine = serve_together(tiny_qwen2_vl, [[a, a, b]], prefix_cache_tokens=0)
+    assert engine.media_passes == {3: 1} and engine._encoders.encoded == 2
+
+
 def test_the_cache_is_keyed_by_adapter(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """The same prompt under the base and under an adapter: the adapter's request reuses nothing the base
     computed (its output equals the uncached one), and its own repeat hits."""

@@ -2,11 +2,13 @@
 
 Models of the Qwen2-VL shape (Qwen2-VL, Qwen2.5-VL, the Qwen2.5-Omni thinker) turn the processor's
 patches into embeddings in ``get_image_features(pixel_values, grid_thw)`` / ``get_video_features``,
-which the model's forward calls once for all the prompt's items, and which return one embedding
-tensor per item (``pooler_output``). ``attached`` shadows those two methods on the module that owns
-the tower for one forward pass: the patches are split per item (``grid_thw`` gives each item's
-rows), each item is looked up by a hash of its patches, grid, kind and the LoRA adapters of the pass
-(a tower adapter changes the output), and only the missing items go through the tower, in one call.
+which the model's forward calls once for all the pass's items (every prompt's, when several media
+prompts are prefilled in one pass), and which return one embedding tensor per item
+(``pooler_output``). ``attached`` shadows those two methods on the module that owns the tower for
+one forward pass: the patches are split per item (``grid_thw`` gives each item's rows), each item is
+looked up by a hash of its patches, grid, kind and the LoRA adapter of the pass (a tower adapter
+changes the output; a pass's rows share one, ``lora.peft_batch``), and only the missing items go
+through the tower, each once, in one call.
 
 Models whose feature methods return more than per-item embeddings (Qwen3-VL's deepstack features)
 are passed through uncached, as is audio; the cache is bounded in items, least recently used first.
@@ -53,7 +55,9 @@ class EncoderCache:
             original = getattr(owner, name, None)
             if original is None or (id(owner), name) in self._passthrough:
                 continue
-            setattr(owner, name, self._cached(owner, name, kind, original, tuple(adapters)))
+            # the distinct adapters of the pass, not one per row: an item encoded in a batch of rows is the
+            # same item encoded alone (a tower runs one adapter per pass, ``lora.peft_batch``)
+            setattr(owner, name, self._cached(owner, name, kind, original, tuple(dict.fromkeys(adapters))))
             shadowed.append(name)
         try:
             yield
@@ -72,7 +76,8 @@ class EncoderCache:
             rows = grid.prod(-1).tolist()
             items = list(pixels.split(rows))
             keys = [(kind, adapters, _digest(item, grid[i])) for i, item in enumerate(items)]
-            missing = [i for i, key in enumerate(keys) if key not in self._items]
+            # an item met twice in one pass (two prompts of a batch showing one image) is encoded once
+            missing = [i for i, key in enumerate(keys) if key not in self._items and key not in keys[:i]]
             if missing:
                 import torch
 

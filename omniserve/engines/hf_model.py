@@ -3,9 +3,10 @@
 Continuous batching needs one thing ``generate()`` does not offer: sequences that join and leave
 a running batch. Every language-model pass goes through ``forward`` (one place to add per-row
 options later) on a ``kv_cache.SlotCache``: text prompts are prefilled together, in chunks, on one
-cache; a prompt with media is prefilled whole and alone (the model computes its multimodal
-positions itself); decode steps run on the cache holding every running sequence. Models with
-multimodal rotary positions (Qwen2-VL family) get explicit per-row positions from the offset they
+cache; prompts with media are prefilled whole, several in one pass when their processor outputs
+join into one batch (``media_layout``; the model computes their multimodal positions itself, per
+row), else alone; decode steps run on the cache holding every running sequence. Models with
+multimodal rotary positions (Qwen2-VL family) get explicit per-row positions from the offsets they
 report after a media prefill (0 for text).
 """
 
@@ -87,13 +88,81 @@ def _eos_ids(model: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def _rope_delta(lm: Any) -> int | None:
-    """The offset multimodal-rope models store after a prefill (positions of text after media)."""
+def _rope_deltas(lm: Any, rows: int) -> list[int] | None:
+    """The offset per row that multimodal-rope models store after a prefill (positions of text after media).
+
+    The model keeps them as ``[B, 1]``, one per batch row; a single value stands for every row."""
     for module in (lm, getattr(lm, "model", None)):
         delta = getattr(module, "rope_deltas", None) if module is not None else None
         if delta is not None:
-            return int(delta.reshape(-1)[0])
+            values = [int(d) for d in delta.reshape(-1).tolist()]
+            if len(values) == 1:
+                return values * rows
+            if len(values) != rows:
+                raise ValueError(f"the model reported {len(values)} rope offsets for {rows} rows")
+            return values
     return None
+
+
+def placeholder_ids(loaded: LoadedModel) -> frozenset[int]:
+    """The token ids the model replaces with media embeddings (image, video, audio placeholders)."""
+    names = ("image_token_id", "video_token_id", "audio_token_id")
+    found: set[int] = set()
+    for config in (getattr(loaded.lm, "config", None), getattr(loaded.model, "config", None)):
+        for name in (*names, *(n.replace("_id", "_index") for n in names)):
+            value = getattr(config, name, None) if config is not None else None
+            if isinstance(value, int):
+                found.add(value)
+    return frozenset(found)
+
+
+#: Processor outputs holding one row per prompt along its tokens (Qwen2-VL's token types): joined by
+#: right-padding every prompt's row to the batch's width (0, "text", where the mask hides the padding).
+_ROW_KEYS = frozenset({"mm_token_type_ids"})
+#: Processor outputs holding the prompt's media items along dimension 0 (flattened patches, one grid row
+#: per image/video, per-video times, whole images): a batch's are the prompts' concatenated in row order,
+#: which is the order the model consumes them in (placeholders are filled row after row). Any other key
+#: (audio features and their masks, image sizes, token types that change the attention mask) is not known
+#: to join: such a prompt is prefilled alone.
+_ITEM_KEYS = frozenset(
+    {
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "video_second_per_grid",  # Qwen2.5-Omni
+        "second_per_grid_ts",  # Qwen2.5-VL
+    }
+)
+
+
+def media_layout(mm_inputs: dict[str, Any]) -> dict[str, tuple[Any, ...]] | None:
+    """What a prompt's processor outputs must share with others' to be prefilled in one pass with them.
+
+    Per key: its kind (row or items), its shape past dimension 0 (items) and its dtype. ``None``: a key
+    that is not known to join (or not a tensor), so the prompt goes alone. Two layouts join when they
+    are equal (``layouts_join``): the same keys, so image prompts join image prompts and video prompts
+    video prompts (GLM-4.1V marks video frames with the image placeholder and tells them apart by
+    token type: its image-only and video-only rows must not share a pass).
+    """
+    import torch
+
+    layout: dict[str, tuple[Any, ...]] = {}
+    for key, value in mm_inputs.items():
+        if not isinstance(value, torch.Tensor) or value.ndim == 0:
+            return None
+        if key in _ROW_KEYS and value.ndim == 2 and value.shape[0] == 1:
+            layout[key] = ("row", value.dtype)
+        elif key in _ITEM_KEYS:
+            layout[key] = ("items", tuple(value.shape[1:]), value.dtype)
+        else:
+            return None
+    return layout
+
+
+def layouts_join(a: dict[str, tuple[Any, ...]] | None, b: dict[str, tuple[Any, ...]] | None) -> bool:
+    """Whether two prompts' ``media_layout`` allow one prefill pass."""
+    return a is not None and a == b
 
 
 def new_cache(loaded: LoadedModel, max_rows: int, capacity: int = 256) -> SlotCache:
@@ -191,27 +260,70 @@ def prefill_alone(
 ) -> tuple[Any, int | None]:
     """A whole prompt with its media on an empty one-row ``cache``: the next token's ``[V]`` logits and
     the multimodal-rope offset the model reports (``None`` for models without one)."""
+    logits, deltas = prefill_media(loaded, cache, [token_ids], [mm_inputs], rows, encoder_cache)
+    return logits[0], None if deltas is None else deltas[0]
+
+
+def prefill_media(
+    loaded: LoadedModel,
+    cache: SlotCache,
+    prompts: Sequence[list[int]],
+    mm_inputs: Sequence[dict[str, Any]],
+    rows: Sequence[object],
+    encoder_cache: EncoderCache | None = None,
+) -> tuple[Any, list[int] | None]:
+    """Whole prompts with their media, one per row of an empty ``cache``, in one pass: ``[B, V]`` logits
+    of each prompt's next token and the multimodal-rope offset of each (``None``: the model has none).
+
+    Rows start at column 0 and are right-padded to the longest (masked, like a text chunk's), so the
+    2D mask lines up with ``input_ids`` and the model computes each row's positions from its own
+    tokens and media. The prompts' ``media_layout`` must join (``layouts_join``); row ``b``'s KV is
+    then columns ``0..len(prompts[b])`` of the cache.
+    """
     import torch
 
     lm = loaded.lm
     for module in (lm, getattr(lm, "model", None)):
         if module is not None and hasattr(module, "rope_deltas"):
-            module.rope_deltas = None  # never let one request's stored offset leak into the next
-    inputs: dict[str, Any] = {}
-    for key, value in mm_inputs.items():
+            module.rope_deltas = None  # never let one pass's stored offsets leak into the next
+    width = max(len(p) for p in prompts)
+    inputs = _join_media(mm_inputs, width) if len(prompts) > 1 else dict(mm_inputs[0])
+    for key, value in inputs.items():
         if isinstance(value, torch.Tensor):
             value = value.to(loaded.device)
             if value.is_floating_point() and key != "video_second_per_grid":
                 value = value.to(loaded.dtype)
         inputs[key] = value
-    length = len(token_ids)
-    input_ids = torch.tensor([token_ids], dtype=torch.long, device=loaded.device)
-    cache.add_rows(1)
-    cache.reserve(length)
-    mask = cache.attention_mask(length, device=loaded.device)
-    logits = forward(loaded, input_ids, mask, None, cache, rows, [length - 1], encoder_cache, **inputs)
-    cache.advance(length)
-    return logits[0], _rope_delta(lm)
+    taken = placeholder_ids(loaded)  # padding must never count as a media placeholder
+    pad = next(i for i in range(len(taken) + 1) if i not in taken)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=loaded.device)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    cache.add_rows(len(prompts))
+    cache.reserve(width)
+    mask = cache.attention_mask(width, [len(p) for p in prompts], device=loaded.device)
+    keep = [len(p) - 1 for p in prompts]
+    logits = forward(loaded, input_ids, mask, None, cache, rows, keep, encoder_cache, **inputs)
+    cache.advance(width)
+    return logits, _rope_deltas(lm, len(prompts))
+
+
+def _join_media(mm_inputs: Sequence[dict[str, Any]], width: int) -> dict[str, Any]:
+    """The prompts' processor outputs as one batch's (``media_layout``'s rules): items concatenated in row
+    order, per-token rows right-padded with zeros to ``width``."""
+    import torch
+
+    joined: dict[str, Any] = {}
+    for key in dict.fromkeys(k for inputs in mm_inputs for k in inputs):
+        if key in _ROW_KEYS:
+            padded = []
+            for inputs in mm_inputs:
+                row = inputs[key]
+                padded.append(torch.nn.functional.pad(row, (0, width - row.shape[1])))
+            joined[key] = torch.cat(padded)
+        else:
+            joined[key] = torch.cat([inputs[key] for inputs in mm_inputs if key in inputs])
+    return joined
 
 
 def decode_step(

@@ -6,10 +6,13 @@ in the worker's queue; the worker takes them while batch slots are free. Each wo
 most one prefill pass and one decode pass: text prompts are prefilled together, in chunks, under
 ``--max-batch-tokens`` (running sequences count one token each, the rest of the budget goes to the
 chunk), so a long prompt delays the running sequences' next token by one chunk, never by its whole
-prefill; a prompt with media is prefilled whole and alone (one per step). The decode pass runs every
-running sequence on one preallocated cache (``kv_cache.SlotCache``). Sequences leave the batch as
-soon as they finish or their client goes away. Generation never runs on the event loop, so /health
-and /metrics answer while the model works.
+prefill. Prompts with media are prefilled whole, one media pass per step: the first one waiting and
+every other whose processor outputs join its batch (``hf_model.media_layout``) under the same LoRA
+adapter, while the pass (rows x longest prompt) fits the same budget; a prompt whose media do not
+join, or that alone is over the budget, goes alone. The decode pass runs every running sequence on
+one preallocated cache (``kv_cache.SlotCache``). Sequences leave the batch as soon as they finish or
+their client goes away. Generation never runs on the event loop, so /health and /metrics answer
+while the model works.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ class TransformersEngine(Engine[Any]):
         self._cache: Any = None  # ``kv_cache.SlotCache`` of the running sequences, made at load
         self._staging: Any = None  # the same for text prompts being prefilled
         self.prefill_passes = 0  # forward passes that prefilled prompts (a chunk or a media prompt)
+        self.media_passes: collections.Counter[int] = collections.Counter()  # media prefill passes by prompts held
         self._prefix: Any = None  # ``prefix_cache.PrefixCache`` (None: --prefix-cache-tokens 0)
         self._prefix_queries = 0  # prompt tokens looked up in it
         self._prefix_hits = 0  # ... and found there
@@ -223,7 +227,9 @@ class TransformersEngine(Engine[Any]):
             from omniserve.engines.prefix_cache import PrefixCache
 
             self._prefix = PrefixCache(cfg.prefix_cache_tokens)
-            self._media_token_ids = _placeholder_ids(self._loaded)
+            from omniserve.engines.hf_model import placeholder_ids
+
+            self._media_token_ids = placeholder_ids(self._loaded)
         if cfg.encoder_cache_items > 0:
             from omniserve.engines.encoder_cache import EncoderCache
 
@@ -462,21 +468,27 @@ class TransformersEngine(Engine[Any]):
                     cache.drop_adapter(name)
 
     def _prefill_step(self) -> None:
-        """At most one prefill pass: a media prompt whole, then one chunk of every text prompt.
+        """At most one media prefill pass (one or more media prompts whole), then one chunk of every text prompt.
 
         The chunk's width is what ``max_batch_tokens`` leaves after one token per running sequence
-        (and the media prompt's tokens), split over the prompts being prefilled, at least one each.
+        (and the media pass's tokens), split over the prompts being prefilled, at least one each.
         """
         budget = self._config.max_batch_tokens - len(self._running)
         if self._media:
-            pending = self._media.popleft()
-            budget -= len(pending.request.prompt.token_ids)
+            group = self._media_group(budget)
+            budget -= len(group) * max(len(p.request.prompt.token_ids) for p in group)
             try:
-                self._prefill_media(pending)
+                self._prefill_media(group)
             except Exception as exc:
-                log.exception("prefill failed")
-                self._release(pending.request.sampling.n)
-                pending.emit(EngineError(f"could not process the prompt: {exc}"))
+                if len(group) == 1:
+                    self._fail_media(group[0], exc)
+                else:  # one prompt's media may be what failed: never let it fail the others
+                    log.exception("batched media prefill failed; prefilling each prompt alone")
+                    for pending in group:
+                        try:
+                            self._prefill_media([pending])
+                        except Exception as alone_exc:
+                            self._fail_media(pending, alone_exc)
             self.prefill_passes += 1
         if self._chunking:
             try:
@@ -491,20 +503,74 @@ class TransformersEngine(Engine[Any]):
                     prompt.owner.emit(EngineError(f"could not process the prompt: {exc}"))
             self.prefill_passes += 1
 
-    def _prefill_media(self, pending: _Pending) -> None:
-        from omniserve.engines.hf_model import new_cache, prefill_alone
+    def _media_group(self, budget: int) -> list[_Pending]:
+        """The media prompts of the next pass, taken from the queue: the first one waiting, and after it those
+        whose media join its batch (``hf_model.layouts_join``) under the same adapter, while the padded
+        pass (rows x longest prompt) stays within ``budget``. The first goes alone if it is over budget."""
+        from omniserve.engines.hf_model import layouts_join, media_layout
 
-        req = pending.request
-        length = len(req.prompt.token_ids)
-        alone = new_cache(self._loaded, 1, length)
-        logits, rope_delta = prefill_alone(
-            self._loaded, alone, req.prompt.token_ids, req.prompt.mm_inputs, [req], self._encoders
-        )
-        # the KV cache now holds what the media meant: let the decoded media and the processor's tensors go
-        # (pixel values, audio features) rather than keep them until the last token of the longest choice
-        req.prompt = dataclasses.replace(req.prompt, mm_inputs={}, media=[])
-        self._store_prefix(pending, req.prompt.token_ids, alone, 0, rope_delta or 0)
-        self._start_sequences(pending, alone, 0, 0, length, logits, rope_delta or 0)
+        first = self._media.popleft()
+        group = [first]
+        layout = media_layout(first.request.prompt.mm_inputs)
+        width = len(first.request.prompt.token_ids)
+        if layout is None or width > budget:
+            return group
+        adapter = first.request.adapter.name if first.request.adapter is not None else None
+        for pending in list(self._media):
+            req = pending.request
+            wider = max(width, len(req.prompt.token_ids))
+            if (len(group) + 1) * wider > budget:
+                continue  # a shorter one further back may still fit
+            if (req.adapter.name if req.adapter is not None else None) != adapter:
+                continue  # a tower encodes one adapter's media per pass (lora.peft_batch)
+            if not layouts_join(layout, media_layout(req.prompt.mm_inputs)):
+                continue
+            group.append(pending)
+            width = wider
+            self._media.remove(pending)
+        return group
+
+    def _fail_media(self, pending: _Pending, exc: Exception) -> None:
+        log.error("prefill failed", exc_info=exc)
+        self._release(pending.request.sampling.n)
+        pending.emit(EngineError(f"could not process the prompt: {exc}"))
+
+    def _prefill_media(self, group: list[_Pending]) -> None:
+        """Prefill ``group``'s prompts whole in one pass on a fresh cache; each request's choices then start.
+
+        Raises only if the pass failed (nothing has started then); a row that fails to start fails alone."""
+        import omniserve.engines.hf_model as hf_model
+
+        reqs = [p.request for p in group]
+        lengths = [len(r.prompt.token_ids) for r in reqs]
+        batch = hf_model.new_cache(self._loaded, len(group), max(lengths))
+        self.media_passes[len(group)] += 1
+        if len(group) == 1:
+            logits, delta = hf_model.prefill_alone(
+                self._loaded, batch, reqs[0].prompt.token_ids, reqs[0].prompt.mm_inputs, reqs, self._encoders
+            )
+            logits, deltas = logits[None], None if delta is None else [delta]
+        else:
+            logits, deltas = hf_model.prefill_media(
+                self._loaded,
+                batch,
+                [r.prompt.token_ids for r in reqs],
+                [r.prompt.mm_inputs for r in reqs],
+                reqs,
+                self._encoders,
+            )
+        for row, (pending, length) in enumerate(zip(group, lengths, strict=True)):
+            req = pending.request
+            rope_delta = deltas[row] if deltas is not None else 0
+            # the KV cache now holds what the media meant: let the decoded media and the processor's tensors go
+            # (pixel values, audio features) rather than keep them until the last token of the longest choice
+            req.prompt = dataclasses.replace(req.prompt, mm_inputs={}, media=[])
+            try:
+                self._store_prefix(pending, req.prompt.token_ids, batch, row, rope_delta)
+                first = batch.starts[row]
+                self._start_sequences(pending, batch, row, first, first + length, logits[row], rope_delta)
+            except Exception as exc:
+                self._fail_media(pending, exc)
 
     def _prefill_chunk(self, width: int) -> None:
         """The next ``width`` tokens (or what is left) of every text prompt in one pass; finished ones start."""
@@ -683,15 +749,3 @@ class TransformersEngine(Engine[Any]):
             self._reserved = 0
         for owner in [*owners.values(), *waiting]:
             owner.emit(error)
-
-
-def _placeholder_ids(loaded: Any) -> frozenset[int]:
-    """The token ids the model replaces with media embeddings (image, video, audio placeholders)."""
-    names = ("image_token_id", "video_token_id", "audio_token_id")
-    found: set[int] = set()
-    for config in (getattr(loaded.lm, "config", None), getattr(loaded.model, "config", None)):
-        for name in (*names, *(n.replace("_id", "_index") for n in names)):
-            value = getattr(config, name, None) if config is not None else None
-            if isinstance(value, int):
-                found.add(value)
-    return frozenset(found)
