@@ -82,6 +82,7 @@ pytestmark = pytest.mark.vllm
 
 MEDIA = MediaLimits(allow_private_media_addresses=True, max_video_seconds=20, max_audio_seconds=20)
 MAX_CONCURRENCY = 4  # small, so the disconnect test can fill every vLLM slot
+VL_IMAGE_LIMIT = 2  # vLLM's --limit-mm-per-prompt on the VL server: the most images its conversations below send
 
 
 def _data_url(mime: str, data: bytes) -> str:
@@ -153,10 +154,16 @@ def float32_client(client: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def vl_server(tiny_qwen2_vl: Path) -> Iterator[RunningServer]:
+    """Qwen2-VL on vLLM, told to take at most ``VL_IMAGE_LIMIT`` images a prompt (a check vLLM makes itself)."""
     srv = start_server(
         tiny_qwen2_vl,
         name="tiny-vl",
-        engine={"max_concurrency": MAX_CONCURRENCY, "max_model_len": 2048, "dtype": "float32"},
+        engine={
+            "max_concurrency": MAX_CONCURRENCY,
+            "max_model_len": 2048,
+            "dtype": "float32",
+            "engine_args": {"limit_mm_per_prompt": json.dumps({"image": VL_IMAGE_LIMIT, "video": 1})},
+        },
         server={"media": MEDIA},
         engine_name="vllm",
     )
@@ -610,6 +617,23 @@ def test_vl_model_refuses_audio(vl_server: RunningServer) -> None:
         timeout=60,
     )
     assert resp.status_code == 400 and "audio" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_vllm_refuses_itself_is_a_400_naming_the_problem(vl_server: RunningServer, stream: bool) -> None:
+    """vLLM's own checks of a prompt (here: more images than the model takes there) raise ``VLLMValidationError``,
+    not ``ValueError``; the gateway answers it as a 400 with vLLM's reason, and keeps serving."""
+    images = [IMAGE] * (VL_IMAGE_LIMIT + 1)
+    body = {"model": "tiny-vl", "messages": [_user(*images, "count")], "max_tokens": 2, "stream": stream}
+    resp = httpx.post(vl_server.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "messages", error
+    assert f"At most {VL_IMAGE_LIMIT} image(s)" in error["message"] and "vllm engine" in error["message"], error
+    ok = httpx.post(
+        vl_server.base_url + "/v1/chat/completions", json={**body, "messages": [_user(IMAGE, "one")]}, timeout=60
+    )
+    assert ok.status_code == 200, ok.text
 
 
 def test_engine_death_turns_health_red_and_requests_into_503(vl_server: RunningServer) -> None:

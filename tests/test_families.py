@@ -12,6 +12,7 @@ is recorded (``tests/family_matrix.py``) and ``python -m omniserve.models.matrix
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -260,10 +261,51 @@ def test_two_training_steps_full_and_lora(
         full = run_training(TrainOptions(output=tmp_path / "full", progress=False, **common))
         assert full.global_step == 2 and all(math.isfinite(loss) for loss in full.losses)
         assert (tmp_path / "full" / "config.json").is_file()
+        # saved under the names the source (as publishers ship the family) carries, which vLLM maps
+        assert _weight_names(tmp_path / "full") == _weight_names(common["model"])
     with matrix.cell(name, "lora"):
         lora = run_training(TrainOptions(output=tmp_path / "lora", lora=True, lora_rank=4, progress=False, **common))
         assert lora.global_step == 2 and lora.adapter is not None
         assert (lora.adapter / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_audio"])  # a tower prefix, and Qwen2-Audio's doubled ``model.``
+def test_training_saves_the_published_weight_names_whatever_the_source_carries(
+    name: str, family_checkpoint: Callable[[str], Path], family_data: Callable[[Family], Path], tmp_path: Path
+) -> None:
+    """A source written by transformers 5 from a model it did not load (its tower names then differ from any
+    published checkpoint's, and vLLM refuses them) comes out of training under the names the family's publishers
+    ship (``Family.legacy_names``)."""
+    import shutil
+
+    from omniserve.models.loading import load_checkpoint
+    from omniserve.train.options import TrainOptions
+    from omniserve.train.sft import run_training
+
+    published = family_checkpoint(name)
+    source = tmp_path / "source"
+    shutil.copytree(published, source, ignore=shutil.ignore_patterns("*.safetensors"))
+    loaded = load_checkpoint(published, dtype="float32").model
+    fresh = type(loaded)(loaded.config)  # a model transformers built, as a user's script or another trainer does
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.save_pretrained(source)
+    assert _weight_names(source) != _weight_names(published), "transformers wrote the published names itself"
+    options = TrainOptions(
+        model=source, data=family_data(get(name)), output=tmp_path / "out", max_steps=2, batch_size=2, progress=False
+    )
+    run_training(options)
+    assert _weight_names(tmp_path / "out") == _weight_names(published)
+    assert load_checkpoint(tmp_path / "out", dtype="float32").report.lines() == []
+
+
+def _weight_names(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as weights:
+            names.update(weights.keys())
+    return names
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -358,6 +400,85 @@ def test_a_refused_family_is_refused_at_load_saying_why(tmp_path: Path) -> None:
     assert "cross-attention" in str(caught.value) and "kv_cache.py" in str(caught.value)
     result = CliRunner().invoke(app, ["models", "--model", str(tmp_path)])
     assert result.exit_code == 1 and expected in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("config_class", "arch", "why", "nearest"),
+    [
+        ("Gemma3nConfig", "Gemma3nForConditionalGeneration", "audio_config, vision_config", "Gemma 3"),
+        (
+            "Qwen3OmniMoeConfig",
+            "Qwen3OmniMoeForConditionalGeneration",
+            "thinker_config.audio_config, thinker_config.vision_config",
+            "Qwen2.5-Omni",
+        ),
+        ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM", "audio_config, vision_config", ""),
+        ("T5Config", "T5ForConditionalGeneration", "", ""),
+    ],
+)
+def test_a_checkpoint_without_a_family_that_is_not_a_text_only_causal_lm_is_refused_at_load(
+    config_class: str, arch: str, why: str, nearest: str, tmp_path: Path
+) -> None:
+    """Transformers ships these, with no family module here: refused naming the architecture and the nearest family,
+    decided from the config (its media sub-configs, or a class that is not a causal LM), not from their names."""
+    import transformers
+
+    from omniserve.errors import ModelLoadError
+    from omniserve.models.loading import load_checkpoint
+
+    config = getattr(transformers, config_class)(architectures=[arch])
+    config.save_pretrained(tmp_path)  # the config.json a published checkpoint of this architecture carries
+    expected = f"architecture {arch} is not supported: "
+    expected += f"it is a multimodal model (its config has {why})" if why else "transformers does not register it"
+    with pytest.raises(ModelLoadError, match=re.escape(expected)) as caught:
+        load_checkpoint(tmp_path)
+    assert f"the nearest supported family is {nearest}" in str(caught.value)
+
+
+def test_a_thinker_only_qwen2_5_omni_folder_is_the_omni_family(tmp_path: Path) -> None:
+    """Training's checkpoints and thinker-only folders declare the thinker class: still Qwen2.5-Omni, not refused
+    as a multimodal model without a family (which stopped ``omniserve train --model`` on its own checkpoint)."""
+    import transformers
+
+    from omniserve.models.families import family_for
+
+    config = transformers.Qwen2_5OmniThinkerConfig(architectures=["Qwen2_5OmniThinkerForConditionalGeneration"])
+    config.save_pretrained(tmp_path)
+    assert family_for(json.loads((tmp_path / "config.json").read_text())).name == "qwen2_5_omni"
+
+
+def test_roles_a_template_prints_as_is_get_their_text_as_a_string(family_checkpoint: Callable[[str], Path]) -> None:
+    """GLM-4.1V's template walks a user turn's parts but prints system and assistant content as-is: those turns get
+    a string (else the prompt holds the parts' Python repr); a template that walks every role's parts keeps them."""
+    from jinja2 import Environment
+
+    from omniserve.templates.content_format import roles_printing_content, with_string_content
+    from omniserve.templates.render import PromptRenderer
+
+    mixed = Environment().from_string(
+        "{% for m in messages %}{% if m.role == 'user' %}{% for p in m.content %}{{ p.text }}{% endfor %}"
+        "{% else %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    assert roles_printing_content(lambda msgs: mixed.render(messages=msgs)) == {"system", "assistant"}
+    turns = [
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": [{"type": "image", "image": ""}]},  # not text-only: left to the template
+        {"role": "user", "content": [{"type": "text", "text": "u"}]},
+    ]
+    assert with_string_content(turns, frozenset({"assistant"})) == [{"role": "assistant", "content": "ab"}, *turns[1:]]
+
+    glm = PromptRenderer.from_pretrained(family_checkpoint("glm4v"))
+    text = lambda s: [{"type": "text", "text": s}]  # noqa: E731
+    conversation = [
+        {"role": "system", "content": text("Answer briefly.")},
+        {"role": "user", "content": text("Name a colour.")},
+        {"role": "assistant", "content": text("red")},
+        {"role": "user", "content": text("Another one?")},
+    ]
+    prompt = glm.tokenizer.decode(glm.render_chat(conversation, []).token_ids)
+    assert "'type'" not in prompt and "<|system|>\nAnswer briefly.<|user|>\nName a colour.<|assistant|>\nred" in prompt
+    for name in ("qwen2_vl", "gemma3", "llava"):  # templates that walk parts for every role are left as they were
+        assert PromptRenderer.from_pretrained(family_checkpoint(name)).string_content_roles() == frozenset()
 
 
 def test_matrix_renders_failures_gaps_and_untested_cells() -> None:

@@ -223,6 +223,28 @@ def tower_refusal(adapter: LoraAdapter) -> str:
     )
 
 
+#: Plain exceptions vLLM 0.32 still raises for a bad request where it has not moved to ``VLLMClientError`` (its
+#: own server answers them 400 too: ``entrypoints/serve/exception_handling/error_response.py``).
+REQUEST_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError)
+
+
+def request_refusal(exc: BaseException) -> InvalidRequest:
+    """A request vLLM refuses itself as omniserve's 400, with vLLM's reason.
+
+    vLLM 0.32 raises ``VLLMValidationError`` (a ``VLLMClientError``, not a ``ValueError``) for what it checks in
+    a prompt, e.g. more items of a modality than the model takes ("At most 0 image(s) may be provided in one
+    prompt." for LLaVA-NeXT-Video, whose vLLM model reads videos only), with the checked parameter: a modality
+    there, which is the request's ``messages`` to a client.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    reason = str(exc.args[0]) if exc.args else str(exc)
+    param = None
+    if isinstance(exc, VLLMValidationError) and exc.parameter:
+        param = "messages" if exc.parameter in ("image", "video", "audio") else exc.parameter
+    return InvalidRequest(f"the {ENGINE} engine refused this request: {reason}", param=param)
+
+
 class VllmNative(NamedTuple):
     """What ``prepare`` makes of a request: vLLM's sampling parameters and its LoRA request (None: base)."""
 
@@ -351,7 +373,31 @@ class VllmEngine(InProcessEngine[VllmNative]):
     def prepare(self, request: GenerationRequest) -> VllmNative:
         if request.adapter is not None:
             self.check_adapter(request.adapter)
+        self.check_media_counts(request.prompt.media)
         return VllmNative(to_vllm_sampling(request.sampling), to_lora_request(request.adapter))
+
+    def check_media_counts(self, media: list[MediaItem]) -> None:
+        """Refuse (400) more items of a modality than vLLM's model takes, with vLLM's own check, before the stream
+        exists: rendering the prompt (``engine_input``) would find it too, but only once a streamed answer has begun.
+        """
+        if not media:
+            return
+        from vllm.exceptions import VLLMClientError
+
+        processor = self._llm.renderer.mm_processor
+        counts: dict[str, int] = {}
+        for item in media:
+            counts[item.kind] = counts.get(item.kind, 0) + 1
+        if processor is None:  # vLLM runs this checkpoint as a text-only model
+            kinds = ", ".join(sorted(counts))
+            raise InvalidRequest(
+                f"the {ENGINE} engine serves this model without media input ({kinds})", param="messages"
+            )
+        try:
+            for kind, count in counts.items():
+                processor.info.validate_num_items(kind, count)
+        except VLLMClientError as exc:
+            raise request_refusal(exc) from exc
 
     # ------------------------------------------------------------------ LoRA adapters
 
@@ -412,7 +458,7 @@ class VllmEngine(InProcessEngine[VllmNative]):
         except EngineDeadError as exc:
             raise EngineUnavailable(f"the {ENGINE} engine stopped: {exc}") from exc
         except VLLMClientError as exc:  # vLLM's checks of the request when it is added
-            raise InvalidRequest(f"the {ENGINE} engine refused this request: {exc}") from exc
+            raise request_refusal(exc) from exc
         except EngineGenerateError as exc:
             raise EngineError(f"the {ENGINE} engine failed this request: {exc.__cause__ or exc}") from exc
         finally:
@@ -432,10 +478,12 @@ class VllmEngine(InProcessEngine[VllmNative]):
                 multi_modal_data=multi_modal_data(prompt.media),  # type: ignore[typeddict-item]
                 mm_processor_kwargs=processor_options(prompt.processor_kwargs),
             )
+        from vllm.exceptions import VLLMClientError
+
         try:
             (engine_input,) = await self._llm.renderer.render_cmpl_async([tokens])
-        except ValueError as exc:
-            raise InvalidRequest(f"the {ENGINE} engine cannot process this prompt: {exc}") from exc
+        except (*REQUEST_ERRORS, VLLMClientError) as exc:  # the processor's and vLLM's checks of the prompt
+            raise request_refusal(exc) from exc
         produced = list(engine_input["prompt_token_ids"])
         if produced != list(prompt.token_ids):
             raise EngineError(_identity_failure(produced, list(prompt.token_ids)))

@@ -110,6 +110,12 @@ def _refused() -> list[str]:
     lines = ["## Refused at load", ""]
     lines += [f"- {f.title} (`{f.architectures[0]}`): {f.refused}." for f in REFUSED]
     lines += ["", "## Not in the matrix yet", ""]
+    lines += [
+        "Refused at load as well, as is any checkpoint without a family here whose config has a medium's",
+        "encoder (`vision_config`, `audio_config`, ...) or whose class is not a causal LM; the message names",
+        "the nearest family.",
+        "",
+    ]
     lines += [f"- {title} (`{arch}`): {why}." for arch, (title, why) in NOT_BUILT.items()]
     return [*lines, ""]
 

@@ -19,6 +19,7 @@ from omniserve.errors import ContextLengthExceeded, InvalidRequest, MediaError, 
 from omniserve.media.audio import DecodedAudio
 from omniserve.media.loader import MediaItem
 from omniserve.media.video import DecodedVideo
+from omniserve.templates.content_format import roles_printing_content, with_string_content
 from omniserve.templates.conversation import HFMessage
 
 _TOKEN_KEYS = ("input_ids", "attention_mask")
@@ -136,6 +137,7 @@ class PromptRenderer:
         self._template_owner = processor if getattr(processor, "chat_template", None) else self.tokenizer
         self._renders_tools: bool | None = None  # found out on the first request with tools
         self._template_variables: frozenset[str] | None = None
+        self._string_roles: frozenset[str] | None = None  # found on first use (``string_content_roles``)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, max_model_len: int | None = None) -> PromptRenderer:
@@ -221,8 +223,24 @@ class PromptRenderer:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def template_conversation(self, messages: list[HFMessage]) -> list[HFMessage]:
-        """The conversation exactly as the chat template receives it (string content for text-only models)."""
-        return messages if self.modalities != {"text"} else _flatten_text(messages)
+        """The conversation exactly as the chat template receives it.
+
+        String content for text-only models; for multimodal ones, parts, except the text-only turns of roles
+        whose content the template prints as-is (``content_format``: GLM-4.1V's system and assistant turns).
+        """
+        if self.modalities == {"text"}:
+            return _flatten_text(messages)
+        return with_string_content(messages, self.string_content_roles())
+
+    def string_content_roles(self) -> frozenset[str]:
+        """The roles whose text-only content the chat template gets as a string (found once, by rendering)."""
+        if self._string_roles is None:
+            if not self.has_chat_template:
+                self._string_roles = frozenset()
+            else:
+                with self._lock:
+                    self._string_roles = roles_printing_content(lambda probe: self._apply_template(probe, True))
+        return self._string_roles
 
     def assistant_text_mask(
         self, messages: list[HFMessage], *, tools: list[dict[str, Any]] | None = None

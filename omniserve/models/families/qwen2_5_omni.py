@@ -21,7 +21,12 @@ def _write(folder: Path, chat_template: str, seed: int) -> None:
 FAMILY = Family(
     name="qwen2_5_omni",
     title="Qwen2.5-Omni (thinker)",
-    architectures=("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel"),
+    # the thinker alone is what training's checkpoints and thinker-only folders declare
+    architectures=(
+        "Qwen2_5OmniForConditionalGeneration",
+        "Qwen2_5OmniModel",
+        "Qwen2_5OmniThinkerForConditionalGeneration",
+    ),
     modalities=frozenset({"text", "image", "video", "audio"}),
     write=_write,
     template="qwen2_5_omni",
