@@ -336,6 +336,49 @@ def test_media_prompts_admitted_together_are_prefilled_together_and_answer_as_al
     assert 1 < max(passes) < len(media)  # joined, but within the budget
 
 
+@pytest.mark.parametrize("checkpoint", ["tiny_omni"])
+def test_audio_prompts_admitted_together_are_prefilled_together_and_answer_as_alone(
+    checkpoint: str, request: pytest.FixtureRequest
+) -> None:
+    """Clips of different lengths (one prompt with two), and a clip with an image: their Whisper-style features are
+    padded to the longest clip and masked (``hf_model._PADDED_ITEM_KEYS``), so the audio prompts share one pass
+    and the audio+image prompt another; every answer equals the one its prompt gets alone."""
+    import numpy as np
+    from PIL import Image
+
+    from omniserve.media.audio import DecodedAudio
+    from omniserve.media.loader import MediaItem
+    from omniserve.templates.render import PromptRenderer
+
+    model = request.getfixturevalue(checkpoint)
+    renderer = PromptRenderer.from_pretrained(model)
+    rng = np.random.default_rng(3)
+
+    def clip(seconds: float) -> MediaItem:
+        samples = (0.3 * rng.standard_normal(int(16_000 * seconds))).astype(np.float32)
+        return MediaItem("audio", DecodedAudio(samples, 16_000))
+
+    def user(items: list[MediaItem], text: str) -> RenderedPrompt:
+        content = [*({"type": item.kind} for item in items), {"type": "text", "text": text}]
+        return renderer.render_chat([{"role": "user", "content": content}], items)
+
+    picture = MediaItem("image", Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)))
+    prompts = [
+        user([clip(0.6)], "what is it?"),
+        user([clip(1.7)], "and this longer one?"),
+        user([clip(1.1), clip(0.4)], "compare the sounds"),
+        user([picture, clip(0.9)], "the picture and the sound"),
+        user([], "no media"),
+    ]
+    alone, engine = serve_together(model, [[p] for p in prompts])
+    assert engine.media_passes == {1: 4}
+    assert len({tuple(tokens) for tokens, _ in alone}) == len(prompts)
+
+    together, engine = serve_together(model, [prompts])
+    _same(together, alone)
+    assert engine.media_passes == {3: 1, 1: 1}
+
+
 def test_media_prompts_under_different_adapters_are_prefilled_apart(
     tiny_omni: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -122,7 +122,7 @@ _ROW_KEYS = frozenset({"mm_token_type_ids"})
 #: Processor outputs holding the prompt's media items along dimension 0 (flattened patches, one grid row
 #: per image/video, per-video times, whole images): a batch's are the prompts' concatenated in row order,
 #: which is the order the model consumes them in (placeholders are filled row after row). Any other key
-#: (audio features and their masks, image sizes, token types that change the attention mask) is not known
+#: (image sizes, pixel masks, token types that change the attention mask) is not known
 #: to join: such a prompt is prefilled alone.
 _ITEM_KEYS = frozenset(
     {
@@ -134,6 +134,13 @@ _ITEM_KEYS = frozenset(
         "second_per_grid_ts",  # Qwen2.5-VL
     }
 )
+
+
+#: Processor outputs holding the prompt's audio clips along dimension 0, each padded along the last (time)
+#: dimension to the prompt's longest clip, with the mask saying which frames are real (Whisper-style features):
+#: a batch's are right-padded with zeros (masked out) to the batch's longest clip, then concatenated in row
+#: order, which is what the processor itself writes for several clips.
+_PADDED_ITEM_KEYS = frozenset({"input_features", "feature_attention_mask"})
 
 
 def media_layout(mm_inputs: dict[str, Any]) -> dict[str, tuple[Any, ...]] | None:
@@ -155,6 +162,8 @@ def media_layout(mm_inputs: dict[str, Any]) -> dict[str, tuple[Any, ...]] | None
             layout[key] = ("row", value.dtype)
         elif key in _ITEM_KEYS:
             layout[key] = ("items", tuple(value.shape[1:]), value.dtype)
+        elif key in _PADDED_ITEM_KEYS and value.ndim >= 2:
+            layout[key] = ("padded items", tuple(value.shape[1:-1]), value.dtype)
         else:
             return None
     return layout
@@ -310,7 +319,7 @@ def prefill_media(
 
 def _join_media(mm_inputs: Sequence[dict[str, Any]], width: int) -> dict[str, Any]:
     """The prompts' processor outputs as one batch's (``media_layout``'s rules): items concatenated in row
-    order, per-token rows right-padded with zeros to ``width``."""
+    order (audio clips first right-padded to the longest), per-token rows right-padded with zeros to ``width``."""
     import torch
 
     joined: dict[str, Any] = {}
@@ -321,6 +330,10 @@ def _join_media(mm_inputs: Sequence[dict[str, Any]], width: int) -> dict[str, An
                 row = inputs[key]
                 padded.append(torch.nn.functional.pad(row, (0, width - row.shape[1])))
             joined[key] = torch.cat(padded)
+        elif key in _PADDED_ITEM_KEYS:
+            clips = [inputs[key] for inputs in mm_inputs if key in inputs]
+            longest = max(clip.shape[-1] for clip in clips)
+            joined[key] = torch.cat([torch.nn.functional.pad(clip, (0, longest - clip.shape[-1])) for clip in clips])
         else:
             joined[key] = torch.cat([inputs[key] for inputs in mm_inputs if key in inputs])
     return joined
