@@ -122,12 +122,16 @@ def start_server(
     from omniserve.server.app import build_app
 
     engine_config = EngineConfig(model=model, served_model_name=name, **(engine or {}))
-    port = free_port()
+    # The listening socket is bound here and handed to uvicorn, which would bind only after the app's startup:
+    # an engine started there (vLLM's ZMQ sockets) could take a port picked earlier and free in between.
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
     server_config = ServerConfig(host="127.0.0.1", port=port, **(server or {}))
     eng = create_engine(engine_name, engine_config)
     app = build_app(eng, engine_config, server_config)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, daemon=True)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [listening]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
     while not uv.started:
