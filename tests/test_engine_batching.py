@@ -301,7 +301,8 @@ def serve_together(
     return asyncio.run(scenario())
 
 
-def _same(got: list[Output], expected: list[Output]) -> None:
+def same_outputs(got: list[Output], expected: list[Output]) -> None:
+    """Each request's greedy tokens equal, and its logprobs within 1e-4 (also used by tests/test_prefix_cache.py)."""
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, expected, strict=True):
         assert tokens == want_tokens
         assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
@@ -325,12 +326,12 @@ def test_media_prompts_admitted_together_are_prefilled_together_and_answer_as_al
     assert len({tuple(tokens) for tokens, _ in alone}) == len(prompts)
 
     together, engine = serve_together(model, [prompts])
-    _same(together, alone)
+    same_outputs(together, alone)
     assert engine.media_passes == {4: 1, 2: 1}
 
     budget = 64
     split, engine = serve_together(model, [prompts], max_batch_tokens=budget)
-    _same(split, alone)
+    same_outputs(split, alone)
     passes = engine.media_passes
     assert sum(rows * count for rows, count in passes.items()) == len(media)
     assert 1 < max(passes) < len(media)  # joined, but within the budget
@@ -375,7 +376,7 @@ def test_audio_prompts_admitted_together_are_prefilled_together_and_answer_as_al
     assert len({tuple(tokens) for tokens, _ in alone}) == len(prompts)
 
     together, engine = serve_together(model, [prompts])
-    _same(together, alone)
+    same_outputs(together, alone)
     assert engine.media_passes == {3: 1, 1: 1}
 
 
@@ -398,7 +399,7 @@ def test_media_prompts_under_different_adapters_are_prefilled_apart(
     got, engine = serve_together(
         tiny_omni, [mixed], adapters=[adapters[i] for i in (0, 3, 1, 4, 2, 5)], enable_lora=True
     )
-    _same(got, [alone[i] for i in (0, 3, 1, 4, 2, 5)])
+    same_outputs(got, [alone[i] for i in (0, 3, 1, 4, 2, 5)])
     assert engine.media_passes == {3: 2}
 
 

@@ -19,8 +19,7 @@ from omniserve.engines.base import GenerationRequest
 from omniserve.engines.transformers_engine import TransformersEngine
 from omniserve.sampling import SamplingParams
 from omniserve.templates.render import RenderedPrompt
-
-Output = tuple[list[int], list[float]]
+from tests.test_engine_batching import Output, same_outputs
 
 
 def _request(name: str, prompt: RenderedPrompt, max_tokens: int = 6, adapter: Any = None) -> GenerationRequest:
@@ -59,12 +58,6 @@ def _serve(
     return asyncio.run(scenario())
 
 
-def _same(got: list[Output], expected: list[Output]) -> None:
-    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, expected, strict=True):
-        assert tokens == want_tokens
-        assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
-
-
 def _hits(engine: TransformersEngine) -> tuple[int, int]:
     stats = engine.stats()
     assert stats.prefix_cache_queries is not None and stats.prefix_cache_hits is not None
@@ -87,7 +80,7 @@ def test_a_shared_system_prompt_is_computed_once(tiny_qwen2: Path) -> None:
     expected, plain = _serve(tiny_qwen2, prompts, prefix_cache_tokens=0)
     assert plain.stats().prefix_cache_hits is None  # off: no counter at all
     got, engine = _serve(tiny_qwen2, prompts)
-    _same(got, expected)
+    same_outputs(got, expected)
     queries, hits = _hits(engine)
     assert queries == sum(len(p.token_ids) for p in prompts)
     assert hits == 150 + 150 + len(prompts[0].token_ids) - 1
@@ -159,7 +152,7 @@ def test_different_images_behind_identical_placeholders_never_share(tiny_qwen2_v
     # the test can fail: the two images make different answers
     assert expected[0][1] != pytest.approx(expected[1][1], abs=1e-3)
     got, engine = _serve(tiny_qwen2_vl, [a, b, a, b])
-    _same(got, expected + expected)
+    same_outputs(got, expected + expected)
     _, hits = _hits(engine)
     # A: nothing; B: nothing (a media prompt reuses only a prefix holding its media, prefilled whole otherwise);
     # A and B again: all but the last token, each its own image's KV (the answers above)
@@ -199,7 +192,7 @@ def test_the_cache_is_keyed_by_adapter(tiny_qwen2: Path, tmp_path_factory: pytes
     expected, _ = _serve(tiny_qwen2, [prompt] * 3, adapters=adapters, prefix_cache_tokens=0, enable_lora=True)
     assert expected[0] != expected[1]  # the adapter changes the answer
     got, engine = _serve(tiny_qwen2, [prompt] * 3, adapters=adapters, enable_lora=True)
-    _same(got, expected)
+    same_outputs(got, expected)
     _, hits = _hits(engine)
     assert hits == len(prompt.token_ids) - 1  # only the adapter's own repeat
 
@@ -243,7 +236,7 @@ def test_engine_eviction_keeps_answers_right(tiny_qwen2: Path) -> None:
     prompts = [RenderedPrompt(token_ids=[*s, 1, 2, 3]) for s in systems * 2]
     expected, _ = _serve(tiny_qwen2, prompts, prefix_cache_tokens=0)
     got, engine = _serve(tiny_qwen2, prompts, prefix_cache_tokens=128)
-    _same(got, expected)
+    same_outputs(got, expected)
     assert engine._prefix.tokens <= 128
 
 
@@ -268,7 +261,7 @@ def test_a_repeated_image_is_encoded_once(tiny_qwen2_vl: Path) -> None:
 
     calls: list[int] = []
     got, engine = _serve_counting_tower(tiny_qwen2_vl, prompts, calls)
-    _same(got, expected)
+    same_outputs(got, expected)
     assert len(calls) == 1  # the second prompt's image came from the cache
     assert engine._encoders.hits == 1 and engine._encoders.encoded == 1
 
