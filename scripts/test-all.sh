@@ -18,8 +18,13 @@ pip_() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$@"; }
 vllm_log="$(mktemp)"
 # Ray too (tests/test_multinode_ray.py): the multinode extra's Ray without [cgraph], whose CuPy is CUDA-only.
 ( scripts/setup-vllm-cpu-env.sh .venv-vllm && scripts/install-engine-api-packages.sh .venv-vllm \
-    && pip_ .venv-vllm/bin/python -m pip install --quiet 'ray>=2.43' ) >"$vllm_log" 2>&1 &
+    && pip_ .venv-vllm/bin/python -m pip install --quiet 'ray>=2.43'; echo $? >"$vllm_log.status" ) >"$vllm_log" 2>&1 &
 vllm_setup=$!
+# `wait` works only in the shell that started the job, so the build's exit status goes through a file.
+wait_for_vllm_env() {
+    while kill -0 "$vllm_setup" 2>/dev/null; do sleep 2; done
+    [ "$(cat "$vllm_log.status" 2>/dev/null)" = 0 ]
+}
 
 python3 -m venv .venv
 pip_ .venv/bin/pip install -e '.[test,quantize,train,eval]'
@@ -33,13 +38,29 @@ if [ "${#missing[@]}" -gt 0 ]; then
     as_root=""; [ "$(id -u)" -eq 0 ] || as_root="sudo"
     $as_root apt-get update -q && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
-.venv/bin/python -m pytest --durations=40
+# The two halves run side by side: most of each is one core's worth of Python (server starts, EvalScope and
+# vLLM processes, small tensors), so on two cores together they take little more than the longer one alone.
+# Each gets its own pytest base folder (pytest prunes old numbered folders under a shared one), and the vLLM
+# half's output is shown whole after the main half's, so the two logs never interleave.
+scratch="$(mktemp -d)"
+vllm_tests=(tests/test_engine_vllm.py tests/test_engine_mapping.py tests/test_families_vllm.py tests/test_multinode_ray.py
+    tests/test_lora_vllm.py tests/test_speech_vllm.py tests/test_published_quant.py::test_vllm_serves_published_checkpoint)
+( if ! wait_for_vllm_env; then exit 90; fi
+  .venv-vllm/bin/python -m pytest --durations=10 --basetemp="$scratch/vllm" "${vllm_tests[@]}" ) >"$scratch/vllm.out" 2>&1 &
+vllm_tests_pid=$!
 
-if ! wait "$vllm_setup"; then
+main_status=0
+.venv/bin/python -m pytest --durations=40 --basetemp="$scratch/main" || main_status=$?
+
+vllm_status=0
+wait "$vllm_tests_pid" || vllm_status=$?
+if [ "$vllm_status" -eq 90 ]; then
     cat "$vllm_log" >&2
     echo "test-all: building .venv-vllm failed (output above)" >&2
     exit 1
 fi
 tail -n 3 "$vllm_log"
-.venv-vllm/bin/python -m pytest --durations=10 tests/test_engine_vllm.py tests/test_engine_mapping.py tests/test_families_vllm.py tests/test_multinode_ray.py tests/test_lora_vllm.py tests/test_speech_vllm.py \
-    tests/test_published_quant.py::test_vllm_serves_published_checkpoint
+echo "==================== the vLLM environment's tests ===================="
+cat "$scratch/vllm.out"
+echo "test-all: main environment pytest exit $main_status, vLLM environment pytest exit $vllm_status"
+[ "$main_status" -eq 0 ] && [ "$vllm_status" -eq 0 ]
