@@ -226,8 +226,8 @@ class EngineOptions(BaseModel):
         64,
         ge=0,
         description=(
-            "Transformers engine: images/videos whose encoder output is kept, so the same media (by content "
-            "and processing options) is encoded once while it stays; least recently used dropped first. 0: off."
+            "Transformers engine: images/videos/audio clips whose encoder output is kept, so the same media (by "
+            "content and processing options) is encoded once while it stays; least recently used dropped first. 0: off."
         ),
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -37,6 +37,7 @@ class LoadedModel:
     mrope: bool = False  # multimodal rotary positions: text positions are given as [3, B, q]
     num_layers: int = 0
     linear_kernel: str = "torch"  # what the linear layers compute with (engines/fast_linear.py)
+    cross_attention: Any = None  # ``cross_attention.CrossAttention`` of a model whose images enter that way (Mllama)
 
 
 def load_model(
@@ -47,6 +48,7 @@ def load_model(
     ``linear_kernel`` (``--linear-kernel``): packs the linear layers for oneDNN here, before the warm-up."""
     import torch
 
+    from omniserve.engines.cross_attention import detect as detect_cross_attention
     from omniserve.engines.fast_linear import apply_linear_kernel
     from omniserve.models.loading import generating_module, load_checkpoint, refuse_missing
 
@@ -73,8 +75,12 @@ def load_model(
         eos_token_ids=_eos_ids(model),
         accepts_logits_to_keep="logits_to_keep" in inspect.signature(lm.forward).parameters,
         mrope=any(hasattr(m, "rope_deltas") for m in (lm, getattr(lm, "model", None)) if m is not None),
-        num_layers=int(text_config.num_hidden_layers),
+        # KV-shared layers (Gemma 3n's last ``num_kv_shared_layers``) never write a cache of their own: they read the
+        # keys and values the last unshared layer of their kind returns in the same pass (transformers' DynamicCache
+        # leaves them out too). Cache rows for them would stay empty, and the prefix cache reads every row.
+        num_layers=int(text_config.num_hidden_layers) - int(getattr(text_config, "num_kv_shared_layers", 0) or 0),
         linear_kernel=kernel,
+        cross_attention=detect_cross_attention(lm),
     )
 
 
@@ -116,14 +122,18 @@ def placeholder_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(found)
 
 
-#: Processor outputs holding one row per prompt along its tokens (Qwen2-VL's token types): joined by
-#: right-padding every prompt's row to the batch's width (0, "text", where the mask hides the padding).
-_ROW_KEYS = frozenset({"mm_token_type_ids"})
+#: Processor outputs holding one row per prompt along its tokens (Qwen2-VL's and GLM-4.1V's ``mm_token_type_ids``,
+#: Gemma 3's ``token_type_ids``, which the model reads to let an image's tokens attend to each other both ways):
+#: joined by right-padding every prompt's row to the batch's width with 0, "text", which the 2D mask then hides.
+_ROW_KEYS = frozenset({"mm_token_type_ids", "token_type_ids"})
 #: Processor outputs holding the prompt's media items along dimension 0 (flattened patches, one grid row
-#: per image/video, per-video times, whole images): a batch's are the prompts' concatenated in row order,
-#: which is the order the model consumes them in (placeholders are filled row after row). Any other key
-#: (image sizes, pixel masks, token types that change the attention mask) is not known
-#: to join: such a prompt is prefilled alone.
+#: per image/video, per-video times, whole images, each image's size, a prompt's image count): a batch's are
+#: the prompts' concatenated in row order, which is the order the model consumes them in (placeholders are
+#: filled row after row). Items must agree in every other dimension: LLaVA-NeXT-Video's and LLaVA-OneVision's
+#: ``pixel_values_videos`` (``[videos, frames, C, H, W]``) join only videos of one frame count, since the model
+#: reshapes the whole batch's frame features with one count (padding frames would add features no placeholder
+#: takes). A key known nowhere here (Mllama's aspect-ratio and cross-attention masks, say) is not known to join:
+#: such a prompt is prefilled alone.
 _ITEM_KEYS = frozenset(
     {
         "pixel_values",
@@ -132,25 +142,53 @@ _ITEM_KEYS = frozenset(
         "video_grid_thw",
         "video_second_per_grid",  # Qwen2.5-Omni
         "second_per_grid_ts",  # Qwen2.5-VL
+        "image_sizes",  # LLaVA-NeXT/OneVision, Pixtral: [images, 2], each image's real height and width
+        "batch_num_images",  # LLaVA-OneVision: [prompts], how many images each prompt has
     }
 )
-
-
 #: Processor outputs holding the prompt's audio clips along dimension 0, each padded along the last (time)
 #: dimension to the prompt's longest clip, with the mask saying which frames are real (Whisper-style features):
 #: a batch's are right-padded with zeros (masked out) to the batch's longest clip, then concatenated in row
 #: order, which is what the processor itself writes for several clips.
 _PADDED_ITEM_KEYS = frozenset({"input_features", "feature_attention_mask"})
+#: Pixel masks: which pixels (or patches) of each image or tile are real, ``[items, (tiles,) H, W]``. Padded along
+#: every dimension past 0: with zeros (not real) within an image (height, width), with ones for whole padded tiles,
+#: as the processors pad their own batches: such a tile is blank and dropped by the model (by its count or its
+#: all-zero pixels), and a tower never sees a tile with no real patch.
+_PIXEL_MASK_KEYS = frozenset({"pixel_attention_mask"})
+#: Processor outputs that tell the model the real extent of every ``pixel_values`` item, so that zero padding beyond
+#: it is cropped or dropped again by the model: ``image_sizes`` (LLaVA-NeXT/OneVision keep each image's first tiles,
+#: as many as its size makes, Pixtral crops each image's patch grid to its size) and ``pixel_attention_mask``
+#: (Idefics3/SmolVLM drop all-zero images and mask padded pixels; its tower computes each image alone, masks or
+#: not). With one of them, the pixel tensors (``_PIXEL_KEYS``, ``[items, (tiles,) C, H, W]``) are padded with zeros
+#: along every dimension past 0 but the channels (tiles or images per item, height, width) to the batch's largest,
+#: as the processor pads a batch itself. Phi-4-multimodal's ``image_pixel_values`` / ``image_attention_mask`` follow
+#: the same pattern but are left out on purpose: its vision tower (transformers 5.17) gives a crop without masked
+#: patches other features when another crop of the same call has some (max |diff| 4.9 on the tiny tower; Idefics3's:
+#: 0), so a prompt joined with one whose image fills its crops partly would answer differently: it is prefilled alone.
+_EXTENT_KEYS = frozenset({"image_sizes", *_PIXEL_MASK_KEYS})
+_PIXEL_KEYS = frozenset({"pixel_values"})
+
+
+def _padded_dims(key: str, value: Any, keys: Any) -> tuple[int, ...] | None:
+    """The dimensions of ``value`` (processor output ``key`` beside ``keys``) a batch pads; None: not a padded key."""
+    if key in _PADDED_ITEM_KEYS and value.ndim >= 2:
+        return (value.ndim - 1,)
+    if key in _PIXEL_MASK_KEYS and value.ndim >= 3:
+        return tuple(range(1, value.ndim))
+    if key in _PIXEL_KEYS and value.ndim >= 4 and _EXTENT_KEYS & set(keys):
+        return tuple(d for d in range(1, value.ndim) if d != value.ndim - 3)
+    return None
 
 
 def media_layout(mm_inputs: dict[str, Any]) -> dict[str, tuple[Any, ...]] | None:
     """What a prompt's processor outputs must share with others' to be prefilled in one pass with them.
 
-    Per key: its kind (row or items), its shape past dimension 0 (items) and its dtype. ``None``: a key
-    that is not known to join (or not a tensor), so the prompt goes alone. Two layouts join when they
-    are equal (``layouts_join``): the same keys, so image prompts join image prompts and video prompts
-    video prompts (GLM-4.1V marks video frames with the image placeholder and tells them apart by
-    token type: its image-only and video-only rows must not share a pass).
+    Per key: its kind (row, items or padded items), its shape past dimension 0 (``None`` where a batch pads)
+    and its dtype. ``None``: a key that is not known to join (or not a tensor), so the prompt goes alone. Two
+    layouts join when they are equal (``layouts_join``): the same keys, so image prompts join image prompts
+    and video prompts video prompts (GLM-4.1V marks video frames with the image placeholder and tells them
+    apart by token type: its image-only and video-only rows must not share a pass).
     """
     import torch
 
@@ -158,12 +196,14 @@ def media_layout(mm_inputs: dict[str, Any]) -> dict[str, tuple[Any, ...]] | None
     for key, value in mm_inputs.items():
         if not isinstance(value, torch.Tensor) or value.ndim == 0:
             return None
+        padded = _padded_dims(key, value, mm_inputs)
         if key in _ROW_KEYS and value.ndim == 2 and value.shape[0] == 1:
             layout[key] = ("row", value.dtype)
+        elif padded is not None:
+            shape = tuple(None if d in padded else value.shape[d] for d in range(1, value.ndim))
+            layout[key] = ("padded items", shape, value.dtype)
         elif key in _ITEM_KEYS:
             layout[key] = ("items", tuple(value.shape[1:]), value.dtype)
-        elif key in _PADDED_ITEM_KEYS and value.ndim >= 2:
-            layout[key] = ("padded items", tuple(value.shape[1:-1]), value.dtype)
         else:
             return None
     return layout
@@ -178,7 +218,8 @@ def new_cache(loaded: LoadedModel, max_rows: int, capacity: int = 256) -> SlotCa
     """An empty preallocated cache for ``max_rows`` sequences (buffers are made at the first write)."""
     from omniserve.engines.kv_cache import SlotCache
 
-    return SlotCache(loaded.num_layers, max_rows, capacity)
+    layers = loaded.cross_attention.layers if loaded.cross_attention is not None else ()
+    return SlotCache(loaded.num_layers, max_rows, capacity, cross_layers=layers)
 
 
 def forward(
@@ -216,12 +257,14 @@ def forward(
         columns = [wanted.index(k) for k in keep]
     else:
         columns = keep
+    from omniserve.engines import cross_attention
     from omniserve.lora.peft_batch import adapter_names, per_row
 
     names = adapter_names(rows)
     encoders = encoder_cache.attached(loaded.lm, names) if encoder_cache is not None and media else nullcontext()
     # each row's LoRA adapter (None: the base) applied inside this one pass; a no-op when none is loaded
-    with per_row(loaded.lm, names), encoders, torch.inference_mode():
+    crossing = cross_attention.attached(loaded.cross_attention, cache, input_ids.shape[1], keep, media, loaded.lm)
+    with per_row(loaded.lm, names), encoders, crossing, torch.inference_mode():
         out = loaded.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -319,7 +362,9 @@ def prefill_media(
 
 def _join_media(mm_inputs: Sequence[dict[str, Any]], width: int) -> dict[str, Any]:
     """The prompts' processor outputs as one batch's (``media_layout``'s rules): items concatenated in row
-    order (audio clips first right-padded to the longest), per-token rows right-padded with zeros to ``width``."""
+    order (padded items first right-padded with zeros to the batch's largest along their padded dimensions:
+    audio clips to the longest, pixel tiles and sizes to the most and largest), per-token rows right-padded
+    with zeros to ``width``."""
     import torch
 
     joined: dict[str, Any] = {}
@@ -330,10 +375,20 @@ def _join_media(mm_inputs: Sequence[dict[str, Any]], width: int) -> dict[str, An
                 row = inputs[key]
                 padded.append(torch.nn.functional.pad(row, (0, width - row.shape[1])))
             joined[key] = torch.cat(padded)
-        elif key in _PADDED_ITEM_KEYS:
-            clips = [inputs[key] for inputs in mm_inputs if key in inputs]
-            longest = max(clip.shape[-1] for clip in clips)
-            joined[key] = torch.cat([torch.nn.functional.pad(clip, (0, longest - clip.shape[-1])) for clip in clips])
+        elif (dims := _padded_dims(key, mm_inputs[0][key], mm_inputs[0])) is not None:
+            items = [inputs[key] for inputs in mm_inputs if key in inputs]
+            largest = [max(item.shape[d] for item in items) for d in range(items[0].ndim)]
+            grown = []
+            # a pixel mask's tile dimensions (those before height and width) are padded with ones, the rest with zeros
+            tiles = set(range(1, items[0].ndim - 2)) if key in _PIXEL_MASK_KEYS else set()
+            for item in items:
+                for value, padded in ((0, set(dims) - tiles), (1, set(dims) & tiles)):
+                    pads: list[int] = []  # F.pad's order: (last dim's left, right, the one before's left, right, ...)
+                    for d in reversed(range(1, item.ndim)):
+                        pads += [0, largest[d] - item.shape[d] if d in padded else 0]
+                    item = torch.nn.functional.pad(item, pads, value=value)
+                grown.append(item)
+            joined[key] = torch.cat(grown)
         else:
             joined[key] = torch.cat([inputs[key] for inputs in mm_inputs if key in inputs])
     return joined

@@ -435,6 +435,8 @@ class TransformersEngine(Engine[Any]):
         from omniserve.engines.prefix_cache import PrefixKey, media_digest
 
         req = pending.request
+        if req.prompt.mm_inputs and self._loaded.cross_attention is not None:
+            return None, 0  # with cross-attention even its first tokens depend on its images: never cached
         tokens = req.prompt.token_ids
         key = PrefixKey(adapter=req.adapter.name if req.adapter is not None else None)
         last_media = None
