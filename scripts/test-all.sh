@@ -44,7 +44,7 @@ fi
 # half's output is shown whole after the main half's, so the two logs never interleave.
 scratch="$(mktemp -d)"
 vllm_tests=(tests/test_engine_vllm.py tests/test_engine_mapping.py tests/test_families_vllm.py tests/test_multinode_ray.py
-    tests/test_lora_vllm.py tests/test_speech_vllm.py tests/test_published_quant.py::test_vllm_serves_published_checkpoint)
+    tests/test_lora_vllm.py tests/test_speech_vllm.py tests/test_speech_qwen3_omni_vllm.py tests/test_published_quant.py::test_vllm_serves_published_checkpoint)
 ( if ! wait_for_vllm_env; then exit 90; fi
   .venv-vllm/bin/python -m pytest --durations=10 --basetemp="$scratch/vllm" "${vllm_tests[@]}" ) >"$scratch/vllm.out" 2>&1 &
 vllm_tests_pid=$!

@@ -52,6 +52,8 @@ MEDIA_PARTS: dict[str, dict[str, Any]] = {
     },
 }
 QUESTION = {"image": "What colour is this?", "video": "Which way does it move?", "audio": "High or low?"}
+#: Families whose images reach the decoder through cross-attention layers, not as tokens in the prompt.
+CROSS_ATTENTION = frozenset({"mllama"})
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +137,10 @@ def test_each_medium_is_served_or_refused_naming_model_and_medium(
         text_only = _chat(server, [{"type": "text", "text": QUESTION[kind]}], max_tokens=1).usage.prompt_tokens
         reply = _chat(server, content, max_tokens=4, temperature=0)
         assert reply.choices[0].finish_reason in ("stop", "length")
-        assert reply.usage.prompt_tokens > text_only  # the medium became feature tokens
+        if family.name in CROSS_ATTENTION:  # its image is one <|image|> token; its template drops the system turn
+            assert reply.usage.prompt_tokens != text_only
+        else:
+            assert reply.usage.prompt_tokens > text_only  # the medium became feature tokens
         stream = list(_chat(server, content, max_tokens=3, stream=True, temperature=0))
         assert stream[-1].choices[0].finish_reason in ("stop", "length")
 
@@ -322,6 +327,9 @@ def test_quantized_with_towers_kept_and_served(
             QuantizeOptions(model=family_checkpoint(name), method="fp8", output=tmp_path / "fp8", progress=False)
         ).output
         assert load_checkpoint(out, dtype="auto", allow_auto_dtype=True).report.lines() == []
+        # the towers are named as kept (Phi-4-multimodal's sit inside its decoder module and were once quantized)
+        ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+        assert [name for name in ignore if "lm_head" not in name], ignore
         # the default dtype (auto: bfloat16 on CPUs with native bf16) over layers saved in float32 and dequantized ones
         server = start_server(out, name="quantized", server={"media": MediaLimits()})
         try:
@@ -351,12 +359,14 @@ def test_models_command_describes_each_family(family_checkpoint: Callable[[str],
         assert described["architecture"] == family.architectures[0]
         assert set(described["modalities"]) == family.modalities
         expected = "markers" if "{% generation %}" in published_template(family.template or "") else "prefix"
+        if family.name in ("llava_onevision", "llava_next_video"):  # `assistant \n` in history, `assistant\n` served
+            expected = "served-prompt"
         assert described["mask_strategy"].startswith(expected), described["mask_strategy"]
         assert described["quantization"] == "none"
     text = CliRunner().invoke(app, ["models", "--model", str(family_checkpoint("llava_onevision"))])
     rows = dict(line.split(None, 1) for line in text.output.splitlines() if line.startswith(("family", "engines")))
     assert rows == {"family": "LLaVA-OneVision", "engines": "transformers, vllm"}
-    assert "not yet (parity)" in text.output
+    assert "served-prompt: the template writes past assistant turns unlike its generation prompt" in text.output
 
 
 def test_an_unknown_architecture_is_named_with_the_nearest_family(tmp_path: Path) -> None:
@@ -379,72 +389,88 @@ def test_an_unknown_architecture_is_named_with_the_nearest_family(tmp_path: Path
         load_checkpoint(tmp_path)
 
 
-def test_a_refused_family_is_refused_at_load_saying_why(tmp_path: Path) -> None:
-    """Mllama would pass as a text-only causal LM and crash in the engine's warm-up: it is refused by name first."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from omniserve.cli import app
+def test_a_refused_family_is_refused_at_load_saying_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A family omniserve knows it cannot run (``Family.refused``) is refused by name at load, before any engine
+    tries it. None is refused today (Mllama, the last one, is served since its cross-attention support), so a
+    stand-in family is registered for a real architecture, as a family module would register it."""
     from omniserve.errors import ModelLoadError
-    from omniserve.models.families import REFUSED
+    from omniserve.models import families
     from omniserve.models.loading import load_checkpoint
 
-    assert [family.name for family in REFUSED] == ["mllama"]
-    (tmp_path / "config.json").write_text(
-        json.dumps({"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama"})
+    stand_in = Family(
+        name="stand_in",
+        title="Stand-in",
+        architectures=("FuyuForCausalLM",),
+        modalities=frozenset({"text", "image"}),
+        refused="a reason the family module gives",
     )
-    expected = "architecture MllamaForConditionalGeneration (Mllama (Llama 3.2 Vision)) is not supported: its images"
-    with pytest.raises(ModelLoadError, match=re.escape(expected)) as caught:
+    monkeypatch.setitem(families._BY_ARCH, "FuyuForCausalLM", stand_in)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FuyuForCausalLM"], "model_type": "fuyu"}))
+    expected = "architecture FuyuForCausalLM (Stand-in) is not supported: a reason the family module gives"
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
         load_checkpoint(tmp_path)
-    assert "cross-attention" in str(caught.value) and "kv_cache.py" in str(caught.value)
-    result = CliRunner().invoke(app, ["models", "--model", str(tmp_path)])
-    assert result.exit_code == 1 and expected in " ".join(result.output.split())
+    assert all(not family.refused for family in FAMILIES)
 
 
-@pytest.mark.parametrize(
-    ("config_class", "arch", "why", "nearest"),
-    [
-        ("Gemma3nConfig", "Gemma3nForConditionalGeneration", "audio_config, vision_config", "Gemma 3"),
-        (
-            "Qwen3OmniMoeConfig",
-            "Qwen3OmniMoeForConditionalGeneration",
-            "thinker_config.audio_config, thinker_config.vision_config",
-            "Qwen2.5-Omni",
-        ),
-        ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM", "audio_config, vision_config", ""),
-        ("T5Config", "T5ForConditionalGeneration", "", ""),
-    ],
-)
-def test_a_checkpoint_without_a_family_that_is_not_a_text_only_causal_lm_is_refused_at_load(
-    config_class: str, arch: str, why: str, nearest: str, tmp_path: Path
+def test_phi4_media_are_its_placeholders_in_a_template_that_takes_only_strings(
+    family_checkpoint: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    """Transformers ships these, with no family module here: refused naming the architecture and the nearest family,
-    decided from the config (its media sub-configs, or a class that is not a causal LM), not from their names."""
-    import transformers
+    """Microsoft's Phi-4-multimodal template adds ``message['content']`` to a string, so parts fail in it: every turn
+    gets a string, each medium written as the placeholder transformers' processor expands, where it stands in the turn.
+    Served and trained tokens are then exactly those of transformers' own template given parts."""
+    import numpy as np
+    from PIL import Image
 
-    from omniserve.errors import ModelLoadError
-    from omniserve.models.loading import load_checkpoint
+    from omniserve.media.audio import DecodedAudio
+    from omniserve.media.loader import MediaItem
+    from omniserve.templates.content_format import with_string_content
+    from omniserve.templates.render import PromptRenderer
+    from omniserve.templates.training import render_training_examples
+    from omniserve.train.model_io import LORA_TARGETS
+    from tests.test_train_support import with_chat_template
 
-    config = getattr(transformers, config_class)(architectures=[arch])
-    config.save_pretrained(tmp_path)  # the config.json a published checkpoint of this architecture carries
-    expected = f"architecture {arch} is not supported: "
-    expected += f"it is a multimodal model (its config has {why})" if why else "transformers does not register it"
-    with pytest.raises(ModelLoadError, match=re.escape(expected)) as caught:
-        load_checkpoint(tmp_path)
-    assert f"the nearest supported family is {nearest}" in str(caught.value)
-
-
-def test_a_thinker_only_qwen2_5_omni_folder_is_the_omni_family(tmp_path: Path) -> None:
-    """Training's checkpoints and thinker-only folders declare the thinker class: still Qwen2.5-Omni, not refused
-    as a multimodal model without a family (which stopped ``omniserve train --model`` on its own checkpoint)."""
-    import transformers
-
-    from omniserve.models.families import family_for
-
-    config = transformers.Qwen2_5OmniThinkerConfig(architectures=["Qwen2_5OmniThinkerForConditionalGeneration"])
-    config.save_pretrained(tmp_path)
-    assert family_for(json.loads((tmp_path / "config.json").read_text())).name == "qwen2_5_omni"
+    checkpoint = family_checkpoint("phi4_multimodal")
+    renderer = PromptRenderer.from_pretrained(checkpoint)
+    parts = PromptRenderer.from_pretrained(
+        with_chat_template(checkpoint, tmp_path / "parts", published_template("phi4_multimodal_parts"))
+    )
+    assert renderer.string_content_roles() == {"system", "user", "assistant"}
+    assert parts.string_content_roles() == frozenset()
+    text = lambda s: {"type": "text", "text": s}  # noqa: E731
+    conversation = [
+        {"role": "system", "content": [text("Answer briefly.")]},
+        {"role": "user", "content": [{"type": "image", "image": ""}, text("What colour?"), {"type": "audio"}]},
+        {"role": "assistant", "content": [text("red")]},
+        {"role": "user", "content": [{"type": "image", "image": ""}, text("And this one?")]},
+    ]
+    picture = lambda: Image.fromarray(np.full((48, 64, 3), 200, dtype=np.uint8))  # noqa: E731
+    tone = DecodedAudio(np.sin(np.arange(16_000) / 16_000 * 2 * np.pi * 440).astype(np.float32), 16_000)
+    media = [MediaItem("image", picture()), MediaItem("audio", tone), MediaItem("image", picture())]
+    written = renderer.template_conversation(conversation)
+    assert [turn["content"] for turn in written] == [
+        "Answer briefly.",
+        "<|image|>What colour?<|audio|>",
+        "red",
+        "<|image|>And this one?",
+    ]
+    served, expected = renderer.render_chat(conversation, media), parts.render_chat(conversation, media)
+    assert served.token_ids == expected.token_ids
+    assert {"image_pixel_values", "audio_input_features"} <= set(served.mm_inputs)
+    image_id = renderer.tokenizer.convert_tokens_to_ids("<|image|>")
+    assert served.token_ids.count(image_id) > 2 * 256  # each image expanded into its features
+    (trained,) = render_training_examples(renderer, conversation[:3], media[:2]).examples
+    (reference,) = render_training_examples(parts, conversation[:3], media[:2]).examples
+    assert (trained.input_ids, trained.labels) == (reference.input_ids, reference.labels)
+    numbered = {"image": "<|image_{index}|>", "audio": "<|audio_{index}|>"}  # numbered per kind across the conversation
+    assert [m["content"] for m in with_string_content(conversation, frozenset({"user"}), numbered)][1::2] == [
+        "<|image_1|>What colour?<|audio_1|>",
+        "<|image_2|>And this one?",
+    ]
+    # LoRA adapts its decoder's fused projections too, never the audio encoder's (towers stay frozen)
+    fused = [name.removesuffix(".weight") for name in _weight_names(checkpoint) if re.search(r"_proj\.weight$", name)]
+    decoder = {name for name in fused if name.startswith("model.layers.")}
+    assert {name for name in fused if re.fullmatch(LORA_TARGETS, name)} == decoder
+    assert {name.rsplit(".", 1)[1] for name in decoder} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
 
 def test_roles_a_template_prints_as_is_get_their_text_as_a_string(family_checkpoint: Callable[[str], Path]) -> None:
@@ -481,6 +507,106 @@ def test_roles_a_template_prints_as_is_get_their_text_as_a_string(family_checkpo
         assert PromptRenderer.from_pretrained(family_checkpoint(name)).string_content_roles() == frozenset()
 
 
+def test_gemma3n_kv_shared_layers_answer_as_transformers_generate(family_checkpoint: Callable[[str], Path]) -> None:
+    """Gemma 3n's last layers read the keys and values of earlier ones, never a cache of their own: on the engine's
+    preallocated cache (chunked prefill, a batch, prefixes reused from the prefix cache) greedy answers are the
+    tokens transformers' ``generate`` gives, for a text prompt longer than the sliding window, an image and audio."""
+    import io
+    import threading
+
+    import soundfile
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from omniserve.models.loading import load_checkpoint
+
+    model_dir, steps = family_checkpoint("gemma3n"), 12
+    prompts: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
+        "text": ([{"type": "text", "text": " ".join(["the river runs past the old mill"] * 12)}], {}),
+        "image": (
+            [{"type": "image"}, {"type": "text", "text": QUESTION["image"]}],
+            {"images": [Image.open(io.BytesIO(png_bytes(64, 64))).convert("RGB")]},
+        ),
+        "audio": (
+            [{"type": "audio"}, {"type": "text", "text": QUESTION["audio"]}],
+            {"audio": [soundfile.read(io.BytesIO(audio_bytes("wav", 1.0, sample_rate=16_000)), dtype="float32")[0]]},
+        ),
+    }
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = load_checkpoint(model_dir, dtype="float32").model
+    expected, lengths = {}, {}
+    for kind, (parts, media) in prompts.items():
+        text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+        inputs = processor(text=text, return_tensors="pt", **media)
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        lengths[kind] = inputs["input_ids"].shape[1]
+        expected[kind] = processor.tokenizer.decode(out[0, lengths[kind] :], skip_special_tokens=True)
+    window = model.config.text_config.sliding_window
+    assert lengths["text"] > window and lengths["audio"] > window and model.config.text_config.num_kv_shared_layers
+
+    server = start_server(model_dir, name="gemma3n", engine={"dtype": "float32", "max_concurrency": 4})
+    try:
+        content = {"text": prompts["text"][0], "image": [MEDIA_PARTS["image"], prompts["image"][0][1]]}
+        content["audio"] = [MEDIA_PARTS["audio"], prompts["audio"][0][1]]
+        extra = {"min_tokens": steps, "ignore_eos": True}
+        answers: dict[str, str | None] = {}
+
+        def answer(kind: str) -> None:
+            reply = _chat(server, content[kind], max_tokens=steps, temperature=0, extra_body=extra)
+            answers[kind] = reply.choices[0].message.content
+
+        for _ in range(2):  # one prompt after another, then again from the prefix cache
+            for kind in prompts:
+                answer(kind)
+            assert answers == expected
+        threads = [threading.Thread(target=answer, args=(kind,)) for kind in prompts]  # decoded as one batch
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers == expected
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("config_class", "arch", "why", "nearest"),
+    [
+        ("Blip2Config", "Blip2ForConditionalGeneration", "vision_config", "LLaVA-1.5"),
+        ("T5Config", "T5ForConditionalGeneration", "", ""),
+    ],
+)
+def test_a_checkpoint_without_a_family_that_is_not_a_text_only_causal_lm_is_refused_at_load(
+    config_class: str, arch: str, why: str, nearest: str, tmp_path: Path
+) -> None:
+    """Transformers ships these, with no family module here: refused naming the architecture and the nearest family,
+    decided from the config (its media sub-configs, or a class that is not a causal LM), not from their names."""
+    import transformers
+
+    from omniserve.errors import ModelLoadError
+    from omniserve.models.loading import load_checkpoint
+
+    config = getattr(transformers, config_class)(architectures=[arch])
+    config.save_pretrained(tmp_path)  # the config.json a published checkpoint of this architecture carries
+    expected = f"architecture {arch} is not supported: "
+    expected += f"it is a multimodal model (its config has {why})" if why else "transformers does not register it"
+    with pytest.raises(ModelLoadError, match=re.escape(expected)) as caught:
+        load_checkpoint(tmp_path)
+    assert f"the nearest supported family is {nearest}" in str(caught.value)
+
+
+def test_a_thinker_only_qwen2_5_omni_folder_is_the_omni_family(tmp_path: Path) -> None:
+    """Training's checkpoints and thinker-only folders declare the thinker class: still Qwen2.5-Omni, not refused
+    as a multimodal model without a family (which stopped ``omniserve train --model`` on its own checkpoint)."""
+    import transformers
+
+    from omniserve.models.families import family_for
+
+    config = transformers.Qwen2_5OmniThinkerConfig(architectures=["Qwen2_5OmniThinkerForConditionalGeneration"])
+    config.save_pretrained(tmp_path)
+    assert family_for(json.loads((tmp_path / "config.json").read_text())).name == "qwen2_5_omni"
+
+
 def test_matrix_renders_failures_gaps_and_untested_cells() -> None:
     from omniserve.models.matrix import render
 
@@ -493,10 +619,8 @@ def test_matrix_renders_failures_gaps_and_untested_cells() -> None:
     assert row.split(" | ")[2:6] == ["yes", "**FAILED**", "not run", "refused"]
     assert "not yet (" in row and "Qwen2-VL, train: not wired." in page
     assert "- main environment: transformers 5.17.0" in page
-    assert (
-        "## Refused at load" in page and "- Mllama (Llama 3.2 Vision) (`MllamaForConditionalGeneration`): its" in page
-    )
-    assert "## Not in the matrix yet" in page and "- Gemma 3n (`Gemma3nForConditionalGeneration`): not built" in page
+    assert "## Refused at load\n\n- None.\n" in page  # Mllama, the last family refused, is served now
+    assert "## Not in the matrix yet" in page and "the nearest family.\n\n- None.\n" in page  # every family is built
 
 
 def test_masks_cross_placeholders_that_expand_into_other_tokens_but_never_change_labels() -> None:

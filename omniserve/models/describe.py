@@ -105,12 +105,10 @@ def _engines(config: dict[str, Any], engines: list[str]) -> list[str]:
 
 def _mask_strategy(renderer: Any) -> str:
     """The strategy ``auto`` picks, probed on a two-turn text conversation (per-conversation for ``prefix``)."""
-    from omniserve.templates.training import LabelError, has_generation_markers, render_training_examples
+    from omniserve.templates.training import LabelError, render_training_examples
 
     if not renderer.has_chat_template:
         return "none: no chat template to train with"
-    if has_generation_markers(renderer):
-        return "markers: the template's {% generation %} blocks"
     probe = [
         {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
@@ -121,9 +119,17 @@ def _mask_strategy(renderer: Any) -> str:
         strategy = render_training_examples(renderer, probe, []).strategy
     except (LabelError, ModelLoadError, ValueError) as exc:
         return f"cannot be masked: {exc}"
-    if strategy == "prefix":
-        return "prefix: each assistant turn found by rendering conversation prefixes (no generation markers)"
-    return f"{strategy}: the template rewrites earlier turns, so each assistant turn is trained on its own prefix"
+    return STRATEGIES.get(strategy, strategy)
+
+
+#: What each strategy ``auto`` can pick means for the user of ``omniserve models``.
+STRATEGIES = {
+    "markers": "markers: the template's {% generation %} blocks",
+    "prefix": "prefix: each assistant turn found by rendering conversation prefixes (no generation markers)",
+    "per-turn": "per-turn: the template rewrites earlier turns, so each assistant turn is trained on its own prefix",
+    "served-prompt": "served-prompt: the template writes past assistant turns unlike its generation prompt, so each "
+    "turn is trained on the exact prompt the server sends for it",
+}
 
 
 def _quantization(config: dict[str, Any]) -> str:

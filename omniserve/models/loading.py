@@ -259,9 +259,25 @@ def load_checkpoint(
             # dequantizing leaves every weight behind compressed-tensors' offload wrapper, which keeps it on the
             # CPU through .to(device) and re-fetches it on each access: give the model plain parameters
             remove_dispatch(model, onload_tensors=True)
+        _restore_model_args(model.config, config)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
     if device is not None:
         model.to(device)
     model.eval()
     return LoadedCheckpoint(model=model, config=config, dtype=torch_dtype, report=report, dequantized=dequantize)
+
+
+def _restore_model_args(built: Any, read: Any) -> None:
+    """Put back the timm ``model_args`` of ``built`` (the model's config) from ``read`` (the same config.json, read
+    apart): transformers hands ``TimmWrapperConfig.model_args`` to ``timm.create_model`` as they are, and timm's
+    block builder rewrites decoded ``block_args`` in place (timm 1.0.31: ``block_type`` popped, layer classes and
+    partials added). Left so, the model's config no longer serializes (training's and quantize's save fail with
+    "Object of type partial is not JSON serializable") and cannot build a second model (Gemma 3n's tiny vision
+    tower; published checkpoints name the architecture alone and pass no block arguments)."""
+    import copy
+
+    for name in ("", *(getattr(built, "sub_configs", None) or {})):
+        mine, theirs = (built, read) if not name else (getattr(built, name, None), getattr(read, name, None))
+        if getattr(mine, "model_args", None) is not None and theirs is not None:
+            mine.model_args = copy.deepcopy(theirs.model_args)

@@ -108,7 +108,7 @@ def _summary(rows: list[list[str]]) -> list[str]:
 def _refused() -> list[str]:
     """Families refused at load (``families.REFUSED``) and those not built yet (``NOT_BUILT``), with why."""
     lines = ["## Refused at load", ""]
-    lines += [f"- {f.title} (`{f.architectures[0]}`): {f.refused}." for f in REFUSED]
+    lines += [f"- {f.title} (`{f.architectures[0]}`): {f.refused}." for f in REFUSED] or ["- None."]
     lines += ["", "## Not in the matrix yet", ""]
     lines += [
         "Refused at load as well, as is any checkpoint without a family here whose config has a medium's",
@@ -116,7 +116,7 @@ def _refused() -> list[str]:
         "the nearest family.",
         "",
     ]
-    lines += [f"- {title} (`{arch}`): {why}." for arch, (title, why) in NOT_BUILT.items()]
+    lines += [f"- {title} (`{arch}`): {why}." for arch, (title, why) in NOT_BUILT.items()] or ["- None."]
     return [*lines, ""]
 
 

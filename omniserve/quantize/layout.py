@@ -42,9 +42,19 @@ class ModelLayout:
         return (self.lm, self.lm_name) if quantize_towers else (self.decoder, self.decoder_name)
 
     def scope_ignore(self, quantize_towers: bool) -> list[str]:
-        """Names (relative to the scope) always kept: ``lm_head``, which is only in scope with the towers."""
+        """Names (relative to the scope) always kept: ``lm_head``, which is only in scope with the towers, and
+        without them, the linear layers a decoder holds outside its layers, kept like its embeddings: towers some
+        decoders carry themselves (Phi-4-multimodal's ``embed_tokens_extend``), projections around the layers
+        (Gemma 3n's AltUp); most decoders hold none."""
+        import torch
+
         if not quantize_towers:
-            return []
+            layers = self.layers_name.removeprefix(f"{self.decoder_name}.") if self.decoder_name else self.layers_name
+            return [
+                name
+                for name, module in self.decoder.named_modules()
+                if isinstance(module, torch.nn.Linear) and name != layers and not name.startswith(f"{layers}.")
+            ]
         head = self.lm.get_output_embeddings() if hasattr(self.lm, "get_output_embeddings") else None
         return [name for name, module in self.lm.named_modules() if head is not None and module is head]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,9 +86,15 @@ def _modalities(processor: Any) -> frozenset[str]:
         found.add("image")
     if getattr(processor, "video_processor", None) is not None:
         found.add("video")
-    if getattr(processor, "feature_extractor", None) is not None:
+    if _audio_processor(processor) is not None:
         found.add("audio")
     return frozenset(found)
+
+
+def _audio_processor(processor: Any) -> Any:
+    """The audio feature extractor: ``feature_extractor`` (Whisper-style processors), or ``audio_processor`` (Phi-4)."""
+    found = getattr(processor, "feature_extractor", None)
+    return found if found is not None else getattr(processor, "audio_processor", None)
 
 
 def _pixel_bounds(size: Any) -> dict[str, int] | None:
@@ -112,6 +118,17 @@ def _generation_eos_ids(folder: Path) -> tuple[int, ...]:
     return tuple(v for v in values if isinstance(v, int))
 
 
+def _family_media_placeholders(folder: Path) -> dict[str, str]:
+    """``Family.media_placeholders`` of the checkpoint in ``folder`` (none: no family, or one refused at load)."""
+    from omniserve.models.families import check_supported
+
+    try:
+        family = check_supported(folder)
+    except ModelLoadError:
+        return {}  # an unknown or refused architecture is refused where the model loads, with its own message
+    return dict(family.media_placeholders) if family is not None else {}
+
+
 def _flatten_text(messages: list[HFMessage]) -> list[HFMessage]:
     """Text-only models' templates often expect string content; give them strings."""
     flat = []
@@ -126,8 +143,18 @@ def _flatten_text(messages: list[HFMessage]) -> list[HFMessage]:
 class PromptRenderer:
     """Owns a checkpoint's processor and chat template; turns conversations into model inputs."""
 
-    def __init__(self, processor: Any, *, max_model_len: int | None = None, stop_token_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        max_model_len: int | None = None,
+        stop_token_ids: Iterable[int] = (),
+        media_placeholders: Mapping[str, str] | None = None,
+    ) -> None:
+        """``media_placeholders``: the family's media as text, for templates that take only strings
+        (``Family.media_placeholders``; ``from_pretrained`` finds them from the checkpoint's family)."""
         self.processor = processor
+        self.media_placeholders = dict(media_placeholders or {})
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.modalities = _modalities(processor)
         self.max_model_len = max_model_len
@@ -147,7 +174,12 @@ class PromptRenderer:
             processor = AutoProcessor.from_pretrained(str(path))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load the processor/tokenizer of {path}: {exc}") from exc
-        return cls(processor, max_model_len=max_model_len, stop_token_ids=_generation_eos_ids(Path(path)))
+        return cls(
+            processor,
+            max_model_len=max_model_len,
+            stop_token_ids=_generation_eos_ids(Path(path)),
+            media_placeholders=_family_media_placeholders(Path(path)),
+        )
 
     @property
     def has_chat_template(self) -> bool:
@@ -225,12 +257,13 @@ class PromptRenderer:
     def template_conversation(self, messages: list[HFMessage]) -> list[HFMessage]:
         """The conversation exactly as the chat template receives it.
 
-        String content for text-only models; for multimodal ones, parts, except the text-only turns of roles
-        whose content the template prints as-is (``content_format``: GLM-4.1V's system and assistant turns).
+        String content for text-only models; for multimodal ones, parts, except the turns of roles whose content
+        the template prints as-is (``content_format``: GLM-4.1V's system and assistant turns, every turn of
+        Phi-4-multimodal's template), which get a string: their text, and their media as the family's placeholders.
         """
         if self.modalities == {"text"}:
             return _flatten_text(messages)
-        return with_string_content(messages, self.string_content_roles())
+        return with_string_content(messages, self.string_content_roles(), self.media_placeholders)
 
     def string_content_roles(self) -> frozenset[str]:
         """The roles whose text-only content the chat template gets as a string (found once, by rendering)."""
@@ -345,7 +378,7 @@ class PromptRenderer:
             kwargs["videos"] = [v.frames for v in videos if isinstance(v, DecodedVideo)]
             kwargs["videos_kwargs"] = self._video_kwargs(videos, options)
         if audios:
-            rate = getattr(self.processor.feature_extractor, "sampling_rate", 16000)
+            rate = getattr(_audio_processor(self.processor), "sampling_rate", 16000)
             kwargs["audio"] = [a.samples for a in audios if isinstance(a, DecodedAudio)]
             kwargs["audio_kwargs"] = {"sampling_rate": rate}
         return kwargs

@@ -24,8 +24,9 @@ from omniserve.errors import ModelLoadError
 
 #: Weight files: written by ``save_pretrained``, never copied from the source.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-#: Language-model projections LoRA adapts (vision/audio towers stay frozen in LoRA mode).
-LORA_TARGETS = r".*model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+#: Language-model projections LoRA adapts (vision/audio towers stay frozen in LoRA mode), fused ones included
+#: (Phi-3-style decoders, Phi-4-multimodal's: ``qkv_proj``, ``gate_up_proj``).
+LORA_TARGETS = r".*model\.layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)"
 
 
 @dataclass

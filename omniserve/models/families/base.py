@@ -63,6 +63,15 @@ class Family:
     #: publishers' checkpoints carry (and vLLM maps); the tiny builder applies them (``rename_weights``), and any
     #: other writer of this family's checkpoints (training's save) can ask for them here.
     legacy_names: tuple[tuple[str, str], ...] = ()
+    #: Media written as text, for a chat template that takes a turn's content only as a string (Phi-4-multimodal's
+    #: ``'<|user|>' + message['content']``): media kind -> the placeholder its processor expands, ``{index}`` standing
+    #: for the item's 1-based number among that kind's items in the conversation. The renderer writes them at each
+    #: medium's place in the turn (``templates/content_format.py``); empty: media stay parts for the template.
+    media_placeholders: Mapping[str, str] = field(default_factory=dict)
+    #: Inputs one forward pass takes only one of ("text" standing for a sample or request without media): training
+    #: never batches a sample of one with a sample of another (``train/collate.py`` ``plan_batches``) and refuses a
+    #: sample holding two; the gateway refuses a request holding two (400). Empty: any mix.
+    exclusive_media: frozenset[str] = frozenset()
     #: Why omniserve refuses to load this family at all (empty: it loads). A family whose model would be served
     #: wrongly or crash deep inside an engine is named here so loading stops first with this reason.
     refused: str = ""

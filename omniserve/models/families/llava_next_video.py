@@ -102,9 +102,5 @@ FAMILY = Family(
         "and its video pooler divides by vision image_size // patch_size**2, which is 0 for this tiny 28-pixel "
         "tower (ZeroDivisionError, the engine dies): a tower of at least 196 pixels is needed (found by serving "
         "this checkpoint with --engine vllm, 2026-11-29)",
-        "parity": "the template transformers pins for this processor writes a past assistant turn as "
-        "`<|im_start|>assistant \\n...` but its generation prompt is `<|im_start|>assistant\\n`: served and "
-        "trained prompts differ by one token, which check-parity reports (the Hub file of "
-        "llava-hf/LLaVA-NeXT-Video-7B-hf, a Vicuna `USER: ... ASSISTANT:` template, was not found verbatim)",
     },
 )

@@ -81,9 +81,4 @@ FAMILY = Family(
     legacy_names=(TOWER_VISION_MODEL,),
     template="llava_onevision",
     engines=("transformers", "vllm"),
-    gaps={
-        "parity": "the published template writes a past assistant turn as `<|im_start|>assistant \\n...` but its "
-        "generation prompt is `<|im_start|>assistant\\n`: served and trained prompts differ by one token, "
-        "which check-parity reports (fix the template to train on it)",
-    },
 )
