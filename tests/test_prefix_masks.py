@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from omniserve.models.families import get as get_family
 from omniserve.templates.render import PromptRenderer, RenderedPrompt
 from omniserve.templates.training import (
     IGNORE_INDEX,
@@ -39,6 +40,7 @@ from tests.test_train_support import (
     write_jsonl,
     write_media,
 )
+from tests.test_train_tools import TOOL_CONVERSATION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,11 +64,26 @@ SKEWED_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\nAnswer: ' -}}{%- endif -%}"
 )
+# LLaVA-OneVision's habit on a text-only model: a past turn's header is `assistant \n`, the generation
+# prompt's `assistant\n`; tool calls written after the content. HEADER_FOR_CALLS: a turn of calls gets its own header.
+WHITESPACE_TOOLS_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + HEADER_FOR_CALLS + ' \\n' + (message['content'] or '') -}}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{{- '<tool_call>' + call.function.name + ' ' + (call.function.arguments | tojson) + '</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 # A template with no stop token at the end of a turn: only blank lines separate the turns.
 PLAIN_TEMPLATE = (
     "{%- for message in messages -%}{{- message['role'] + ': ' + message['content'] + '\\n\\n' -}}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'assistant:' -}}{%- endif -%}"
 )
+
+#: How training and check-parity name the served-prompt strategy in their summary line.
+SERVED_PROMPT = "served-prompt examples (each turn on the exact prompt the server sends for it)"
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +102,12 @@ def qwen2_vl_published(tiny_qwen2_vl: Path, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def omni_published(tiny_omni: Path, folder: Path) -> Path:
     return with_chat_template(tiny_omni, folder / "omni-published", published_template("qwen2_5_omni"))
+
+
+@pytest.fixture(scope="module")
+def llava_onevision(folder: Path) -> Path:
+    """The LLaVA-OneVision family's tiny checkpoint with its published template."""
+    return get_family("llava_onevision").build(folder / "llava-onevision", published_template("llava_onevision"))
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +277,141 @@ def test_a_generation_prompt_that_is_not_a_token_prefix_is_refused_with_the_turn
         f"first difference at token {position}: served {tokenizer.decode([served[position]])!r} "
         f"(id {served[position]}) vs trained {tokenizer.decode([trained[position]])!r} (id {trained[position]})"
     ) in result.output
-    # no strategy can train that turn
+    assert "mask strategy served-prompt trains each turn after exactly the prompt the server sends" in result.output
+    # no rendering of the conversation can train that turn
     with pytest.raises(DataError, match=r"messages\[2\]: the prompt the server sends"):
         encode_all(renderer, read_conversations(data), limits_for(data), strategy="per-turn")
+
+    # served-prompt, asked for, trains it after "Answer: ", which the history never shows
+    chosen = run_cli("check-parity", "--model", model, "--data", data, "--mask-strategy", "served-prompt")
+    assert chosen.exit_code == 0, chosen.output
+    assert f"{SERVED_PROMPT} (1 conversation)" in chosen.output
+    encoded = encode_all(renderer, read_conversations(data), limits_for(data), strategy="served-prompt")
+    first = encoded.samples[0]
+    answer = tokenizer("red", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert list(first.input_ids) == served + answer
+    assert list(first.labels) == [IGNORE_INDEX] * len(served) + answer
+
+
+def test_llava_onevision_trains_each_turn_after_exactly_the_prompt_the_server_sends(
+    llava_onevision: Path, folder: Path
+) -> None:
+    """Its history writes `<|im_start|>assistant \\n<text>`, its generation prompt `<|im_start|>assistant\\n`."""
+    import torch
+
+    renderer = PromptRenderer.from_pretrained(llava_onevision)
+    labelled, served = _encode(renderer, folder, IMAGE_THEN_VIDEO)
+
+    assert labelled.strategy == "served-prompt"
+    assert [e.turns for e in labelled.examples] == [[1], [3]]
+    stop = renderer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for example, prompt, answer in zip(labelled.examples, served, ["red", "right"], strict=True):
+        n = prompt.num_tokens
+        assert prompt.text is not None and prompt.text.endswith("<|im_start|>assistant\n")
+        assert example.input_ids[:n] == prompt.token_ids  # the served ids, media expanded, token for token
+        assert example.input_ids[n:] == [*renderer.tokenizer(answer, add_special_tokens=False)["input_ids"], stop]
+        assert example.labels == [IGNORE_INDEX] * n + example.input_ids[n:]  # the answer and its stop token only
+        assert example.text == prompt.text + f"{answer}<|im_end|>"
+        assert prompt.mm_inputs and prompt.mm_inputs.keys() == example.mm_inputs.keys()
+        assert all(torch.equal(example.mm_inputs[k], v) for k, v in prompt.mm_inputs.items())
+    _assert_each_turn_is_learned_right_after_its_served_prompt(renderer, labelled, served)
+    # the second turn sees the first as the template writes it in the history, as serving shows it
+    assert "<|im_start|>assistant \nred<|im_end|><|im_start|>user " in (labelled.examples[1].text or "")
+
+    # no rendering of the conversation carries the labels: prefix refuses, markers train after the history's header
+    with pytest.raises(LabelError, match=r"^assistant turn messages\[1\]: the prompt the server sends"):
+        render_training_examples(renderer, *_hf(folder, IMAGE_THEN_VIDEO), strategy="prefix")
+    markers, _ = _encode(renderer, folder, IMAGE_THEN_VIDEO, strategy="markers")
+    assert markers.examples[0].input_ids[: served[0].num_tokens] != served[0].token_ids
+
+    # check-parity uses the same masks (the train and LoRA cells of tests/test_families.py train with them)
+    data = write_jsonl(folder / "llava-ov.jsonl", [IMAGE_THEN_VIDEO, MIXED_CONVERSATIONS["text+system+multi-turn"]])
+    checked = run_cli("check-parity", "--model", llava_onevision, "--data", data)
+    assert checked.exit_code == 0, checked.output
+    assert f"{SERVED_PROMPT} (2 conversations)" in checked.output and "4 assistant turns" in checked.output
+
+
+def test_served_prompt_gives_per_turn_tokens_labels_and_per_token_inputs_where_the_template_allows_both(
+    qwen2_vl_published: Path, folder: Path
+) -> None:
+    """On a template whose served prompts are prefixes, the processor's own reading of each whole turn agrees."""
+    import torch
+
+    renderer = PromptRenderer.from_pretrained(qwen2_vl_published)
+    served_prompt, _ = _encode(renderer, folder, IMAGE_THEN_VIDEO, strategy="served-prompt")
+    per_turn, _ = _encode(renderer, folder, IMAGE_THEN_VIDEO, strategy="per-turn")
+
+    assert served_prompt.strategy == "served-prompt" and len(served_prompt.examples) == len(per_turn.examples) == 2
+    for ours, theirs in zip(served_prompt.examples, per_turn.examples, strict=True):
+        n = len(ours.input_ids)
+        assert ours.input_ids == theirs.input_ids[:n] and ours.labels == theirs.labels[:n]
+        assert set(theirs.labels[n:]) == {IGNORE_INDEX}  # only the newline after the stop token is left
+        assert "mm_token_type_ids" in ours.mm_inputs
+        for key, value in ours.mm_inputs.items():
+            expected = theirs.mm_inputs[key][..., :n] if key == "mm_token_type_ids" else theirs.mm_inputs[key]
+            assert torch.equal(value, expected), key
+
+
+def test_served_prompt_examples_start_with_the_generation_prompt_not_the_historys_header(
+    llava_onevision: Path, folder: Path
+) -> None:
+    """Spelled out by hand: a served prompt taken from the history rendering would end `assistant \\n`."""
+    renderer = PromptRenderer.from_pretrained(llava_onevision)
+    labelled, _ = _encode(renderer, folder, MIXED_CONVERSATIONS["text+system+multi-turn"])
+    history = (
+        "<|im_start|>system \nAnswer briefly.<|im_end|><|im_start|>user \nName a colour.<|im_end|>"
+        "<|im_start|>assistant \nred<|im_end|><|im_start|>user \nAnother one?<|im_end|>"
+    )
+
+    def ids(text: str) -> list[int]:
+        return list(renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    stop = renderer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    served, from_history = ids(history + "<|im_start|>assistant\n"), ids(history + "<|im_start|>assistant \n")
+    assert served != from_history
+    example = labelled.examples[1]
+    assert example.input_ids == [*served, *ids("blue"), stop]
+    assert example.labels == [IGNORE_INDEX] * len(served) + [*ids("blue"), stop]
+
+
+def test_served_prompt_learns_tool_calls_as_the_template_writes_them_or_refuses_the_turn(
+    tiny_qwen2: Path, llava_onevision: Path, tmp_path: Path
+) -> None:
+    model = with_chat_template(
+        tiny_qwen2, tmp_path / "tools", WHITESPACE_TOOLS_TEMPLATE.replace("HEADER_FOR_CALLS", "''")
+    )
+    renderer = PromptRenderer.from_pretrained(model)
+    labelled, served = _encode(renderer, tmp_path, TOOL_CONVERSATION)
+
+    assert labelled.strategy == "served-prompt"  # auto: the served prompts differ from the history in whitespace only
+    assert [e.turns for e in labelled.examples] == [[1], [3], [5]]
+    assert [_learned_text(renderer, e.labels) for e in labelled.examples] == [
+        ['<tool_call>get_weather {"city": "Paris"}</tool_call><|im_end|>'],
+        ["It is overcast in Paris.<|im_end|>"],
+        ['<tool_call>get_weather {"city": "Rome"}</tool_call><tool_call>get_weather {"city": "Oslo"}</tool_call>'
+         "<|im_end|>"],
+    ]  # fmt: skip
+    _assert_each_turn_is_learned_right_after_its_served_prompt(renderer, labelled, served)
+
+    # a template that writes a turn of calls under another header: how the model writes the calls is not known
+    odd = with_chat_template(
+        tiny_qwen2,
+        tmp_path / "odd",
+        WHITESPACE_TOOLS_TEMPLATE.replace("HEADER_FOR_CALLS", "(' calls' if message.tool_calls else '')"),
+    )
+    with pytest.raises(LabelError) as refused:
+        _encode(PromptRenderer.from_pretrained(odd), tmp_path, TOOL_CONVERSATION)
+    assert str(refused.value).startswith(
+        "assistant turn messages[1]: mask strategy served-prompt cannot find how the chat template writes this "
+        "turn's tool calls"
+    )
+    # LLaVA-OneVision's template writes no tool calls at all: the turn would teach an empty answer
+    with pytest.raises(LabelError) as unwritten:
+        _encode(PromptRenderer.from_pretrained(llava_onevision), tmp_path, TOOL_CONVERSATION)
+    assert str(unwritten.value) == (
+        "assistant turn messages[1]: the chat template does not write this turn's tool calls (get_weather missing "
+        "from its rendering), so mask strategy served-prompt cannot teach them"
+    )
 
 
 def test_turns_without_a_stop_token_learn_their_text_but_not_the_blank_line_after_it(

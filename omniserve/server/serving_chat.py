@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omniserve.engines.base import GenerationRequest, TokenLogprobs
-from omniserve.errors import InvalidRequest, UnsupportedParameter
+from omniserve.errors import InvalidRequest, ModelLoadError, UnsupportedParameter
 from omniserve.media.loader import MediaOptions, loaded_media
 from omniserve.protocol import (
     AssistantMessage,
@@ -46,6 +48,9 @@ from omniserve.templates.conversation import to_hf_messages
 from omniserve.templates.render import RenderOptions
 from omniserve.tools.base import ArgumentsPiece, Event, ParsedCall, TextPiece, ToolCallParser
 from omniserve.tools.registry import require_parser
+
+if TYPE_CHECKING:
+    from omniserve.models.families import Family
 
 
 def chat_logprobs(items: list[TokenLogprobs] | None) -> ChoiceLogprobs | None:
@@ -139,6 +144,35 @@ def new_parser(parser_class: type[ToolCallParser] | None, submitted: Submitted) 
     return parser
 
 
+def _check_exclusive_media(ctx: ServingContext, sources: list[Any]) -> None:
+    """A 400 for a request holding two inputs the model takes only one of in a pass (``Family.exclusive_media``)."""
+    family = _family(ctx.engine_config.model)
+    if family is None or not family.exclusive_media:
+        return
+    seen: dict[str, str] = {}  # exclusive kind -> the first part holding it
+    for source in sources:
+        if source.kind in family.exclusive_media:
+            seen.setdefault(source.kind, source.param)
+    if len(seen) > 1:
+        first, second = seen
+        raise InvalidRequest(
+            f"model {ctx.model_name!r} does not accept {first} and {second} input in one request: {family.title} "
+            f"takes only one of them in a forward pass ({seen[second]})",
+            param=seen[second],
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _family(model: Path) -> Family | None:
+    """The served checkpoint's family (None: none, or a folder the loader has already judged)."""
+    from omniserve.models.families import check_supported
+
+    try:
+        return check_supported(Path(model))
+    except ModelLoadError:
+        return None
+
+
 class ChatServing(OpenAIServing[ChatCompletionRequest]):
     request_model = ChatCompletionRequest
     endpoint = "chat"
@@ -159,6 +193,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest]):
                     f"model {self.ctx.model_name!r} does not accept {source.kind} input ({source.param})",
                     param=source.param,
                 )
+        _check_exclusive_media(self.ctx, sources)
         opts = request.mm_processor_kwargs or MultiModalOptions()
         limits = self.ctx.server.media
         media_options = MediaOptions(fps=opts.fps, max_frames=opts.max_frames).check(limits)

@@ -19,8 +19,35 @@ assistant tokens (the labels) are found:
     was generated. Each assistant turn becomes its own example: the conversation through that
     turn, labels on that turn only; earlier turns appear as the template shows them to the model.
 
+``served-prompt``
+    Templates whose generation prompt is not how they write a past assistant turn (LLaVA-OneVision
+    and LLaVA-NeXT-Video write ``<|im_start|>assistant \n<text>`` in the history but serve
+    ``<|im_start|>assistant\n``): the served prompt is not a prefix of any rendering of the
+    conversation, so no rendering can carry the labels. Each assistant turn becomes its own
+    example built the way serving builds it: the ids ``render_chat`` makes for the messages before
+    the turn with the generation prompt (media included: exactly what the server sends), then the
+    answer as the model generates it (the turn's text tokenized on its own, as detokenization reads
+    it back) and the stop token the server stops on; labels on the answer and the stop token only.
+    Earlier turns appear as the template writes them in the history, as serving shows them to the
+    model for later turns. A turn of tool calls is learned as the template writes its body (found
+    by rendering the same turn with a sentinel text in place of its content: what surrounds the
+    sentinel is the turn's header and end); a template whose turn cannot be cut that way, or that
+    does not write the calls at all (LLaVA-OneVision's), is refused for that turn. The stop token:
+    the first one the template writes after the turn's text, else the tokenizer's eos. (A reasoning
+    block is part of an assistant message's text in the request format, so it is learned as written.)
+
 ``auto`` picks ``markers`` when the template has them, else ``prefix`` for each conversation
-whose prefix renderings are token prefixes of its whole rendering, else ``per-turn``.
+whose prefix renderings are token prefixes of its whole rendering, else ``per-turn``. Before
+either, it renders each assistant turn's served prompt and the conversation through the turn: when
+some served prompt is not a token prefix of that rendering and, past the longest text the two
+share, the served prompt has nothing but whitespace left (a generation prompt that spells the
+assistant header with other whitespace, or a tokenizer that merges its last token with the
+answer's first), the conversation gets ``served-prompt``. ``per-turn`` is kept for the other case,
+where every served prompt is a prefix of the conversation through its turn and only later messages
+change how an earlier turn is written (Qwen3 dropping ``<think>``): its examples keep the turn as
+the template writes it. A served prompt that adds visible text the history never has (``Sure! ``)
+is not trained through silently: ``prefix`` and ``per-turn`` refuse the turn, ``markers`` keep
+their labels (and ``check-parity`` reports the difference); ``served-prompt``, asked for, trains it.
 
 Tools: ``options.tools`` (the request's function tools) reach the template in every strategy,
 for the served prompts and the conversation alike, so a conversation with tools trains on the
@@ -55,7 +82,7 @@ from omniserve.templates.render import PromptRenderer, RenderedPrompt, RenderOpt
 IGNORE_INDEX = -100
 
 #: ``auto`` or one of the strategies it resolves to (see the module docstring).
-MaskStrategy = Literal["auto", "markers", "prefix", "per-turn"]
+MaskStrategy = Literal["auto", "markers", "prefix", "per-turn", "served-prompt"]
 
 #: Processor outputs with one entry per token rather than per media feature (Qwen2-VL's modality type of
 #: every token, which its multimodal positions need): batched and compared along the tokens, not stacked.
@@ -145,10 +172,16 @@ def render_training_examples(
         # the server refuses tools for such a model; training would teach calls to tools never shown
         raise LabelError("the conversation has tools, but the model's chat template does not render tools")
     markers = has_generation_markers(renderer)
-    if strategy == "markers" or (strategy == "auto" and markers):
+    if strategy == "markers":
         return LabelledConversation("markers", [_marker_example(renderer, messages, media, options)])
     tools = _tools(options)
-    turns = _render_turns(renderer, messages, tools)
+    renderings = _renderings(renderer, messages, tools)
+    if strategy == "served-prompt" or (strategy == "auto" and _served_prompt_needed(renderer, renderings)):
+        examples = _served_prompt_examples(renderer, messages, media, renderings, options)
+        return LabelledConversation("served-prompt", examples)
+    if strategy == "auto" and markers:
+        return LabelledConversation("markers", [_marker_example(renderer, messages, media, options)])
+    turns = _render_turns(renderer, renderings)
     if strategy == "per-turn":
         return LabelledConversation("per-turn", _per_turn_examples(renderer, messages, media, turns, options))
     whole = renderer.template_token_ids(messages, add_generation_prompt=False, tools=tools)
@@ -230,6 +263,179 @@ def _per_turn_examples(
     return examples
 
 
+def _served_prompt_examples(
+    renderer: PromptRenderer,
+    messages: list[HFMessage],
+    media: list[MediaItem],
+    renderings: list[_Rendering],
+    options: RenderOptions | None,
+) -> list[TrainingExample]:
+    """One example per assistant turn: the served prompt's ids, then the answer and its stop token (learned)."""
+    total = _media_parts(messages)
+    if total != len(media):
+        raise LabelError(f"the conversation has {total} media parts but {len(media)} media items were given")
+    examples = []
+    for rendering in renderings:
+        before = messages[: rendering.index]
+        served = renderer.render_chat(
+            before, media[: _media_parts(before)], add_generation_prompt=True, options=options
+        )
+        answer = [*_answer_ids(renderer, messages, rendering.index, options), _stop_token(renderer, rendering)]
+        examples.append(
+            TrainingExample(
+                input_ids=served.token_ids + answer,
+                labels=[IGNORE_INDEX] * served.num_tokens + answer,
+                mm_inputs=_extend_token_inputs(served.mm_inputs, served.num_tokens, len(answer)),
+                text=(served.text or "") + renderer.tokenizer.decode(answer),
+                turns=[rendering.index],
+                strategy="served-prompt",
+            )
+        )
+    return examples
+
+
+def _answer_ids(
+    renderer: PromptRenderer, messages: list[HFMessage], index: int, options: RenderOptions | None
+) -> list[int]:
+    """The turn's answer as the model generates it: its text tokenized on its own (what detokenizing reads back).
+
+    A turn of tool calls: the body the template writes for it (its text and the calls, as the model writes
+    them for the server's tool parser to read back).
+    """
+    message = messages[index]
+    unknown = sorted(set(message) - {"role", "content", "tool_calls"})
+    if unknown:
+        raise LabelError(
+            f"assistant turn messages[{index}]: mask strategy served-prompt cannot tell how the model writes "
+            f"its {', '.join(unknown)} (only text and tool calls are learned this way)"
+        )
+    if message.get("tool_calls"):
+        text = _template_body(renderer, messages, index, options)
+    else:
+        text = _message_text(message, index)
+    return list(renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _message_text(message: HFMessage, index: int) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    kinds = sorted({part.get("type", "?") for part in content if part.get("type") != "text"})
+    if kinds:
+        raise LabelError(
+            f"assistant turn messages[{index}]: it holds {', '.join(kinds)} parts, which the model does not generate"
+        )
+    return "".join(part["text"] for part in content)
+
+
+#: Text no template writes by itself: a turn rendered with it as content shows the turn's header and end.
+_SENTINEL = "OMNISERVE_TURN_BODY_SENTINEL"
+
+
+def _template_body(
+    renderer: PromptRenderer, messages: list[HFMessage], index: int, options: RenderOptions | None
+) -> str:
+    """What the template writes for turn ``index`` between its header and its end (content and tool calls).
+
+    The turn is the rendering through it less the rendering before it; the header and the end are what
+    the template writes around ``_SENTINEL`` given as the same turn's only content. Refused when the
+    template does not write the turn that way (then the model's writing of the calls is not known).
+    """
+
+    def text(conversation: list[HFMessage]) -> str:
+        return renderer.render_chat(conversation, [], add_generation_prompt=False, options=options).text or ""
+
+    message = messages[index]
+    content: Any = _SENTINEL if isinstance(message["content"], str) else [{"type": "text", "text": _SENTINEL}]
+    before, through = text(messages[:index]), text(messages[: index + 1])
+    probe = text([*messages[:index], {"role": "assistant", "content": content}])
+    head, found, tail = probe[len(before) :].partition(_SENTINEL)
+    segment = through[len(before) :]
+    if not (
+        found
+        and through.startswith(before)
+        and probe.startswith(before)
+        and segment.startswith(head)
+        and segment.endswith(tail)
+        and len(segment) >= len(head) + len(tail)
+    ):
+        raise LabelError(
+            f"assistant turn messages[{index}]: mask strategy served-prompt cannot find how the chat template "
+            f"writes this turn's tool calls (its rendering of the turn is not a header, the calls and an end "
+            f"as for a text turn), so the tokens the model generates for them are not known"
+        )
+    body = segment[len(head) : len(segment) - len(tail)]
+    missing = [call["function"]["name"] for call in message["tool_calls"] if call["function"]["name"] not in body]
+    if missing:
+        raise LabelError(
+            f"assistant turn messages[{index}]: the chat template does not write this turn's tool calls "
+            f"({', '.join(missing)} missing from its rendering), so mask strategy served-prompt cannot teach them"
+        )
+    return body
+
+
+def _stop_token(renderer: PromptRenderer, rendering: _Rendering) -> int:
+    """The token that ends the answer: the first stop token the template writes after it, else the eos."""
+    stops = renderer.stop_token_ids
+    start = rendering.difference if rendering.difference is not None else len(rendering.prompt)
+    for token in rendering.through[start:]:
+        if token in stops:
+            return token
+    eos = renderer.tokenizer.eos_token_id
+    if isinstance(eos, int):
+        return eos
+    if stops:
+        return min(stops)
+    raise LabelError(
+        f"assistant turn messages[{rendering.index}]: the model has no stop token (no eos in the tokenizer or "
+        f"generation_config.json), so an answer cannot be taught to end"
+    )
+
+
+#: Processor outputs with one row per token along dimension 1 (Mllama's ``cross_attention_mask``,
+#: ``[1, tokens, images, tiles]``): a token after the last image attends to what the token before it does.
+_TOKEN_ROWS = frozenset({"cross_attention_mask"})
+
+
+def _extend_token_inputs(mm_inputs: dict[str, Any], tokens: int, added: int) -> dict[str, Any]:
+    """The served prompt's media inputs for ``added`` more text tokens (the answer and its stop token).
+
+    Per-token entries grow as the processor would write them for text after the prompt: modality type
+    0 (text) for ``TOKEN_ALIGNED_INPUTS``, the last token's row for ``_TOKEN_ROWS``.
+    """
+    if not mm_inputs:
+        return mm_inputs
+    import torch
+
+    out = dict(mm_inputs)
+    for key, value in mm_inputs.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if key in TOKEN_ALIGNED_INPUTS and value.shape[-1] == tokens:
+            out[key] = torch.cat([value, value.new_zeros((*value.shape[:-1], added))], dim=-1)
+        elif key in _TOKEN_ROWS and value.ndim == 4 and value.shape[1] == tokens:
+            out[key] = torch.cat([value, value[:, -1:].expand(-1, added, -1, -1)], dim=1)
+    return out
+
+
+def _served_prompt_needed(renderer: PromptRenderer, renderings: list[_Rendering]) -> bool:
+    """Whether ``auto`` gives the conversation ``served-prompt`` (module docstring).
+
+    Some served prompt is not a token prefix of the conversation through its turn, and each such prompt,
+    past the longest text it shares with that rendering, holds only whitespace.
+    """
+    skewed = [r for r in renderings if r.difference is not None]
+    return bool(skewed) and all(not _served_tail(renderer, r).strip() for r in skewed)
+
+
+def _served_tail(renderer: PromptRenderer, rendering: _Rendering) -> str:
+    """The served prompt's text past the longest text it shares with the conversation rendered through the turn."""
+    served = renderer.tokenizer.decode(rendering.prompt)
+    through = renderer.tokenizer.decode(rendering.through)
+    shared = next((i for i, (a, b) in enumerate(zip(served, through, strict=False)) if a != b), None)
+    return served[min(len(served), len(through)) if shared is None else shared :]
+
+
 def _example(
     renderer: PromptRenderer,
     text_ids: list[int],
@@ -260,17 +466,20 @@ def _tools(options: RenderOptions | None) -> list[dict[str, Any]] | None:
     return list(options.tools) if options is not None and options.tools else None
 
 
-def _render_turns(
-    renderer: PromptRenderer, messages: list[HFMessage], tools: list[dict[str, Any]] | None = None
-) -> list[_Turn]:
-    """Each assistant turn's span, from the served prompt and the conversation through the turn.
+@dataclass(frozen=True)
+class _Rendering:
+    """One assistant turn's two template renderings (media placeholders not expanded)."""
 
-    Refuses a turn whose served prompt is not a token prefix of the conversation through it: the
-    model would learn to continue text it is never given (a generation prompt that opens the answer
-    differently, or a tokenizer that merges across the boundary). No strategy can train that turn.
-    """
-    stops = renderer.stop_token_ids
-    turns: list[_Turn] = []
+    index: int  # message index
+    prompt: list[int]  # the messages before the turn with the generation prompt: what the server sends
+    through: list[int]  # the conversation through the turn, no generation prompt
+    difference: int | None  # where ``prompt`` stops being a token prefix of ``through`` (None: it is one)
+
+
+def _renderings(
+    renderer: PromptRenderer, messages: list[HFMessage], tools: list[dict[str, Any]] | None
+) -> list[_Rendering]:
+    renderings = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -281,7 +490,22 @@ def _render_turns(
             )
         prompt = renderer.template_token_ids(messages[:index], add_generation_prompt=True, tools=tools)
         through = renderer.template_token_ids(messages[: index + 1], add_generation_prompt=False, tools=tools)
-        position = first_difference(prompt, through)
+        renderings.append(_Rendering(index, prompt, through, first_difference(prompt, through)))
+    return renderings
+
+
+def _render_turns(renderer: PromptRenderer, renderings: list[_Rendering]) -> list[_Turn]:
+    """Each assistant turn's span, from the served prompt and the conversation through the turn.
+
+    Refuses a turn whose served prompt is not a token prefix of the conversation through it: the
+    model would learn to continue text it is never given (a generation prompt that opens the answer
+    differently, or a tokenizer that merges across the boundary). No rendering of the conversation
+    can carry that turn's labels; ``served-prompt`` builds its example the way serving does instead.
+    """
+    stops = renderer.stop_token_ids
+    turns: list[_Turn] = []
+    for rendering in renderings:
+        index, prompt, through, position = rendering.index, rendering.prompt, rendering.through, rendering.difference
         if position is not None:
             raise LabelError(
                 f"assistant turn messages[{index}]: the prompt the server sends for this turn is not a token "
@@ -289,7 +513,8 @@ def _render_turns(
                 f"stops; first difference at {_position(renderer, prompt, position)}: "
                 f"served {token_at(renderer, prompt, position)} vs trained {token_at(renderer, through, position)}\n"
                 f"    served:  {token_context(renderer, prompt, position)}\n"
-                f"    trained: {token_context(renderer, through, position)}"
+                f"    trained: {token_context(renderer, through, position)}\n"
+                f"    (mask strategy served-prompt trains each turn after exactly the prompt the server sends)"
             )
         end = _turn_end(renderer, through, len(prompt), stops)
         if end == len(prompt):

@@ -1,8 +1,14 @@
 """Batches for the trainer: padded rows of single samples, or packed rows of several samples.
 
-Media tensors from processors are already flat in prompt order (image patches of every image one
+Media tensors from processors are mostly flat in prompt order (image patches of every image one
 after another, one row per audio clip), and the model scatters them into the placeholder tokens
-in reading order, so a batch simply concatenates them sample after sample. Per-token processor
+in reading order, so a batch simply concatenates them sample after sample; a dimension past the first
+that differs between samples (audio frames, images per sample, tiles) is zero-padded to the batch's
+largest, as processors pad their own batches. A processor that lays media out one row per sample, with
+a per-token mask over them (``ROW_MASKS``: Mllama's ``cross_attention_mask`` [1, tokens, images, tiles]
+beside ``pixel_values`` [1, images, tiles, C, H, W]), gets one row per sample in every media tensor:
+the mask padded along tokens as ``input_ids`` are, a sample without media an all-zero row (it sees no
+tile), so each row's tokens see only their own sample's tiles. Per-token processor
 outputs (``TOKEN_ALIGNED_INPUTS``: Qwen2-VL's ``mm_token_type_ids``, which its multimodal positions
 need) are laid out like ``input_ids`` instead, 0 (text) where a sample has none or is padding.
 
@@ -13,6 +19,10 @@ Qwen2.5-Omni) need their 3-D (time, height, width) positions too: each sample's 
 the model's own ``get_rope_index`` as if it stood alone, and the text positions are prepended as
 a 4th row, the layout these models read for packed input. The first label of every sample is
 ignored so no sample is trained to predict the next one's first token.
+
+Some models cannot take certain inputs together in one forward pass (``Family.exclusive_media``):
+``plan_batches`` groups samples (or packs) so that no batch holds two of them, keeping the data order
+otherwise; the trainer then takes one planned group a step (``GroupedCollator``).
 """
 
 from __future__ import annotations
@@ -24,24 +34,52 @@ from typing import Any
 from omniserve.templates.training import IGNORE_INDEX, TOKEN_ALIGNED_INPUTS
 from omniserve.train.features import Sample
 
-#: Media tensors whose last dimension differs per sample (audio frames) and is right-padded with zeros.
-_PADDED_LAST_DIM = ("input_features", "feature_attention_mask")
+#: Per-token masks over a sample's media, laid out ``[1, tokens, ...]``: where a batch has one, the processor lays
+#: every media tensor out one row per sample, and the batch's media keep that layout (``merge_media``).
+ROW_MASKS = frozenset({"cross_attention_mask"})
 
 
-def merge_media(samples: Sequence[Sample]) -> dict[str, Any]:
-    """Concatenate the samples' media tensors along dim 0 (padding audio frames to a common length)."""
-    import torch
-    import torch.nn.functional as F
+def merge_media(samples: Sequence[Sample], width: int | None = None) -> dict[str, Any]:
+    """The samples' media tensors, joined along dim 0; any later dimension that differs is zero-padded.
 
+    ``width``: the batch's padded token count, for media laid out one row per sample (``ROW_MASKS``):
+    then every sample gets a row, zeros where it has no media. Packed rows (``width`` None) cannot hold them.
+    """
     keys = [key for key in dict.fromkeys(k for s in samples for k in s.mm_inputs) if key not in TOKEN_ALIGNED_INPUTS]
+    rows = any(key in ROW_MASKS for key in keys)
+    if rows and width is None:
+        raise ValueError(
+            f"media laid out one row per sample ({', '.join(sorted(ROW_MASKS & set(keys)))}) cannot be packed; "
+            "train without --packing"
+        )
     merged: dict[str, Any] = {}
     for key in keys:
-        parts = [s.mm_inputs[key] for s in samples if key in s.mm_inputs]
-        if key in _PADDED_LAST_DIM:
-            width = max(p.shape[-1] for p in parts)
-            parts = [F.pad(p, (0, width - p.shape[-1])) for p in parts]
-        merged[key] = torch.cat(parts, dim=0)
+        parts = [s.mm_inputs.get(key) for s in samples]
+        present = [p for p in parts if p is not None]
+        if not rows:
+            parts = present  # flat media: a sample without this input adds nothing
+        shape = [max(p.shape[d] for p in present) for d in range(1, present[0].dim())]
+        if key in ROW_MASKS:
+            shape[0] = width  # type: ignore[call-overload]  # tokens, as input_ids are padded
+        merged[key] = _cat_padded(parts, shape, present[0])
     return merged
+
+
+def _cat_padded(parts: Sequence[Any], shape: Sequence[int], like: Any) -> Any:
+    """``parts`` zero-padded to ``[len, *shape]`` each and concatenated; a None part is one row of zeros."""
+    import torch
+
+    padded = []
+    for part in parts:
+        if part is None:
+            padded.append(like.new_zeros((1, *shape)))
+        elif tuple(part.shape[1:]) == tuple(shape):
+            padded.append(part)
+        else:
+            out = part.new_zeros((part.shape[0], *shape))
+            out[tuple(slice(0, n) for n in part.shape)] = part
+            padded.append(out)
+    return torch.cat(padded, dim=0)
 
 
 class PaddingCollator:
@@ -70,7 +108,7 @@ class PaddingCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             **per_token,
-            **merge_media(samples),
+            **merge_media(samples, width),
         }
 
 
@@ -200,6 +238,68 @@ def plan_packs(lengths: Sequence[int], max_length: int) -> list[list[int]]:
             packs.append([index])
             room.append(max_length - length)
     return [sorted(pack) for pack in packs]
+
+
+def exclusive_kinds(media: frozenset[str], exclusive: frozenset[str]) -> frozenset[str]:
+    """Which of the inputs one forward pass takes only one of (``Family.exclusive_media``) a sample holds.
+
+    ``media``: the sample's media kinds ("image", "video", "audio"); a sample without any counts as "text".
+    """
+    return (media or frozenset({"text"})) & exclusive
+
+
+def plan_batches(media: Sequence[frozenset[str]], batch_size: int, exclusive: frozenset[str]) -> list[list[int]]:
+    """Group item indices (samples, or packs) into batches of at most ``batch_size`` where no batch holds two of the
+    ``exclusive`` inputs.
+
+    Items are taken in order; each joins the earliest batch still open to it (none of ``exclusive``, or the same
+    one), else starts a new batch, so without conflicts the batches are the consecutive runs of the data order.
+    Deterministic; an item holding two ``exclusive`` inputs itself raises (training refuses it when loading data).
+    """
+    batches: list[list[int]] = []
+    kinds: list[str | None] = []  # each batch's exclusive input, None while it holds none
+    open_: list[int] = []  # indices into ``batches`` of those not yet full, oldest first
+    for index, item in enumerate(media):
+        held = exclusive_kinds(item, exclusive)
+        if len(held) > 1:
+            raise ValueError(f"sample {index} holds {' and '.join(sorted(held))}, which one forward pass cannot take")
+        kind = next(iter(held), None)
+        batch = next((b for b in open_ if kind is None or kinds[b] in (None, kind)), None)
+        if batch is None:
+            batch = len(batches)
+            batches.append([])
+            kinds.append(None)
+            open_.append(batch)
+        batches[batch].append(index)
+        kinds[batch] = kinds[batch] or kind
+        if len(batches[batch]) >= batch_size:
+            open_.remove(batch)
+    return batches
+
+
+def plan_packs_apart(
+    lengths: Sequence[int], media: Sequence[frozenset[str]], max_length: int, exclusive: frozenset[str]
+) -> list[list[int]]:
+    """``plan_packs`` within each exclusive input's samples (and those holding none), so no pack mixes two."""
+    classes: dict[str | None, list[int]] = {}
+    for index, item in enumerate(media):
+        classes.setdefault(next(iter(sorted(exclusive_kinds(item, exclusive))), None), []).append(index)
+    packs = [
+        [members[i] for i in pack]
+        for members in classes.values()
+        for pack in plan_packs([lengths[i] for i in members], max_length)
+    ]
+    return sorted(packs, key=lambda pack: pack[0])
+
+
+class GroupedCollator:
+    """Batches planned ahead (``plan_batches``): the trainer hands over one group a step, ``inner`` collates it."""
+
+    def __init__(self, inner: Callable[[list[Any]], dict[str, Any]]) -> None:
+        self.inner = inner
+
+    def __call__(self, groups: list[list[Any]]) -> dict[str, Any]:
+        return self.inner([item for group in groups for item in group])
 
 
 def token_aligned_keys(samples: Sequence[Sample]) -> list[str]:

@@ -54,6 +54,12 @@ class Conversation:
     def where(self) -> str:
         return f"{self.path}:{self.line}"
 
+    def media_kinds(self) -> frozenset[str]:
+        """The media kinds ("image", "video", "audio") the messages hold, as the server sees a request's."""
+        from omniserve.templates.conversation import to_hf_messages
+
+        return frozenset(source.kind for source in to_hf_messages(self.messages)[1])
+
     def assistant_indices(self) -> list[int]:
         return [i for i, m in enumerate(self.messages) if isinstance(m, AssistantMessage)]
 

@@ -76,6 +76,7 @@ def describe_strategies(strategies: dict[str, int]) -> str:
         "markers": "the template's {% generation %} markers",
         "prefix": "prefix renderings",
         "per-turn": "per-turn examples (the template rewrites earlier turns)",
+        "served-prompt": "served-prompt examples (each turn on the exact prompt the server sends for it)",
     }
     parts = [
         f"{names.get(name, name)} ({count} conversation{'s' if count != 1 else ''})"

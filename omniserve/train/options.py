@@ -21,12 +21,14 @@ TRAINING_MEDIA_FLAGS = [
 
 #: How assistant tokens are found: declared once for ``train`` and ``check-parity``.
 MaskStrategyOption = Annotated[
-    Literal["auto", "markers", "prefix", "per-turn"],
+    Literal["auto", "markers", "prefix", "per-turn", "served-prompt"],
     Field(
         description=(
             "How assistant tokens are found: the template's {% generation %} markers, prefix renderings "
-            "(one sample per conversation) or per-turn (one sample per assistant turn); auto: markers if "
-            "the template has them, else prefix, else per-turn where the template rewrites earlier turns."
+            "(one sample per conversation), per-turn (one sample per assistant turn) or served-prompt (one "
+            "sample per turn: the prompt the server sends, then the answer); auto: served-prompt where the "
+            "generation prompt differs from the history only in whitespace, else markers if the template has "
+            "them, else prefix, else per-turn where the template rewrites earlier turns."
         ),
     ),
 ]

@@ -2,7 +2,8 @@
 
 Training way: the conversation through ``render_training_examples`` (input ids + labels), with the
 same mask strategy ``omniserve train`` uses: one example holding every turn's labels, or one per
-assistant turn for templates that rewrite earlier turns. Serving way: for every assistant turn, the
+assistant turn for templates that rewrite earlier turns (``per-turn``) or whose generation prompt is
+not how they write a past turn (``served-prompt``). Serving way: for every assistant turn, the
 messages before it go through exactly what ``POST /v1/chat/completions`` does (``to_hf_messages``
 -> ``load_media`` -> ``render_chat`` with ``add_generation_prompt=True``, and the line's ``tools``
 as a request with those tools passes them). Parity means, for every turn, in the example that
@@ -158,6 +159,11 @@ def _label_run_starts(labels: list[int]) -> list[int]:
     return [i for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
 
 
+#: Processor outputs with one entry per token along dimension 1 and per image along dimension 2 (Mllama's
+#: ``cross_attention_mask``, ``[1, tokens, images, tiles]``): the served prompt's are the first tokens' and images'.
+_TOKEN_ROWS = frozenset({"cross_attention_mask"})
+
+
 def _media_mismatch(key: str, training: Any, served: Any) -> str | None:
     import torch
 
@@ -168,6 +174,13 @@ def _media_mismatch(key: str, training: Any, served: Any) -> str | None:
     if key in TOKEN_ALIGNED_INPUTS:  # one entry per token: the served prompt's are the first ones
         tokens = served.shape[-1]
         if training.shape[-1] < tokens or not torch.equal(training[..., :tokens], served):
+            return f"per-token input {key!r} differs between training and serving"
+        return None
+    if key in _TOKEN_ROWS and served.ndim == training.ndim == 4:
+        tokens, images = served.shape[1], served.shape[2]
+        if training.shape[1] < tokens or training.shape[2] < images:
+            return f"per-token input {key!r} is {tuple(served.shape)} served, {tuple(training.shape)} in training"
+        if not torch.equal(training[:, :tokens, :images], served) or training[:, :tokens, images:].any():
             return f"per-token input {key!r} differs between training and serving"
         return None
     rows = served.shape[0]

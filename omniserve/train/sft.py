@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from omniserve.train.checkpoints import last_checkpoint, remove_partial
-from omniserve.train.data import read_conversations
+from omniserve.train.data import Conversation, DataError, read_conversations
 from omniserve.train.features import EncodedData, describe_strategies, encode_all, limits_for
 from omniserve.train.model_io import check_model_folder
 from omniserve.train.options import TrainOptions
@@ -56,12 +56,13 @@ def run_training(options: TrainOptions) -> TrainResult:
     check_model_folder(options.model)
     resume_from = _prepare_output(options)
     conversations = read_conversations(options.data)
+    exclusive, media = _exclusive_media(options.model, conversations)
     from omniserve.templates.render import PromptRenderer
 
     renderer = PromptRenderer.from_pretrained(options.model)
     encoded = _encode(renderer, conversations, options)
     _report_strategies(encoded, len(conversations))
-    trainer, peft_model, model = _build_trainer(options, renderer, encoded)
+    trainer, peft_model, model = _build_trainer(options, renderer, encoded, exclusive, media)
     with _sigterm_as_interrupt():
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     adapter = _save(options, model, peft_model)
@@ -111,17 +112,23 @@ def _encode(renderer: Any, conversations: list[Any], options: TrainOptions) -> E
 def _report_strategies(encoded: EncodedData, conversations: int) -> None:
     """Say how the labels were found; loudly when conversations became one sample per turn.
 
-    ``per-turn`` changes what the run is (more samples than conversations, earlier turns repeated as
-    context), so it is logged as a warning, which reaches the terminal without any logging set up.
+    ``per-turn`` and ``served-prompt`` change what the run is (more samples than conversations, earlier turns
+    repeated as context), so they are logged as a warning, which reaches the terminal without any logging set up.
     """
     line = encoded.describe_strategies()
-    if "per-turn" in encoded.strategies:
+    if {"per-turn", "served-prompt"} & set(encoded.strategies):
         logger.warning("%s; %d conversations gave %d samples", line, conversations, len(encoded.samples))
     else:
         logger.info(line)
 
 
-def _build_trainer(options: TrainOptions, renderer: Any, encoded: EncodedData) -> tuple[Any, Any, Any]:
+def _build_trainer(
+    options: TrainOptions,
+    renderer: Any,
+    encoded: EncodedData,
+    exclusive: frozenset[str] = frozenset(),
+    media: dict[int, frozenset[str]] | None = None,
+) -> tuple[Any, Any, Any]:
     from transformers import TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
@@ -139,10 +146,10 @@ def _build_trainer(options: TrainOptions, renderer: Any, encoded: EncodedData) -
     trained = peft_model if peft_model is not None else model.module
     tokenizer = renderer.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    dataset, collator = _dataset_and_collator(options, encoded, trained, pad_id)
+    dataset, collator, batch_size = _dataset_and_collator(options, encoded, trained, pad_id, exclusive, media or {})
     args = TrainingArguments(
         output_dir=str(options.checkpoints_dir),
-        per_device_train_batch_size=options.batch_size,
+        per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=options.grad_accum,
         learning_rate=options.learning_rate,
         lr_scheduler_type=options.lr_scheduler,
@@ -189,16 +196,72 @@ def _build_trainer(options: TrainOptions, renderer: Any, encoded: EncodedData) -
 
 
 def _dataset_and_collator(
-    options: TrainOptions, encoded: EncodedData, trained: Any, pad_id: int
-) -> tuple[list[Any], Any]:
-    """Samples one per row, or packs of samples (planned once, then shuffled by the trainer like samples)."""
-    from omniserve.train.collate import PackingCollator, PaddingCollator, PositionPlanner, plan_packs
+    options: TrainOptions,
+    encoded: EncodedData,
+    trained: Any,
+    pad_id: int,
+    exclusive: frozenset[str] = frozenset(),
+    media: dict[int, frozenset[str]] | None = None,
+) -> tuple[list[Any], Any, int]:
+    """Samples one per row, or packs of samples (planned once, then shuffled by the trainer like samples), and the
+    trainer's batch size.
 
+    A family whose forward pass takes only one of some inputs (``exclusive``) gets its batches planned once too
+    (``plan_batches``, packs planned apart), each a dataset item the trainer shuffles: one item a step.
+    """
+    from omniserve.train.collate import (
+        GroupedCollator,
+        PackingCollator,
+        PaddingCollator,
+        PositionPlanner,
+        plan_batches,
+        plan_packs,
+        plan_packs_apart,
+    )
+
+    samples = encoded.samples
+    kinds = [(media or {}).get(s.line, frozenset()) for s in samples]
+    collator: Any
     if not options.packing:
-        return list(encoded.samples), PaddingCollator(pad_id)
-    packs = plan_packs([len(s) for s in encoded.samples], options.max_length)
-    dataset = [[encoded.samples[i] for i in pack] for pack in packs]
-    return dataset, PackingCollator(pad_id, PositionPlanner.for_model(trained))
+        items: list[Any] = list(samples)
+        collator = PaddingCollator(pad_id)
+    else:
+        lengths = [len(s) for s in samples]
+        packs = (
+            plan_packs_apart(lengths, kinds, options.max_length, exclusive)
+            if exclusive
+            else plan_packs(lengths, options.max_length)
+        )
+        items = [[samples[i] for i in pack] for pack in packs]
+        kinds = [frozenset().union(*(kinds[i] for i in pack)) for pack in packs]
+        collator = PackingCollator(pad_id, PositionPlanner.for_model(trained))
+    if not exclusive or options.batch_size == 1:
+        return items, collator, options.batch_size
+    batches = plan_batches(kinds, options.batch_size, exclusive)
+    return [[items[i] for i in batch] for batch in batches], GroupedCollator(collator), 1
+
+
+def _exclusive_media(
+    model: Path, conversations: list[Conversation]
+) -> tuple[frozenset[str], dict[int, frozenset[str]]]:
+    """The model family's ``exclusive_media`` and each line's media kinds; a conversation holding two is refused."""
+    from omniserve.models.families import check_supported
+    from omniserve.train.collate import exclusive_kinds
+
+    family = check_supported(model)
+    if family is None or not family.exclusive_media:
+        return frozenset(), {}
+    media = {c.line: c.media_kinds() for c in conversations}
+    for index, conversation in enumerate(conversations):
+        held = exclusive_kinds(media[conversation.line], family.exclusive_media)
+        if len(held) > 1:
+            raise DataError(
+                conversation.path,
+                conversation.line,
+                f"sample {index} holds {' and '.join(sorted(held))} input, but {family.title} takes only one of them "
+                "in a forward pass; split it into samples of one medium each",
+            )
+    return family.exclusive_media, media
 
 
 def _save(options: TrainOptions, model: Any, peft_model: Any) -> Path | None:
