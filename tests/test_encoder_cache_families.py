@@ -40,29 +40,13 @@ CACHED = [
     "internvl",
     "mistral3",
     "glm4v",
+    "qwen3_vl",  # DeepStack features beside the embeddings, cut per item too
+    "qwen3_omni",
 ]
-#: Families the cache leaves alone (no feature method, or one returning more than per-item embeddings).
-UNCACHED = ["mllama", "phi4_multimodal", "qwen3_vl"]
+#: Families the cache leaves alone (no feature method, or a tower that is not batch-invariant).
+UNCACHED = ["mllama", "phi4_multimodal"]
 #: The module names of the families' vision towers (for counting their passes).
 TOWERS = ("vision_tower", "vision_model", "visual", "img_processor")
-
-
-@pytest.fixture(scope="module")
-def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """``family_model(name)``: the family's tiny checkpoint with its published template, built once per module."""
-    from omniserve.models.families import get
-    from tests.test_train_support import published_template
-
-    root = tmp_path_factory.mktemp("encoder-cache")
-    built: dict[str, Path] = {}
-
-    def build(name: str) -> Path:
-        if name not in built:
-            family = get(name)
-            built[name] = family.build(root / name, published_template(family.template or ""))
-        return built[name]
-
-    return build
 
 
 Step = tuple[int, int, int]  # after a group: (items encoded, items served from the cache, vision tower passes)
@@ -212,9 +196,9 @@ def _video(seed: int) -> Any:
 
 @pytest.mark.parametrize("name", UNCACHED)
 def test_towers_the_cache_does_not_cover_pass_through(name: str, family_model: Callable[[str], Path]) -> None:
-    """Mllama (its tower is called in the forward itself, its output cross-attention states), Phi-4-multimodal (no
-    feature method; a tower that is not batch-invariant) and Qwen3-VL (deepstack features beside the embeddings):
-    the same image twice is encoded twice, nothing is kept, and the answers are the uncached engine's."""
+    """Mllama (its tower is called in the forward itself, its output cross-attention states) and Phi-4-multimodal (no
+    feature method; a tower that is not batch-invariant): the same image twice is encoded twice, nothing is kept,
+    and the answers are the uncached engine's."""
     model = family_model(name)
     ask = _prompts(model, "image")["ask"]
     (x,) = _images(4, 1)

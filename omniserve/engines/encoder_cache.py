@@ -2,22 +2,23 @@
 
 Image and video towers are reached through the model's ``get_image_features`` / ``get_video_features``, which its
 forward calls once for all the pass's items (every prompt's, when several media prompts are prefilled in one pass)
-and whose ``pooler_output`` holds the embeddings: one tensor per item (a list or tuple) or one tensor with the
-items along dimension 0. ``attached`` shadows those two methods on the module that owns them for one forward pass.
-What a call is cut into is read from its arguments only, never from the family (``_FeatureCall``): items along the
-pixel argument's first dimension (or a grid's rows of flattened patches), each with its rows of the other tensor
-arguments (``image_sizes``, pixel masks); a unit is an item, or a prompt's items where the method is told how many
-images each prompt has. Each unit is looked up by a hash of its pixels, its rows, the call's other arguments, the
-kind and the LoRA adapter of the pass (a tower adapter changes the output; a pass's rows share one,
-``lora.peft_batch``), and only the missing units go through the tower, each once: in one call whose output is cut
-per unit where it holds one embedding per item, else one call per unit (Idefics3: a prompt's row of padded images
-gives its real tiles' embeddings, a count the call's items do not predict). Covered so: Qwen2-VL, Qwen2.5-VL, the
-Qwen2.5-Omni thinker, GLM-4.1V, LLaVA-1.5, LLaVA-NeXT-Video, LLaVA-OneVision, Gemma 3, Gemma 3n, Idefics3/SmolVLM,
-InternVL, Mistral 3 (Pixtral). A unit is encoded with the other missing units of its pass rather than with the
-pass's every item, so this relies on the towers being batch-invariant (each item's features its own, as the
-batched prefill already does; tests/test_encoder_cache_families.py checks answers against the uncached engine).
-Pixels a batch pads to its largest item (LLaVA-NeXT/OneVision tiles, Pixtral heights and widths, Idefics3 images
-per prompt; ``hf_model._join_media``) hash apart from the same image prefilled alone: a miss, never a wrong hit.
+and whose ``pooler_output`` holds the embeddings: one tensor per item (a list or tuple) or one tensor with the items
+along dimension 0. ``attached`` shadows those two methods on the module that owns them for one forward pass. What a
+call is cut into is read from its arguments only, never from the family (``_FeatureCall``): items along the pixel
+argument's first dimension (or a grid's rows of flattened patches), each with its rows of the other tensor arguments
+(``image_sizes``, pixel masks); a unit is an item, or a prompt's items where the method is told how many images each
+prompt has. Each unit is looked up by a hash of its pixels, its rows, the call's other arguments, the kind and the
+LoRA adapter of the pass (a tower adapter changes the output; a pass's rows share one, ``lora.peft_batch``), and
+only the missing units go through the tower, each once: in one call whose output is cut per unit where it holds one
+embedding per item, else one call per unit (Idefics3: a prompt's row of padded images gives its real tiles'
+embeddings, a count the call's items do not predict). Covered so: Qwen2-VL, Qwen2.5-VL, the Qwen2.5-Omni thinker,
+Qwen3-VL and the Qwen3-Omni thinker (with their DeepStack rows, below), GLM-4.1V, LLaVA-1.5, LLaVA-NeXT-Video,
+LLaVA-OneVision, Gemma 3, Gemma 3n, Idefics3/SmolVLM, InternVL, Mistral 3 (Pixtral). A unit is encoded with the
+other missing units of its pass rather than with the pass's every item, so this relies on the towers being
+batch-invariant (each item's features its own, as the batched prefill already does;
+tests/test_encoder_cache_families.py checks answers against the uncached engine). Pixels a batch pads to its largest
+item (LLaVA-NeXT/OneVision tiles, Pixtral heights and widths, Idefics3 images per prompt; ``hf_model._join_media``)
+hash apart from the same image prefilled alone: a miss, never a wrong hit.
 
 Not cached, on purpose: Phi-4-multimodal has no feature method (its image embedding module runs inside the token
 embedding, with crops and masks), and its tower is not batch-invariant (a crop's features change with another
@@ -36,11 +37,13 @@ by the tower's own ``_get_feat_extract_output_lengths``); Qwen2-Audio calls its 
 with clips padded to one fixed length and a per-clip attention mask, returning ``[clips, frames, hidden]``:
 there the tower's ``forward`` is shadowed, each clip keyed by its features and its mask row.
 
-Models whose feature methods return more than per-item embeddings (Qwen3-VL's and Qwen3-Omni's deepstack
-features: what the forward reads of them is unknown), or whose
-audio tower does not say how long each clip's output is (Qwen3-Omni computes it in a module-level function), are
-passed through uncached (found out at their first call, whose output is used as is); the cache is bounded in
-items, least recently used first.
+Qwen3-VL's and Qwen3-Omni's feature methods also return DeepStack features: one tensor per fed decoder layer,
+every item's rows concatenated in the embeddings' order (``deepstack_features``). An item's entry then holds its
+embeddings and its rows of each of those tensors (``_Deep``), cut by the item's embedding count, and a pass
+served from the cache gets them joined back in its items' order. Models whose feature methods return anything else
+besides the tower's own states, or whose audio tower does not say how long each clip's output is (Qwen3-Omni
+computes it in a module-level function), are passed through uncached (found out at their first call, whose output
+is used as is); the cache is bounded in items, least recently used first.
 """
 
 from __future__ import annotations
@@ -65,6 +68,14 @@ class _Passthrough(Exception):
         self.result = result
 
 
+@dataclasses.dataclass(frozen=True)
+class _Deep:
+    """One item's embeddings and its rows of each DeepStack layer's features (Qwen3-VL, Qwen3-Omni)."""
+
+    embed: Any
+    layers: tuple[Any, ...]
+
+
 class EncoderCache:
     """At most ``capacity`` items' tower outputs; ``hits``: items served from it, ``encoded``: items encoded."""
 
@@ -73,10 +84,14 @@ class EncoderCache:
         self._items: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
         self._passthrough: set[tuple[int, str]] = set()  # (module, method) seen returning more than embeddings
         self._alone: set[tuple[int, str]] = set()  # (module, method) whose output does not split: one call per unit
-        # (module, method) -> (its output type, its embeddings' container: list, tuple or None for one tensor)
-        self._shapes: dict[tuple[int, str], tuple[type, type | None]] = {}
+        # (module, method) -> (its output type, its embeddings' container: list, tuple or None for one tensor,
+        # whether its items carry DeepStack rows)
+        self._shapes: dict[tuple[int, str], tuple[type, type | None, bool]] = {}
         self.hits = 0  # items served from the cache
         self.encoded = 0  # items run through the tower
+        # inside a shadowed method's original: feature methods it calls itself (Qwen3-VL's get_video_features calls
+        # get_image_features) are the tower at work, not items of their own
+        self._encoding = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -145,19 +160,26 @@ class EncoderCache:
         method = (id(owner), name)
 
         def features(*args: Any, **kwargs: Any) -> Any:
-            call = _FeatureCall.parse(signature, args, kwargs)
+            call = _FeatureCall.parse(signature, args, kwargs) if not self._encoding else None
             if call is None:
                 return original(*args, **kwargs)
             keys = [(kind, adapters, digest) for digest in call.digests()]
 
+            def run(units: list[int]) -> Any:
+                self._encoding = True
+                try:
+                    return original(**call.subset(units))
+                finally:
+                    self._encoding = False
+
             def alone(unit: int) -> Any:
-                return self._pooled(method, original(**call.subset([unit])), whole=False)
+                return self._pooled(method, run([unit]), whole=False)
 
             def encode(missing: list[int]) -> list[Any]:
                 whole = len(missing) == len(keys)
                 if method in self._alone:
                     return [alone(u) for u in missing]
-                out = original(**call.subset(missing))
+                out = run(missing)
                 chunks = _split(self._pooled(method, out, whole), [len(call.units[u]) for u in missing])
                 if chunks is not None:
                     return chunks
@@ -171,26 +193,34 @@ class EncoderCache:
                 found = self._lookup(keys, encode)
             except _Passthrough as passed:
                 return passed.result if passed.result is not None else original(*args, **kwargs)
-            shape, container = self._shapes[method]
+            shape, container, deep = self._shapes[method]
             # every other field None (a tower's own output type may require its states: timm's for Gemma 3n)
             empty = {field.name: None for field in dataclasses.fields(shape)}
-            return shape(**{**empty, "pooler_output": _combine(found, container)})
+            pooled = _combine(found, container)
+            if not deep:
+                return shape(**{**empty, "pooler_output": pooled})
+            import torch
+
+            items: list[_Deep] = list(pooled)
+            layers = [torch.cat([item.layers[layer] for item in items]) for layer in range(len(items[0].layers))]
+            embeds = (container or list)(item.embed for item in items)
+            return shape(**{**empty, "pooler_output": embeds, "deepstack_features": layers})
 
         return features
 
     def _pooled(self, method: tuple[int, str], out: Any, whole: bool) -> Any:
         """The per-item embeddings (``pooler_output``) of a feature method's output, its output type noted for passes
-        served wholly from the cache. Raises ``_Passthrough`` (and never caches the method again) when the output has
-        more in it than the tower's own states (Qwen3-VL's deepstack features): what the forward reads is unknown."""
+        served wholly from the cache; with DeepStack features, per-item ``_Deep`` entries. Raises ``_Passthrough``
+        (and never caches the method again) when the output has more in it than the tower's own states and DeepStack
+        features that cut per item: what the forward reads of it is unknown."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         from transformers.utils import ModelOutput
 
         pooled = getattr(out, "pooler_output", None)
-        if (
-            not isinstance(out, ModelOutput)
-            or set(out.keys()) - {"last_hidden_state", "pooler_output", "hidden_states", "attentions"}
-            or not isinstance(pooled, (list, tuple, _tensor_type()))
-        ):
+        extra = set(out.keys()) if isinstance(out, ModelOutput) else {"not a model output"}
+        extra -= {"last_hidden_state", "pooler_output", "hidden_states", "attentions"}
+        deep = _deep_items(pooled, out.deepstack_features) if extra == {"deepstack_features"} else None
+        if (extra and deep is None) or not isinstance(pooled, (list, tuple, _tensor_type())):
             self._passthrough.add(method)
             raise _Passthrough(out if whole else None)
         # the output type, where it has a field for the embeddings (Idefics3's and Pixtral's towers return a
@@ -198,8 +228,8 @@ class EncoderCache:
         shape = (
             type(out) if "pooler_output" in {f.name for f in dataclasses.fields(out)} else BaseModelOutputWithPooling
         )
-        self._shapes[method] = (shape, type(pooled) if isinstance(pooled, (list, tuple)) else None)
-        return pooled
+        self._shapes[method] = (shape, type(pooled) if isinstance(pooled, (list, tuple)) else None, deep is not None)
+        return pooled if deep is None else type(pooled)(deep)
 
     def _cached_audio_features(
         self, owner: Any, name: str, original: Callable[..., Any], adapters: tuple[str | None, ...]
@@ -425,6 +455,18 @@ def _combine(chunks: list[Any], container: type | None) -> Any:
     if container is None:
         return torch.cat(chunks)
     return container(embed for chunk in chunks for embed in chunk)
+
+
+def _deep_items(pooled: Any, layers: Any) -> list[_Deep] | None:
+    """Each item's embeddings with its rows of every DeepStack layer (which concatenate the items' rows in the
+    embeddings' order); None when they do not cut so (then the method is not cached)."""
+    if not isinstance(pooled, (list, tuple)) or not isinstance(layers, (list, tuple)) or not layers:
+        return None
+    sizes = [int(embed.shape[0]) for embed in pooled]
+    if any(not isinstance(layer, _tensor_type()) or layer.shape[0] != sum(sizes) for layer in layers):
+        return None
+    rows = [layer.split(sizes) for layer in layers]
+    return [_Deep(embed, tuple(cut[i] for cut in rows)) for i, embed in enumerate(pooled)]
 
 
 def _holds_tensor(value: Any) -> bool:
