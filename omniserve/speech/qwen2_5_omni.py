@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from omniserve.models.loading import generating_module, load_checkpoint, refuse_missing
+from omniserve.models.loading import generating_module
 from omniserve.speech.base import Speech
+from omniserve.speech.forced_reply import forced_reply, load_model_and_processor, prompt_ids, stop_after
 
 SAMPLE_RATE = 24_000
 #: Codec codes per second of audio: 2 mel frames per code, 240 samples per frame at 24 kHz.
@@ -48,12 +49,7 @@ class Qwen25OmniSpeech:
 
     @classmethod
     def load(cls, path: Path, *, dtype: str, device: str) -> Qwen25OmniSpeech:
-        from transformers import AutoProcessor
-
-        loaded = load_checkpoint(path, dtype=dtype, device=device, allow_auto_dtype=True)
-        refuse_missing(path, loaded.report)
-        processor = AutoProcessor.from_pretrained(str(path))
-        return cls(loaded.model, processor)
+        return cls(*load_model_and_processor(path, dtype=dtype, device=device))
 
     @property
     def voices(self) -> tuple[str, ...]:
@@ -67,31 +63,11 @@ class Qwen25OmniSpeech:
         self, text: str, *, voice: str, instructions: str | None, max_seconds: float, stop: Callable[[], bool]
     ) -> Speech:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class _Stop(StoppingCriteria):
-            """Ends generation once ``stop()`` holds, but not before ``after`` tokens: ``generate`` builds the
-            talker's input from the thinker's second token on, and needs at least one code for the codec."""
-
-            def __init__(self, after: int) -> None:
-                self.after = after
-
-            def __call__(
-                self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
-            ) -> torch.BoolTensor:
-                done = input_ids.shape[1] - self.after >= 0 and stop()
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        from transformers import StoppingCriteriaList
 
         prompt = self._prompt(instructions)
-        # split_special_tokens: "<|im_end|>" in the input is spoken as text, never ends the reply early
-        spoken = self._tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-        reply = [*spoken, self._im_end]
         start = len(prompt)
-
-        def force(_batch: int, sequence: torch.Tensor) -> list[int]:
-            step = sequence.shape[-1] - start
-            return [reply[step] if step < len(reply) else self._im_end]
-
+        reply = forced_reply(self._tokenizer, text, start=start, im_end=self._im_end)
         talker = self._model.talker
         max_codes = int(min(max_seconds * CODES_PER_SECOND, _MIN_CODES + _CODES_PER_CHAR * len(text)))
         device = generating_module(self._model).device
@@ -101,21 +77,22 @@ class Qwen25OmniSpeech:
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 speaker=voice,
-                thinker_max_new_tokens=len(reply),
+                thinker_max_new_tokens=len(reply.ids),
                 thinker_do_sample=False,
-                thinker_prefix_allowed_tokens_fn=force,
-                thinker_stopping_criteria=StoppingCriteriaList([_Stop(after=start + 2)]),
+                thinker_prefix_allowed_tokens_fn=reply.allowed,
+                # generate builds the talker's input from the thinker's second reply token on: keep two
+                thinker_stopping_criteria=StoppingCriteriaList([stop_after(start + 2, stop)]),
                 talker_max_new_tokens=max_codes,
                 talker_min_new_tokens=1,  # an end code first would leave the codec nothing to decode
                 talker_eos_token_id=[talker.codec_pad_token, talker.codec_eos_token],
-                talker_stopping_criteria=StoppingCriteriaList([_Stop(after=start + 2 + 1)]),
+                talker_stopping_criteria=StoppingCriteriaList([stop_after(start + 2 + 1, stop)]),
             )
         samples = waveform.detach().to("cpu", torch.float32).numpy()
         codes = round(len(samples) * CODES_PER_SECOND / SAMPLE_RATE)
         return Speech(
             samples=np.clip(samples, -1.0, 1.0),
             sample_rate=SAMPLE_RATE,
-            input_tokens=start + len(reply),
+            input_tokens=start + len(reply.ids),
             output_tokens=codes,
         )
 
@@ -125,8 +102,7 @@ class Qwen25OmniSpeech:
             {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
             {"role": "user", "content": [{"type": "text", "text": instructions or DEFAULT_INSTRUCTION}]},
         ]
-        text = self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._tokenizer(text, add_special_tokens=False).input_ids
+        return prompt_ids(self._processor, messages)
 
 
 def load(path: Path, *, dtype: str, device: str) -> Qwen25OmniSpeech:

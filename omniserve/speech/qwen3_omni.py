@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from omniserve.models.loading import generating_module, load_checkpoint, refuse_missing
+from omniserve.models.loading import generating_module
 from omniserve.speech.base import Speech
+from omniserve.speech.forced_reply import forced_reply, load_model_and_processor, prompt_ids, stop_after
 
 SAMPLE_RATE = 24_000
 #: Samples per codec frame in the published code2wav (upsampling 8*5*4*3 * 2*2): 12.5 frames a second.
@@ -47,12 +48,7 @@ class Qwen3OmniSpeech:
 
     @classmethod
     def load(cls, path: Path, *, dtype: str, device: str) -> Qwen3OmniSpeech:
-        from transformers import AutoProcessor
-
-        loaded = load_checkpoint(path, dtype=dtype, device=device, allow_auto_dtype=True)
-        refuse_missing(path, loaded.report)
-        processor = AutoProcessor.from_pretrained(str(path))
-        return cls(loaded.model, processor)
+        return cls(*load_model_and_processor(path, dtype=dtype, device=device))
 
     @property
     def voices(self) -> tuple[str, ...]:
@@ -66,30 +62,11 @@ class Qwen3OmniSpeech:
         self, text: str, *, voice: str, instructions: str | None, max_seconds: float, stop: Callable[[], bool]
     ) -> Speech:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class _Stop(StoppingCriteria):
-            """Ends generation once ``stop()`` holds, but not before the sequence is ``after`` tokens long."""
-
-            def __init__(self, after: int) -> None:
-                self.after = after
-
-            def __call__(
-                self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
-            ) -> torch.BoolTensor:
-                done = input_ids.shape[1] >= self.after and stop()
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        from transformers import StoppingCriteriaList
 
         prompt = self._prompt(instructions)
-        # split_special_tokens: "<|im_end|>" in the input is spoken as text, never ends the reply early
-        spoken = self._tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-        reply = [*spoken, self._im_end]
         start = len(prompt)
-
-        def force(_batch: int, sequence: torch.Tensor) -> list[int]:
-            step = sequence.shape[-1] - start
-            return [reply[step] if step < len(reply) else self._im_end]
-
+        reply = forced_reply(self._tokenizer, text, start=start, im_end=self._im_end)
         seconds_cap = int(max_seconds * SAMPLE_RATE / SAMPLES_PER_CODE)
         max_codes = max(_MIN_TALKER_STEPS, min(seconds_cap, _MIN_CODES + _CODES_PER_CHAR * len(text)))
         device = generating_module(self._model).device
@@ -100,30 +77,29 @@ class Qwen3OmniSpeech:
                 attention_mask=torch.ones_like(input_ids),
                 speaker=voice,
                 return_audio=True,
-                thinker_max_new_tokens=len(reply),
+                thinker_max_new_tokens=len(reply.ids),
                 thinker_eos_token_id=self._im_end,
                 thinker_do_sample=False,
-                thinker_prefix_allowed_tokens_fn=force,
+                thinker_prefix_allowed_tokens_fn=reply.allowed,
                 # the talker reads the assistant turn's first generated token: at least one
-                thinker_stopping_criteria=StoppingCriteriaList([_Stop(after=start + 1)]),
+                thinker_stopping_criteria=StoppingCriteriaList([stop_after(start + 1, stop)]),
                 # one step more than the frames kept: the last sampled code never gets its other codebooks
                 talker_max_new_tokens=max_codes + 1,
                 talker_min_new_tokens=_MIN_TALKER_STEPS,
-                talker_stopping_criteria=StoppingCriteriaList([_Stop(after=_MIN_TALKER_STEPS)]),
+                talker_stopping_criteria=StoppingCriteriaList([stop_after(_MIN_TALKER_STEPS, stop)]),
             )
         samples = waveform.detach().to("cpu", torch.float32).reshape(-1).numpy()
         return Speech(
             samples=np.clip(samples, -1.0, 1.0),
             sample_rate=SAMPLE_RATE,
-            input_tokens=start + len(reply),
+            input_tokens=start + len(reply.ids),
             output_tokens=round(len(samples) / SAMPLES_PER_CODE),
         )
 
     def _prompt(self, instructions: str | None) -> list[int]:
         """The chat up to the assistant's turn, in the checkpoint's own template."""
         messages = [{"role": "user", "content": [{"type": "text", "text": instructions or DEFAULT_INSTRUCTION}]}]
-        text = self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._tokenizer(text, add_special_tokens=False).input_ids
+        return prompt_ids(self._processor, messages)
 
 
 def load(path: Path, *, dtype: str, device: str) -> Qwen3OmniSpeech:
