@@ -67,6 +67,33 @@ def soak_seconds(request: pytest.FixtureRequest) -> float:
     return float(request.config.getoption("--soak-seconds"))
 
 
+class FamilyModels:
+    """``models(name)``: the family's tiny checkpoint with its published chat template, built once per session
+    (``seconds[name]``: how long its build took)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[str, Path] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> Path:
+        if name not in self.built:
+            from omniserve.models.families import get
+            from tests.test_train_support import published_template
+
+            family = get(name)
+            assert family.template is not None
+            started = time.perf_counter()
+            self.built[name] = family.build(self.root / name, published_template(family.template))
+            self.seconds[name] = round(time.perf_counter() - started, 2)
+        return self.built[name]
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory: pytest.TempPathFactory) -> FamilyModels:
+    return FamilyModels(tmp_path_factory.mktemp("families"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

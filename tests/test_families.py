@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pytest
 
 from omniserve.config import MediaLimits
 from omniserve.models.families import FAMILIES, MEDIA_KINDS, Family, get
-from tests.conftest import RunningServer, start_server
+from tests.conftest import FamilyModels, RunningServer, start_server
 from tests.family_matrix import MatrixRecorder, recorder_fixture
 from tests.media_factory import audio_bytes, png_bytes, video_bytes
 from tests.test_train_support import published_template, write_jsonl
@@ -57,19 +56,14 @@ CROSS_ATTENTION = frozenset({"mllama"})
 
 
 @pytest.fixture(scope="session")
-def family_checkpoint(tmp_path_factory: pytest.TempPathFactory, matrix: MatrixRecorder) -> Callable[[str], Path]:
-    """``family_checkpoint(name)``: the family's tiny checkpoint with its published template, built once."""
-    root = tmp_path_factory.mktemp("families")
-    built: dict[str, Path] = {}
+def family_checkpoint(family_model: FamilyModels, matrix: MatrixRecorder) -> Callable[[str], Path]:
+    """``family_checkpoint(name)``: the family's tiny checkpoint with its published template, built once a session
+    (shared with the engine tests), its build time a figure of the matrix."""
 
     def get_checkpoint(name: str) -> Path:
-        if name not in built:
-            family = get(name)
-            assert family.template is not None
-            started = time.perf_counter()
-            built[name] = family.build(root / name, published_template(family.template))
-            matrix.figure(name, "build_seconds", round(time.perf_counter() - started, 2))
-        return built[name]
+        folder = family_model(name)
+        matrix.figure(name, "build_seconds", family_model.seconds[name])
+        return folder
 
     return get_checkpoint
 

@@ -25,24 +25,6 @@ from tests.test_engine_batching import Output, same_outputs, serve_together
 PADDED_FAMILIES = ["llava_onevision", "llava_next_video", "gemma3", "idefics3", "mistral3"]
 
 
-@pytest.fixture(scope="module")
-def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """``family_model(name)``: the family's tiny checkpoint with its published template, built once per module."""
-    from omniserve.models.families import get
-    from tests.test_train_support import published_template
-
-    root = tmp_path_factory.mktemp("media-batching")
-    built: dict[str, Path] = {}
-
-    def build(name: str) -> Path:
-        if name not in built:
-            family = get(name)
-            built[name] = family.build(root / name, published_template(family.template or ""))
-        return built[name]
-
-    return build
-
-
 def _renderer(model: Path) -> Callable[[list[MediaItem], str], RenderedPrompt]:
     from omniserve.templates.render import PromptRenderer
 
