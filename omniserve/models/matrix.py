@@ -67,7 +67,11 @@ def render(record: Mapping[str, Any], vllm_record: Mapping[str, Any] | None = No
     for family in FAMILIES:
         row = [_cell(family, key, cells.get(family.name, {}), notes) for key, _ in COLUMNS]
         rows.append(row)
-        lines.append(f"| {family.title} | `{family.architectures[0]}` | " + " | ".join(row) + " |")
+        title = family.title
+        if family.notes and not any(note.startswith(f"{family.title}: {family.notes}") for note in notes):
+            notes.append(f"{family.title}: {family.notes}.")  # what the family's cells cannot say (its template...)
+            title += f" ({len(notes)})"
+        lines.append(f"| {title} | `{family.architectures[0]}` | " + " | ".join(row) + " |")
     lines += ["", *[f"{i}. {note}" for i, note in enumerate(notes, 1)], ""] if notes else [""]
     lines += _summary(rows)
     lines += _refused()
