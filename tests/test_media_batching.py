@@ -125,8 +125,11 @@ def _serve_counting_audio_tower(model: Path, groups: list[list[RenderedPrompt]],
     original_load = TransformersEngine._load
 
     def load(engine: TransformersEngine) -> Any:
+        import torch
+
         info = original_load(engine)
-        conv = next(m for n, m in engine._loaded.model.named_modules() if n.endswith("audio_tower.conv1"))
+        tower = next(m for n, m in engine._loaded.model.named_modules() if n.endswith("audio_tower"))
+        conv = next(m for m in tower.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)))
         conv.register_forward_hook(lambda *_: calls.append(1))
         return info
 
@@ -135,7 +138,7 @@ def _serve_counting_audio_tower(model: Path, groups: list[list[RenderedPrompt]],
         return serve_together(model, groups)
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_omni", "qwen2_audio"])
+@pytest.mark.parametrize("checkpoint", ["tiny_omni", "qwen2_audio", "qwen3_omni"])
 def test_a_repeated_clip_is_encoded_once_and_a_different_clip_of_equal_length_never_hits(
     checkpoint: str, request: pytest.FixtureRequest, family_model: Callable[[str], Path]
 ) -> None:

@@ -41,9 +41,10 @@ Qwen3-VL's and Qwen3-Omni's feature methods also return DeepStack features: one 
 every item's rows concatenated in the embeddings' order (``deepstack_features``). An item's entry then holds its
 embeddings and its rows of each of those tensors (``_Deep``), cut by the item's embedding count, and a pass
 served from the cache gets them joined back in its items' order. Models whose feature methods return anything else
-besides the tower's own states, or whose audio tower does not say how long each clip's output is (Qwen3-Omni
-computes it in a module-level function), are passed through uncached (found out at their first call, whose output
-is used as is); the cache is bounded in items, least recently used first.
+besides the tower's own states, or whose audio tower does not say how long each clip's output is, are passed
+through uncached (found out at their first call, whose output is used as is); the cache is bounded in items,
+least recently used first. Qwen3-Omni's audio lengths come from the function its modeling module keeps beside
+the tower (``_output_lengths``).
 """
 
 from __future__ import annotations
@@ -501,10 +502,20 @@ def _audio_owner(lm: Any) -> tuple[Any, str] | None:
 
 
 def _output_lengths(owner: Any, frames: Any) -> list[int] | None:
-    """Each clip's encoded length, from the tower's own arithmetic (None: the tower does not say)."""
-    compute = getattr(getattr(owner, "audio_tower", None), "_get_feat_extract_output_lengths", None)
+    """Each clip's encoded length, from the tower's own arithmetic (None: the tower does not say): its method
+    (Qwen2.5-Omni), or the function of the same name its modeling module keeps beside it, with the tower's window
+    (Qwen3-Omni's chunked encoder). A wrong length is caught where it is used: the lengths must add up to the output."""
+    import sys
+
+    tower = getattr(owner, "audio_tower", None)
+    compute = getattr(tower, "_get_feat_extract_output_lengths", None)
     if compute is None:
-        return None
+        function = getattr(sys.modules.get(type(tower).__module__), "_get_feat_extract_output_lengths", None)
+        window = getattr(getattr(tower, "config", None), "n_window", None)
+        if function is None or not isinstance(window, int):
+            return None
+        lengths = function(frames, window)
+        return [int(n) for n in lengths.reshape(-1).tolist()]
     lengths = compute(frames)
     lengths = lengths[-1] if isinstance(lengths, tuple) else lengths  # (after the convolutions, after pooling)
     return [int(n) for n in lengths.reshape(-1).tolist()]
