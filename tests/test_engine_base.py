@@ -199,3 +199,18 @@ def test_any_engine_reports_a_stall_from_the_deltas_it_stops_sending() -> None:
         await silent.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_loader_letting_out_stop_iteration_fails_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``next()`` on an empty iterator inside model loading raises ``StopIteration``, which asyncio cannot put on a
+    future: ``launch`` waited forever (found with a test hook that looked for a module name Qwen3-Omni lacks). Only
+    a fake loader can raise it on purpose; the launch must fail within seconds, naming the cause."""
+    from omniserve.engines.transformers_engine import TransformersEngine
+
+    def load(_engine: TransformersEngine) -> ModelInfo:
+        return next(iter([]))
+
+    monkeypatch.setattr(TransformersEngine, "_load", load)
+    engine = TransformersEngine(EngineConfig(model=Path("fake"), served_model_name="fake-model"))
+    with pytest.raises(RuntimeError, match="exhausted iterator"):
+        asyncio.run(asyncio.wait_for(engine.launch(), timeout=30))

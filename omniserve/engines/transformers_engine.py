@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -195,7 +195,7 @@ class TransformersEngine(Engine[Any]):
     # ------------------------------------------------------------------ lifecycle
 
     async def launch(self) -> ModelInfo:
-        info = await asyncio.to_thread(self._load)
+        info = await asyncio.to_thread(_no_stop_iteration, self._load)
         self._thread = threading.Thread(target=self._worker, name="omniserve-transformers", daemon=True)
         self._thread.start()
         return info
@@ -751,3 +751,12 @@ class TransformersEngine(Engine[Any]):
             self._reserved = 0
         for owner in [*owners.values(), *waiting]:
             owner.emit(error)
+
+
+def _no_stop_iteration(function: Callable[[], ModelInfo]) -> ModelInfo:
+    """``function()``, a ``StopIteration`` it lets out (a ``next()`` on an empty iterator somewhere in a loader) raised
+    as a ``RuntimeError``: asyncio cannot set a ``StopIteration`` on a future, so ``launch`` would wait forever."""
+    try:
+        return function()
+    except StopIteration as exc:
+        raise RuntimeError(f"loading the model stopped on an exhausted iterator: {exc!r}") from exc
