@@ -242,6 +242,13 @@ def _prefix_example(
     return _example(renderer, whole, mask, prompt, [t.index for t in turns], "prefix")
 
 
+def _check_media_count(messages: list[HFMessage], media: list[MediaItem]) -> None:
+    """Each example takes the media of its own turns by count: the parts and the items must match one to one."""
+    total = _media_parts(messages)
+    if total != len(media):
+        raise LabelError(f"the conversation has {total} media parts but {len(media)} media items were given")
+
+
 def _per_turn_examples(
     renderer: PromptRenderer,
     messages: list[HFMessage],
@@ -249,9 +256,7 @@ def _per_turn_examples(
     turns: list[_Turn],
     options: RenderOptions | None,
 ) -> list[TrainingExample]:
-    total = _media_parts(messages)
-    if total != len(media):
-        raise LabelError(f"the conversation has {total} media parts but {len(media)} media items were given")
+    _check_media_count(messages, media)
     examples = []
     for turn in turns:
         through = messages[: turn.index + 1]
@@ -271,9 +276,7 @@ def _served_prompt_examples(
     options: RenderOptions | None,
 ) -> list[TrainingExample]:
     """One example per assistant turn: the served prompt's ids, then the answer and its stop token (learned)."""
-    total = _media_parts(messages)
-    if total != len(media):
-        raise LabelError(f"the conversation has {total} media parts but {len(media)} media items were given")
+    _check_media_count(messages, media)
     examples = []
     for rendering in renderings:
         before = messages[: rendering.index]
